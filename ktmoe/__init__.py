@@ -1,0 +1,59 @@
+"""ktmoe: CPU mixture-of-experts kernels for LoRA fine-tuning of MoE models.
+
+The routed experts of a MoE layer run on libktmoe's CPU kernels (forward,
+backward and LoRA gradients) through the ``KTMoEWrapper`` factory::
+
+    from ktmoe import KTMoEWrapper
+    w = KTMoEWrapper(layer_idx=0, num_experts=64, num_experts_per_tok=6,
+                     hidden_size=2048, moe_intermediate_size=1408,
+                     num_gpu_experts=0, cpuinfer_threads=8, threadpool_count=1,
+                     weight_path="", chunked_prefill_size=4096,
+                     method="AMXBF16_SFT", mode="sft", lora_rank=16, lora_alpha=32)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import _lib
+from ._cpuinfer import CPUInfer, split_threads
+from .experts import (
+    INFERENCE_METHODS,
+    SFT_METHODS,
+    KTMoEWrapper,
+    register_inference_method,
+    register_sft_method,
+)
+from .experts_base import BaseMoEWrapper
+from .experts_sft import BaseSFTMoEWrapper, KExpertsSFTBuffer
+from .sft_backends import NativeSFTMoEWrapper
+
+__version__ = "0.1.0"
+
+
+def cpu_info() -> dict:
+    """CPU features, compiled/usable kernel tiers and the tier selected now
+    (after the ``KTMOE_ISA`` cap), plus library path and version."""
+    return _lib.cpu_info()
+
+
+def get_include() -> str:
+    """Directory holding ``ktmoe.h`` (for C programs linking libktmoe)."""
+    here = Path(__file__).resolve().parent / "include"
+    if (here / "ktmoe.h").is_file():
+        return str(here)
+    src = Path(__file__).resolve().parent.parent / "libktmoe" / "include"
+    return str(src)
+
+
+def get_library() -> str:
+    """Path of the libktmoe shared library this package loaded."""
+    return str(_lib.LIBRARY_PATH)
+
+
+__all__ = [
+    "KTMoEWrapper", "BaseMoEWrapper", "BaseSFTMoEWrapper", "KExpertsSFTBuffer",
+    "NativeSFTMoEWrapper", "CPUInfer", "SFT_METHODS", "INFERENCE_METHODS",
+    "register_sft_method", "register_inference_method", "split_threads",
+    "cpu_info", "get_include", "get_library", "__version__",
+]

@@ -1,0 +1,251 @@
+/* The avx2 tier: AVX2 + FMA (+F16C) kernels.  Compiled with -mavx2 -mfma
+ * -mf16c; chosen only when the CPU and OS support them.  Checked against
+ * the ref tier by the test suite.
+ *
+ * dot form (x W^T, forward): 3 rows of A x 4 rows of W per micro-kernel,
+ *   8 k per step; W rows are converted from bf16 on load; one horizontal
+ *   sum per output at the end.
+ * outer form (dh W, backward): 6 rows of D x 16 columns of W per
+ *   micro-kernel, D broadcast from memory, K blocked by 256 so the W panel
+ *   stays in L1 while all rows stream past it. */
+#include "../../internal.h"
+
+#include <immintrin.h>
+#include <math.h>
+
+#define KT_INLINE static inline __attribute__((always_inline))
+
+/* ---- loads ---- */
+
+KT_INLINE __m256 ld8_bf16(const uint16_t *p) {
+    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+
+KT_INLINE __m256 ld8_w(const void *w, int bf16, int64_t i) {
+    return bf16 ? ld8_bf16((const uint16_t *)w + i) : _mm256_loadu_ps((const float *)w + i);
+}
+
+KT_INLINE float ld1_w(const void *w, int bf16, int64_t i) {
+    return bf16 ? kt_bf16_to_f32(((const uint16_t *)w)[i]) : ((const float *)w)[i];
+}
+
+KT_INLINE float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* ---- dot form ---- */
+
+KT_INLINE void dot_micro(const int MR, const int NR, const int bf16, int64_t K,
+                         const float *const *a, const void *w, int64_t ldw, int64_t j0,
+                         float *c, int64_t ldc, int accum) {
+    __m256 acc[3][4];
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NR; j++) acc[i][j] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 av[3];
+        for (int i = 0; i < MR; i++) av[i] = _mm256_loadu_ps(a[i] + k);
+        for (int j = 0; j < NR; j++) {
+            __m256 wv = ld8_w(w, bf16, (j0 + j) * ldw + k);
+            for (int i = 0; i < MR; i++) acc[i][j] = _mm256_fmadd_ps(av[i], wv, acc[i][j]);
+        }
+    }
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NR; j++) {
+            float s = hsum8(acc[i][j]);
+            for (int64_t kk = k; kk < K; kk++) s += a[i][kk] * ld1_w(w, bf16, (j0 + j) * ldw + kk);
+            float *cp = c + i * ldc + j0 + j;
+            *cp = accum ? *cp + s : s;
+        }
+}
+
+#define DOT_CASE(MR, NR) \
+    case (MR) * 8 + (NR): dot_micro(MR, NR, bf16, K, ap, w, ldw, j, ci, ldc, accum); break;
+
+KT_INLINE void dot_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const float *a,
+                        int64_t lda, const int32_t *aidx, const void *w, int64_t ldw,
+                        float *c, int64_t ldc, int accum) {
+    for (int64_t i = 0; i < m; i += 3) {
+        int mr = (int)KT_MIN(3, m - i);
+        const float *ap[3];
+        for (int t = 0; t < mr; t++) ap[t] = a + (aidx ? aidx[i + t] : i + t) * lda;
+        float *ci = c + i * ldc;
+        for (int64_t j = 0; j < n; j += 4) {
+            int nr = (int)KT_MIN(4, n - j);
+            switch (mr * 8 + nr) {
+                DOT_CASE(3, 4) DOT_CASE(3, 3) DOT_CASE(3, 2) DOT_CASE(3, 1)
+                DOT_CASE(2, 4) DOT_CASE(2, 3) DOT_CASE(2, 2) DOT_CASE(2, 1)
+                DOT_CASE(1, 4) DOT_CASE(1, 3) DOT_CASE(1, 2) DOT_CASE(1, 1)
+            }
+        }
+    }
+}
+
+static void dot_bf16_avx2(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
+                          const int32_t *aidx, const void *w, int64_t ldw, float *c,
+                          int64_t ldc, int accum) {
+    dot_avx2(1, m, n, K, a, lda, aidx, w, ldw, c, ldc, accum);
+}
+
+static void dot_f32_avx2(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
+                         const int32_t *aidx, const void *w, int64_t ldw, float *c,
+                         int64_t ldc, int accum) {
+    dot_avx2(0, m, n, K, a, lda, aidx, w, ldw, c, ldc, accum);
+}
+
+/* ---- outer form ---- */
+
+#define KT_KC 256
+
+/* C[0..MR)[j0..j0+8*NV) (+)= sum_{k in [k0,k1)} D(i,k) W_k[j0..] ; NV = 1 or 2 */
+KT_INLINE void outer_micro(const int MR, const int NV, const int bf16, int64_t k0, int64_t k1,
+                           const float *const *d, int64_t dsk, const void *w, int64_t ldw,
+                           const int32_t *widx, int64_t j0, float *const *crow, int load_c) {
+    __m256 acc[6][2];
+    for (int i = 0; i < MR; i++)
+        for (int v = 0; v < NV; v++)
+            acc[i][v] = load_c ? _mm256_loadu_ps(crow[i] + j0 + 8 * v) : _mm256_setzero_ps();
+    for (int64_t k = k0; k < k1; k++) {
+        int64_t wrow = (widx ? widx[k] : k) * ldw + j0;
+        __m256 wv[2];
+        for (int v = 0; v < NV; v++) wv[v] = ld8_w(w, bf16, wrow + 8 * v);
+        for (int i = 0; i < MR; i++) {
+            __m256 dv = _mm256_broadcast_ss(d[i] + k * dsk);
+            for (int v = 0; v < NV; v++) acc[i][v] = _mm256_fmadd_ps(dv, wv[v], acc[i][v]);
+        }
+    }
+    for (int i = 0; i < MR; i++)
+        for (int v = 0; v < NV; v++) _mm256_storeu_ps(crow[i] + j0 + 8 * v, acc[i][v]);
+}
+
+#define OUTER_CASE(MR, NV) \
+    case (MR) * 4 + (NV): outer_micro(MR, NV, bf16, k0, k1, dp, dsk, w, ldw, widx, j, cr, load_c); break;
+
+KT_INLINE void outer_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const float *d,
+                          int64_t dsi, int64_t dsk, const int32_t *didx, const void *w,
+                          int64_t ldw, const int32_t *widx, float *c, int64_t ldc, int accum) {
+    int64_t nv = n & ~(int64_t)7;
+    if (K == 0 && !accum)
+        for (int64_t i = 0; i < m; i++) memset(c + i * ldc, 0, (size_t)n * 4);
+    for (int64_t j = 0; j < nv; j += 16) {
+        int nvec = j + 16 <= nv ? 2 : 1;
+        for (int64_t k0 = 0; k0 < K; k0 += KT_KC) {
+            int64_t k1 = KT_MIN(K, k0 + KT_KC);
+            int load_c = accum || k0 > 0;
+            for (int64_t i = 0; i < m; i += 6) {
+                int mr = (int)KT_MIN(6, m - i);
+                const float *dp[6];
+                float *cr[6];
+                for (int t = 0; t < mr; t++) {
+                    dp[t] = d + (didx ? didx[i + t] : i + t) * dsi;
+                    cr[t] = c + (i + t) * ldc;
+                }
+                switch (mr * 4 + nvec) {
+                    OUTER_CASE(6, 2) OUTER_CASE(5, 2) OUTER_CASE(4, 2)
+                    OUTER_CASE(3, 2) OUTER_CASE(2, 2) OUTER_CASE(1, 2)
+                    OUTER_CASE(6, 1) OUTER_CASE(5, 1) OUTER_CASE(4, 1)
+                    OUTER_CASE(3, 1) OUTER_CASE(2, 1) OUTER_CASE(1, 1)
+                }
+            }
+        }
+    }
+    /* columns past the last multiple of 8 */
+    for (int64_t i = 0; i < m && nv < n; i++) {
+        const float *di = d + (didx ? didx[i] : i) * dsi;
+        for (int64_t j = nv; j < n; j++) {
+            float s = 0.0f;
+            for (int64_t k = 0; k < K; k++)
+                s += di[k * dsk] * ld1_w(w, bf16, (widx ? widx[k] : k) * ldw + j);
+            float *cp = c + i * ldc + j;
+            *cp = accum ? *cp + s : s;
+        }
+    }
+}
+
+static void outer_bf16_avx2(int64_t m, int64_t n, int64_t K, const float *d, int64_t dsi,
+                            int64_t dsk, const int32_t *didx, const void *w, int64_t ldw,
+                            const int32_t *widx, float *c, int64_t ldc, int accum) {
+    outer_avx2(1, m, n, K, d, dsi, dsk, didx, w, ldw, widx, c, ldc, accum);
+}
+
+static void outer_f32_avx2(int64_t m, int64_t n, int64_t K, const float *d, int64_t dsi,
+                           int64_t dsk, const int32_t *didx, const void *w, int64_t ldw,
+                           const int32_t *widx, float *c, int64_t ldc, int accum) {
+    outer_avx2(0, m, n, K, d, dsi, dsk, didx, w, ldw, widx, c, ldc, accum);
+}
+
+/* ---- activations ---- */
+
+/* exp(x) for x in about [-88, 88]: Cody-Waite range reduction and a degree-5
+ * polynomial; relative error below 2e-7. */
+KT_INLINE __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+KT_INLINE __m256 sigmoid8(__m256 g) {
+    __m256 one = _mm256_set1_ps(1.0f);
+    return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+}
+
+static inline float sigmoid1(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+static void act_fwd_avx2(int64_t n, const float *g, const float *u, float *h) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 gv = _mm256_loadu_ps(g + i);
+        __m256 hv = _mm256_mul_ps(_mm256_mul_ps(gv, sigmoid8(gv)), _mm256_loadu_ps(u + i));
+        _mm256_storeu_ps(h + i, hv);
+    }
+    for (; i < n; i++) h[i] = g[i] * sigmoid1(g[i]) * u[i];
+}
+
+static float act_bwd_avx2(int64_t n, const float *dh, float *g, float *u, float w) {
+    __m256 dotv = _mm256_setzero_ps(), wv = _mm256_set1_ps(w), one = _mm256_set1_ps(1.0f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 gv = _mm256_loadu_ps(g + i), uv = _mm256_loadu_ps(u + i), dv = _mm256_loadu_ps(dh + i);
+        __m256 sg = sigmoid8(gv);
+        __m256 silu = _mm256_mul_ps(gv, sg);
+        __m256 dsilu = _mm256_mul_ps(sg, _mm256_fmadd_ps(gv, _mm256_sub_ps(one, sg), one));
+        dotv = _mm256_fmadd_ps(_mm256_mul_ps(dv, silu), uv, dotv);
+        __m256 d = _mm256_mul_ps(wv, dv);
+        _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_mul_ps(d, uv), dsilu));
+        _mm256_storeu_ps(u + i, _mm256_mul_ps(d, silu));
+    }
+    float dot = hsum8(dotv);
+    for (; i < n; i++) {
+        float sg = sigmoid1(g[i]), silu = g[i] * sg, dsilu = sg * (1.0f + g[i] * (1.0f - sg));
+        dot += dh[i] * silu * u[i];
+        float d = w * dh[i];
+        g[i] = d * u[i] * dsilu;
+        u[i] = d * silu;
+    }
+    return dot;
+}
+
+const kt_kernels kt_kernels_avx2 = {
+    .isa = KTMOE_ISA_AVX2,
+    .dot_bf16 = dot_bf16_avx2,
+    .dot_f32 = dot_f32_avx2,
+    .outer_bf16 = outer_bf16_avx2,
+    .outer_f32 = outer_f32_avx2,
+    .act_fwd = act_fwd_avx2,
+    .act_bwd = act_bwd_avx2,
+};

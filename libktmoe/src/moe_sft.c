@@ -1,0 +1,927 @@
+/* One MoE layer with LoRA: weights, forward, backward, the forward cache.
+ *
+ * Layout.  The intermediate dimension I is split into `tp` slices, one per
+ * sub-pool.  Slice s owns rows [i0, i0 + Is) of Wg and Wu and the same
+ * columns of Wd, stored row-major per expert: wg[e][Is][H], wd[e][H][Is].
+ * That one bf16 copy serves the forward (x W^T: dot form, along rows) and
+ * the backward (dh W: outer form, rows contiguous along the output).
+ *
+ * Token-expert pairs are grouped by expert ("routing"); pair p of expert e
+ * sits at p in [off[e], off[e+1]) and reads token tok[p] with weight pw[p].
+ *
+ * Forward, per slice s (partials summed over slices where noted):
+ *   F1  xs = s * [x Ag^T | x Au^T]                     [pairs, 2r]
+ *   F2  g = x Wg^T + xs_g Bg^T, u likewise; h = silu(g) u  (g, u cached)
+ *   F3  hs = s * sum_slices h Ad^T                     [pairs, r]
+ *   F4  y = sum_slices h Wd^T + hs Bd^T                [pairs, H]
+ *   F5  out[t] = sum_j w_tj y[pair(t, j)]
+ * Backward with dO = dOut (the weight w is applied after the down GEMM):
+ *   B1  dbs = s * dO Bd,  whs = w * hs                 [pairs, r]
+ *   B2  dhu = dO Wd + dbs Ad;  dw += <dhu, h>;  dg, du from w * dhu;
+ *       dAd = (w dbs)^T h;  dBg = dg^T xs_g;  dBu = du^T xs_u
+ *   B3  dgus = s * sum_slices [dg Bg | du Bu]          [pairs, 2r]
+ *   B4  dx_pair = sum_slices dg Wg + du Wu + dgus [Ag; Au];
+ *       dAg = dgus_g^T x;  dAu = dgus_u^T x;  dBd = dO^T whs
+ *   B5  dx[t] = sum_j dx_pair(t, j);  dw[t, j] = sum of partials
+ */
+#include "internal.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+
+#define KT_TN 64  /* column tile of the big GEMMs        */
+#define KT_MC 64  /* row chunk of the backward epilogue  */
+
+typedef struct kt_slice {
+    int64_t i0;
+    uint16_t *wg, *wu, *wd;
+} kt_slice;
+
+/* Activations of one forward, kept for its backward. */
+typedef struct kt_cache {
+    int64_t qlen, npairs;
+    int32_t nactive;
+    int use_lora;
+    kt_buf x;     /* f32 [qlen, H]                                   */
+    kt_buf off;   /* int64 [E + 1]                                    */
+    kt_buf tok;   /* int32 [npairs]                                   */
+    kt_buf pos;   /* int32 [qlen * k]: pair of slot (t, j)            */
+    kt_buf pw;    /* f32 [npairs]                                     */
+    kt_buf act;   /* int32 [E]: active experts                        */
+    kt_buf g, u;  /* f32 [tp][npairs][Is]                             */
+    kt_buf xs;    /* f32 [npairs][2r]                                 */
+    kt_buf hs;    /* f32 [npairs][r]                                  */
+} kt_cache;
+
+struct ktmoe_moe {
+    ktmoe_pool *pool;
+    const kt_kernels *kern;
+    int tp;
+    int64_t E, k, H, I, Is, r;
+    float scale;
+    int max_depth;
+
+    kt_slice *slices;
+    int weights_loaded;
+
+    int lora_dtype;
+    const void *la[6]; /* gate_a, gate_b, up_a, up_b, down_a, down_b */
+
+    pthread_mutex_t mu;  /* guards pending (submit side) */
+    int pending;
+    int depth;           /* caches in use (queue side) */
+    kt_cache *caches;    /* [max_depth] */
+    kt_cache nosave;     /* forward without save_for_backward */
+
+    /* scratch reused between calls */
+    kt_buf h, y, dO, part, dgus, dbs, whs, dwp;
+};
+
+enum { LGA, LGB, LUA, LUB, LDA, LDB };
+
+/* ------------------------------------------------------------------ */
+/* small helpers                                                       */
+
+static void kt_cache_free(kt_cache *c) {
+    kt_buf_free(&c->x);
+    kt_buf_free(&c->off);
+    kt_buf_free(&c->tok);
+    kt_buf_free(&c->pos);
+    kt_buf_free(&c->pw);
+    kt_buf_free(&c->act);
+    kt_buf_free(&c->g);
+    kt_buf_free(&c->u);
+    kt_buf_free(&c->xs);
+    kt_buf_free(&c->hs);
+}
+
+static size_t kt_cache_bytes(const kt_cache *c) {
+    return c->x.bytes + c->off.bytes + c->tok.bytes + c->pos.bytes + c->pw.bytes +
+           c->act.bytes + c->g.bytes + c->u.bytes + c->xs.bytes + c->hs.bytes;
+}
+
+static inline float *F(const kt_buf *b) { return (float *)b->p; }
+
+static void kt_to_f32(const void *src, int dtype, float *dst, int64_t n) {
+    if (dtype == KTMOE_DTYPE_F32) {
+        memcpy(dst, src, (size_t)n * sizeof(float));
+    } else {
+        const uint16_t *s = src;
+        for (int64_t i = 0; i < n; i++) dst[i] = kt_bf16_to_f32(s[i]);
+    }
+}
+
+/* dst[rows][cols] (leading dim ldd, of dtype) (+)= src[rows][cols] (lds). */
+static void kt_store(void *dst, int dtype, int64_t ldd, const float *src,
+                     int64_t lds, int64_t rows, int64_t cols, int accum) {
+    for (int64_t i = 0; i < rows; i++) {
+        const float *s = src + i * lds;
+        if (dtype == KTMOE_DTYPE_F32) {
+            float *d = (float *)dst + i * ldd;
+            if (accum)
+                for (int64_t j = 0; j < cols; j++) d[j] += s[j];
+            else
+                memcpy(d, s, (size_t)cols * sizeof(float));
+        } else {
+            uint16_t *d = (uint16_t *)dst + i * ldd;
+            for (int64_t j = 0; j < cols; j++)
+                d[j] = kt_f32_to_bf16(accum ? kt_bf16_to_f32(d[j]) + s[j] : s[j]);
+        }
+    }
+}
+
+static inline size_t kt_dsize(int dtype) { return dtype == KTMOE_DTYPE_F32 ? 4 : 2; }
+
+/* Pointer to element `idx` of an array of dtype. */
+static inline void *kt_at(const void *base, int dtype, int64_t idx) {
+    return (char *)base + (size_t)idx * kt_dsize(dtype);
+}
+
+static kt_dot_fn kt_dot_for(const ktmoe_moe *m, int dtype) {
+    return dtype == KTMOE_DTYPE_BF16 ? m->kern->dot_bf16 : m->kern->dot_f32;
+}
+static kt_outer_fn kt_outer_for(const ktmoe_moe *m, int dtype) {
+    return dtype == KTMOE_DTYPE_BF16 ? m->kern->outer_bf16 : m->kern->outer_f32;
+}
+
+/* ------------------------------------------------------------------ */
+/* creation                                                            */
+
+KTMOE_API void ktmoe_moe_config_init(ktmoe_moe_config *c) {
+    if (!c) return;
+    memset(c, 0, sizeof *c);
+    c->struct_size = sizeof *c;
+    c->method = KTMOE_METHOD_BF16;
+    c->lora_rank = 16;
+    c->lora_alpha = 32.0f;
+    c->max_cache_depth = 1;
+    c->isa = KTMOE_ISA_AUTO;
+}
+
+KTMOE_API ktmoe_status ktmoe_moe_create(ktmoe_pool *pool, const ktmoe_moe_config *c,
+                                        ktmoe_moe **out) {
+    if (!pool || !c || !out)
+        return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "pool, config and out must not be NULL");
+    *out = NULL;
+    if (c->struct_size < sizeof(ktmoe_moe_config))
+        return kt_error(KTMOE_ERR_INVALID_ARGUMENT,
+                        "ktmoe_moe_config.struct_size is %u, expected %zu",
+                        c->struct_size, sizeof(ktmoe_moe_config));
+    if (c->method != KTMOE_METHOD_BF16)
+        return kt_error(KTMOE_ERR_UNSUPPORTED, "method %d is not supported", c->method);
+    if (c->num_experts <= 0) return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "num_experts must be positive, got %lld", (long long)c->num_experts);
+    if (c->hidden_size <= 0) return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "hidden_size must be positive, got %lld", (long long)c->hidden_size);
+    if (c->intermediate_size <= 0) return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "moe_intermediate_size must be positive, got %lld", (long long)c->intermediate_size);
+    if (c->experts_per_token <= 0) return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "num_experts_per_tok must be positive, got %lld", (long long)c->experts_per_token);
+    if (c->experts_per_token > c->num_experts)
+        return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "num_experts_per_tok (%lld) cannot exceed num_experts (%lld)",
+                        (long long)c->experts_per_token, (long long)c->num_experts);
+    if (c->lora_rank <= 0) return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "lora_rank must be positive, got %d", c->lora_rank);
+    if (!(c->lora_alpha > 0.0f)) return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "lora_alpha must be positive, got %g", (double)c->lora_alpha);
+    if (c->max_cache_depth <= 0) return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "max_cache_depth must be positive, got %d", c->max_cache_depth);
+    if (c->num_experts > INT32_MAX || c->hidden_size > 65536 || c->intermediate_size > INT32_MAX)
+        return kt_error(KTMOE_ERR_UNSUPPORTED, "hidden_size above 65536 or num_experts, "
+                        "moe_intermediate_size above 2^31-1 are not supported");
+    if (c->lora_rank > 256)
+        return kt_error(KTMOE_ERR_UNSUPPORTED, "lora_rank above 256 is not supported, got %d", c->lora_rank);
+    int tp = ktmoe_pool_subpool_count(pool);
+    if (c->intermediate_size % tp != 0)
+        return kt_error(KTMOE_ERR_INVALID_ARGUMENT,
+                        "intermediate_size (%lld) must be divisible by threadpool_count (%d)",
+                        (long long)c->intermediate_size, tp);
+    ktmoe_isa isa = c->isa == KTMOE_ISA_AUTO ? ktmoe_isa_selected() : (ktmoe_isa)c->isa;
+    if (!ktmoe_isa_name(isa) || isa == KTMOE_ISA_AUTO)
+        return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "unknown isa %d", c->isa);
+    if (!ktmoe_isa_usable(isa))
+        return kt_error(KTMOE_ERR_UNSUPPORTED, "ISA tier '%s' is %s", ktmoe_isa_name(isa),
+                        ktmoe_isa_compiled(isa) ? "not supported by this CPU" : "not compiled in");
+
+    ktmoe_moe *m = calloc(1, sizeof *m);
+    if (!m) return kt_error(KTMOE_ERR_OUT_OF_MEMORY, "out of memory");
+    m->pool = pool;
+    m->kern = kt_kernels_get(isa);
+    m->tp = tp;
+    m->E = c->num_experts;
+    m->k = c->experts_per_token;
+    m->H = c->hidden_size;
+    m->I = c->intermediate_size;
+    m->Is = m->I / tp;
+    m->r = c->lora_rank;
+    m->scale = c->lora_alpha / (float)c->lora_rank;
+    m->max_depth = c->max_cache_depth;
+    pthread_mutex_init(&m->mu, NULL);
+    m->slices = calloc((size_t)tp, sizeof(kt_slice));
+    m->caches = calloc((size_t)m->max_depth, sizeof(kt_cache));
+    if (!m->slices || !m->caches) {
+        ktmoe_moe_destroy(m);
+        return kt_error(KTMOE_ERR_OUT_OF_MEMORY, "out of memory");
+    }
+    for (int s = 0; s < tp; s++) m->slices[s].i0 = s * m->Is;
+    *out = m;
+    return KTMOE_OK;
+}
+
+KTMOE_API void ktmoe_moe_destroy(ktmoe_moe *m) {
+    if (!m) return;
+    if (m->slices)
+        for (int s = 0; s < m->tp; s++) {
+            kt_free(m->slices[s].wg);
+            kt_free(m->slices[s].wu);
+            kt_free(m->slices[s].wd);
+        }
+    if (m->caches)
+        for (int i = 0; i < m->max_depth; i++) kt_cache_free(&m->caches[i]);
+    kt_cache_free(&m->nosave);
+    kt_buf *bufs[] = {&m->h, &m->y, &m->dO, &m->part, &m->dgus, &m->dbs, &m->whs, &m->dwp};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) kt_buf_free(bufs[i]);
+    pthread_mutex_destroy(&m->mu);
+    free(m->slices);
+    free(m->caches);
+    free(m);
+}
+
+KTMOE_API ktmoe_isa ktmoe_moe_isa(const ktmoe_moe *m) {
+    return m ? m->kern->isa : KTMOE_ISA_REF;
+}
+
+KTMOE_API int64_t ktmoe_moe_weight_bytes(const ktmoe_moe *m) {
+    if (!m || !m->weights_loaded) return 0;
+    return (int64_t)(3 * m->E * m->I * m->H * 2);
+}
+
+KTMOE_API int64_t ktmoe_moe_buffer_bytes(const ktmoe_moe *m) {
+    if (!m) return 0;
+    size_t b = kt_cache_bytes(&m->nosave);
+    for (int i = 0; i < m->max_depth; i++) b += kt_cache_bytes(&m->caches[i]);
+    b += m->h.bytes + m->y.bytes + m->dO.bytes + m->part.bytes + m->dgus.bytes +
+         m->dbs.bytes + m->whs.bytes + m->dwp.bytes;
+    return (int64_t)b;
+}
+
+KTMOE_API int32_t ktmoe_moe_cache_depth(const ktmoe_moe *m) {
+    if (!m) return 0;
+    pthread_mutex_lock((pthread_mutex_t *)&m->mu);
+    int d = m->pending;
+    pthread_mutex_unlock((pthread_mutex_t *)&m->mu);
+    return d;
+}
+
+/* ------------------------------------------------------------------ */
+/* weights                                                             */
+
+typedef struct kt_load_ctx {
+    ktmoe_moe *m;
+    const void *gate, *up, *down;
+    int dtype;
+    const int64_t *map;
+} kt_load_ctx;
+
+static void kt_copy_row(uint16_t *dst, const void *src, int dtype, int64_t idx, int64_t n) {
+    if (dtype == KTMOE_DTYPE_BF16) {
+        memcpy(dst, (const uint16_t *)src + idx, (size_t)n * 2);
+    } else {
+        const float *s = (const float *)src + idx;
+        for (int64_t i = 0; i < n; i++) dst[i] = kt_f32_to_bf16(s[i]);
+    }
+}
+
+static void kt_load_job(void *vctx, const kt_worker_ctx *w, int sub, int64_t e) {
+    KT_UNUSED(w);
+    kt_load_ctx *c = vctx;
+    ktmoe_moe *m = c->m;
+    const kt_slice *sl = &m->slices[sub];
+    int64_t src = c->map ? c->map[e] : e, H = m->H, I = m->I, Is = m->Is;
+    for (int64_t i = 0; i < Is; i++) {
+        int64_t row = (src * I + sl->i0 + i) * H;
+        kt_copy_row(sl->wg + (e * Is + i) * H, c->gate, c->dtype, row, H);
+        kt_copy_row(sl->wu + (e * Is + i) * H, c->up, c->dtype, row, H);
+    }
+    for (int64_t h = 0; h < H; h++)
+        kt_copy_row(sl->wd + (e * H + h) * Is, c->down, c->dtype, (src * H + h) * I + sl->i0, Is);
+}
+
+static ktmoe_status kt_load_task(void *vctx) {
+    kt_load_ctx *c = vctx;
+    int64_t n[256];
+    for (int s = 0; s < c->m->tp; s++) n[s] = c->m->E;
+    kt_pool_parallel(c->m->pool, n, kt_load_job, c);
+    return KTMOE_OK;
+}
+
+KTMOE_API ktmoe_status ktmoe_moe_load_weights(ktmoe_moe *m, const void *gate, const void *up,
+                                              const void *down, ktmoe_dtype dtype,
+                                              const int64_t *map, int64_t src_experts) {
+    if (!m || !gate || !up || !down)
+        return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "moe and weight pointers must not be NULL");
+    if (dtype != KTMOE_DTYPE_BF16 && dtype != KTMOE_DTYPE_F32)
+        return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "unknown weight dtype %d", (int)dtype);
+    if (!map && src_experts != m->E)
+        return kt_error(KTMOE_ERR_INVALID_ARGUMENT,
+                        "without a map the source must hold num_experts (%lld) experts, got %lld",
+                        (long long)m->E, (long long)src_experts);
+    if (map)
+        for (int64_t e = 0; e < m->E; e++)
+            if (map[e] < 0 || map[e] >= src_experts)
+                return kt_error(KTMOE_ERR_INVALID_ARGUMENT,
+                                "physical_to_logical_map[%lld] = %lld is out of range [0, %lld)",
+                                (long long)e, (long long)map[e], (long long)src_experts);
+    for (int s = 0; s < m->tp; s++) {
+        kt_slice *sl = &m->slices[s];
+        size_t bytes = (size_t)(m->E * m->Is * m->H) * 2;
+        if (!sl->wg) {
+            sl->wg = kt_alloc(bytes);
+            sl->wu = kt_alloc(bytes);
+            sl->wd = kt_alloc(bytes);
+            if (!sl->wg || !sl->wu || !sl->wd) {
+                for (int t = 0; t <= s; t++) {
+                    kt_free(m->slices[t].wg);
+                    kt_free(m->slices[t].wu);
+                    kt_free(m->slices[t].wd);
+                    m->slices[t].wg = m->slices[t].wu = m->slices[t].wd = NULL;
+                }
+                m->weights_loaded = 0;
+                return kt_error(KTMOE_ERR_OUT_OF_MEMORY,
+                                "out of memory allocating %zu bytes of expert weights", 3 * bytes * m->tp);
+            }
+        }
+    }
+    kt_load_ctx ctx = {m, gate, up, down, dtype, map};
+    ktmoe_status st = ktmoe_pool_submit(m->pool, kt_load_task, &ctx);
+    if (st != KTMOE_OK) return st;
+    st = ktmoe_pool_sync(m->pool);
+    if (st == KTMOE_OK) m->weights_loaded = 1;
+    return st;
+}
+
+KTMOE_API ktmoe_status ktmoe_moe_set_lora(ktmoe_moe *m, ktmoe_dtype dtype, const void *ga,
+                                          const void *gb, const void *ua, const void *ub,
+                                          const void *da, const void *db) {
+    if (!m) return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "moe must not be NULL");
+    if (dtype != KTMOE_DTYPE_BF16 && dtype != KTMOE_DTYPE_F32)
+        return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "unknown LoRA dtype %d", (int)dtype);
+    const void *p[6] = {ga, gb, ua, ub, da, db};
+    int nnull = 0;
+    for (int i = 0; i < 6; i++) nnull += p[i] == NULL;
+    if (nnull != 0 && nnull != 6)
+        return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "either all six LoRA pointers or none must be given");
+    /* Tasks already queued read the old pointers: rebind in queue order. */
+    ktmoe_status st = ktmoe_pool_sync(m->pool);
+    if (st != KTMOE_OK) return st;
+    m->lora_dtype = dtype;
+    memcpy(m->la, p, sizeof p);
+    return KTMOE_OK;
+}
+
+/* ------------------------------------------------------------------ */
+/* routing                                                             */
+
+static ktmoe_status kt_route(ktmoe_moe *m, kt_cache *c, int64_t qlen, const int64_t *ids,
+                             const float *weights) {
+    int64_t E = m->E, k = m->k, np = qlen * k;
+    ktmoe_status st;
+    if ((st = kt_buf_reserve(&c->off, (size_t)(E + 1) * 8)) ||
+        (st = kt_buf_reserve(&c->tok, (size_t)np * 4)) ||
+        (st = kt_buf_reserve(&c->pos, (size_t)np * 4)) ||
+        (st = kt_buf_reserve(&c->pw, (size_t)np * 4)) ||
+        (st = kt_buf_reserve(&c->act, (size_t)E * 4)))
+        return st;
+    int64_t *off = c->off.p;
+    int32_t *tok = c->tok.p, *pos = c->pos.p, *act = c->act.p;
+    float *pw = c->pw.p;
+    memset(off, 0, (size_t)(E + 1) * 8);
+    for (int64_t i = 0; i < np; i++) {
+        int64_t e = ids[i];
+        if (e < 0 || e >= E)
+            return kt_error(KTMOE_ERR_INVALID_ARGUMENT,
+                            "expert id %lld at [%lld, %lld] is out of range [0, %lld)",
+                            (long long)e, (long long)(i / k), (long long)(i % k), (long long)E);
+        off[e + 1]++;
+    }
+    int32_t na = 0;
+    for (int64_t e = 0; e < E; e++) {
+        if (off[e + 1] > 0) act[na++] = (int32_t)e;
+        off[e + 1] += off[e];
+    }
+    /* fill, using pos[] of each slot; a running cursor per expert in act-free
+     * space: reuse `tok` order by a second pass. */
+    int64_t *cur = (int64_t *)kt_alloc((size_t)E * 8);
+    if (!cur) return KTMOE_ERR_OUT_OF_MEMORY;
+    memcpy(cur, off, (size_t)E * 8);
+    for (int64_t i = 0; i < np; i++) {
+        int64_t p = cur[ids[i]]++;
+        tok[p] = (int32_t)(i / k);
+        pw[p] = weights[i];
+        pos[i] = (int32_t)p;
+    }
+    kt_free(cur);
+    c->qlen = qlen;
+    c->npairs = np;
+    c->nactive = na;
+    return KTMOE_OK;
+}
+
+/* ------------------------------------------------------------------ */
+/* forward                                                             */
+
+typedef struct kt_fwd {
+    ktmoe_moe *m;
+    kt_cache *c;
+    ktmoe_forward_args a;
+    int lora;
+    int64_t ntile_i, ntile_h;
+} kt_fwd;
+
+static void kt_fwd_input(void *v, const kt_worker_ctx *w, int sub, int64_t t) {
+    KT_UNUSED(w);
+    KT_UNUSED(sub);
+    kt_fwd *f = v;
+    int64_t H = f->m->H;
+    kt_to_f32(kt_at(f->a.input, f->a.input_dtype, t * H), f->a.input_dtype, F(&f->c->x) + t * H, H);
+}
+
+/* F1: xs = s [x Ag^T | x Au^T] */
+static void kt_fwd_lora_a(void *v, const kt_worker_ctx *w, int sub, int64_t ai) {
+    KT_UNUSED(w);
+    KT_UNUSED(sub);
+    kt_fwd *f = v;
+    ktmoe_moe *m = f->m;
+    kt_cache *c = f->c;
+    int64_t e = ((int32_t *)c->act.p)[ai], o = ((int64_t *)c->off.p)[e];
+    int64_t cnt = ((int64_t *)c->off.p)[e + 1] - o, H = m->H, r = m->r;
+    kt_dot_fn dot = kt_dot_for(m, m->lora_dtype);
+    const int32_t *tok = (int32_t *)c->tok.p + o;
+    float *xs = F(&c->xs) + o * 2 * r;
+    dot(cnt, r, H, F(&c->x), H, tok, kt_at(m->la[LGA], m->lora_dtype, e * r * H), H, xs, 2 * r, 0);
+    dot(cnt, r, H, F(&c->x), H, tok, kt_at(m->la[LUA], m->lora_dtype, e * r * H), H, xs + r, 2 * r, 0);
+    for (int64_t i = 0; i < cnt * 2 * r; i++) xs[i] *= m->scale;
+}
+
+/* F2: g, u, h for one (expert, I tile) of a slice */
+static void kt_fwd_gate_up(void *v, const kt_worker_ctx *w, int s, int64_t task) {
+    KT_UNUSED(w);
+    kt_fwd *f = v;
+    ktmoe_moe *m = f->m;
+    kt_cache *c = f->c;
+    int64_t e = ((int32_t *)c->act.p)[task / f->ntile_i], j0 = (task % f->ntile_i) * KT_TN;
+    int64_t o = ((int64_t *)c->off.p)[e], cnt = ((int64_t *)c->off.p)[e + 1] - o;
+    int64_t H = m->H, Is = m->Is, r = m->r, tn = KT_MIN(KT_TN, Is - j0), np = c->npairs;
+    const kt_slice *sl = &m->slices[s];
+    const int32_t *tok = (int32_t *)c->tok.p + o;
+    float *g = F(&c->g) + s * np * Is + o * Is + j0;
+    float *u = F(&c->u) + s * np * Is + o * Is + j0;
+    float *h = F(&m->h) + s * np * Is + o * Is + j0;
+    m->kern->dot_bf16(cnt, tn, H, F(&c->x), H, tok, sl->wg + (e * Is + j0) * H, H, g, Is, 0);
+    m->kern->dot_bf16(cnt, tn, H, F(&c->x), H, tok, sl->wu + (e * Is + j0) * H, H, u, Is, 0);
+    if (f->lora) {
+        kt_dot_fn dot = kt_dot_for(m, m->lora_dtype);
+        int64_t brow = (e * m->I + sl->i0 + j0) * r;
+        const float *xs = F(&c->xs) + o * 2 * r;
+        dot(cnt, tn, r, xs, 2 * r, NULL, kt_at(m->la[LGB], m->lora_dtype, brow), r, g, Is, 1);
+        dot(cnt, tn, r, xs + r, 2 * r, NULL, kt_at(m->la[LUB], m->lora_dtype, brow), r, u, Is, 1);
+    }
+    for (int64_t i = 0; i < cnt; i++) m->kern->act_fwd(tn, g + i * Is, u + i * Is, h + i * Is);
+}
+
+/* F3: partial h Ad^T of a slice, for one expert */
+static void kt_fwd_down_a(void *v, const kt_worker_ctx *w, int s, int64_t ai) {
+    KT_UNUSED(w);
+    kt_fwd *f = v;
+    ktmoe_moe *m = f->m;
+    kt_cache *c = f->c;
+    int64_t e = ((int32_t *)c->act.p)[ai], o = ((int64_t *)c->off.p)[e];
+    int64_t cnt = ((int64_t *)c->off.p)[e + 1] - o, Is = m->Is, r = m->r, np = c->npairs;
+    const float *h = F(&m->h) + s * np * Is + o * Is;
+    float *part = F(&m->part) + (s * np + o) * r;
+    kt_dot_for(m, m->lora_dtype)(cnt, r, Is, h, Is, NULL,
+                                 kt_at(m->la[LDA], m->lora_dtype, e * r * m->I + m->slices[s].i0),
+                                 m->I, part, r, 0);
+}
+
+/* F4: y = h Wd^T (+ hs Bd^T on slice 0) for one (expert, H tile) */
+static void kt_fwd_down(void *v, const kt_worker_ctx *w, int s, int64_t task) {
+    KT_UNUSED(w);
+    kt_fwd *f = v;
+    ktmoe_moe *m = f->m;
+    kt_cache *c = f->c;
+    int64_t e = ((int32_t *)c->act.p)[task / f->ntile_h], n0 = (task % f->ntile_h) * KT_TN;
+    int64_t o = ((int64_t *)c->off.p)[e], cnt = ((int64_t *)c->off.p)[e + 1] - o;
+    int64_t H = m->H, Is = m->Is, r = m->r, tn = KT_MIN(KT_TN, H - n0), np = c->npairs;
+    const float *h = F(&m->h) + s * np * Is + o * Is;
+    float *y = F(&m->y) + s * np * H + o * H + n0;
+    m->kern->dot_bf16(cnt, tn, Is, h, Is, NULL, m->slices[s].wd + (e * H + n0) * Is, Is, y, H, 0);
+    if (f->lora && s == 0)
+        kt_dot_for(m, m->lora_dtype)(cnt, tn, r, F(&c->hs) + o * r, r, NULL,
+                                     kt_at(m->la[LDB], m->lora_dtype, (e * H + n0) * r), r, y, H, 1);
+}
+
+/* F5: out[t] = sum_j w_tj y[pair(t, j)] */
+static void kt_fwd_combine(void *v, const kt_worker_ctx *w, int sub, int64_t t) {
+    KT_UNUSED(sub);
+    kt_fwd *f = v;
+    ktmoe_moe *m = f->m;
+    kt_cache *c = f->c;
+    int64_t H = m->H, k = m->k, np = c->npairs;
+    float *acc = w->scratch;
+    memset(acc, 0, (size_t)H * 4);
+    for (int64_t j = 0; j < k; j++) {
+        int64_t p = ((int32_t *)c->pos.p)[t * k + j];
+        float wt = ((float *)c->pw.p)[p];
+        for (int s = 0; s < m->tp; s++) {
+            const float *y = F(&m->y) + s * np * H + p * H;
+            for (int64_t i = 0; i < H; i++) acc[i] += wt * y[i];
+        }
+    }
+    kt_store(kt_at(f->a.output, f->a.output_dtype, t * H), f->a.output_dtype, H, acc, H, 1, H, 0);
+}
+
+static ktmoe_status kt_fwd_reserve(ktmoe_moe *m, kt_cache *c, int64_t qlen) {
+    int64_t np = qlen * m->k, tp = m->tp;
+    ktmoe_status st;
+    if ((st = kt_buf_reserve(&c->x, (size_t)(qlen * m->H) * 4)) ||
+        (st = kt_buf_reserve(&c->g, (size_t)(np * m->I) * 4)) ||
+        (st = kt_buf_reserve(&c->u, (size_t)(np * m->I) * 4)) ||
+        (st = kt_buf_reserve(&c->xs, (size_t)(np * 2 * m->r) * 4)) ||
+        (st = kt_buf_reserve(&c->hs, (size_t)(np * m->r) * 4)) ||
+        (st = kt_buf_reserve(&m->h, (size_t)(np * m->I) * 4)) ||
+        (st = kt_buf_reserve(&m->y, (size_t)(tp * np * m->H) * 4)) ||
+        (st = kt_buf_reserve(&m->part, (size_t)(tp * np * 2 * m->r) * 4)))
+        return st;
+    return KTMOE_OK;
+}
+
+static ktmoe_status kt_forward_run(kt_fwd *f) {
+    ktmoe_moe *m = f->m;
+    kt_cache *c = f->c;
+    const ktmoe_forward_args *a = &f->a;
+    ktmoe_status st = kt_route(m, c, a->qlen, a->expert_ids, a->weights);
+    if (st != KTMOE_OK) return st;
+    if ((st = kt_fwd_reserve(m, c, a->qlen)) != KTMOE_OK) return st;
+    c->use_lora = f->lora;
+    int64_t np = c->npairs, r = m->r, tp = m->tp, n[256];
+    f->ntile_i = (m->Is + KT_TN - 1) / KT_TN;
+    f->ntile_h = (m->H + KT_TN - 1) / KT_TN;
+
+    kt_pool_parallel_all(m->pool, a->qlen, kt_fwd_input, f);
+    if (f->lora) kt_pool_parallel_all(m->pool, c->nactive, kt_fwd_lora_a, f);
+    for (int s = 0; s < tp; s++) n[s] = c->nactive * f->ntile_i;
+    kt_pool_parallel(m->pool, n, kt_fwd_gate_up, f);
+    if (f->lora) {
+        for (int s = 0; s < tp; s++) n[s] = c->nactive;
+        kt_pool_parallel(m->pool, n, kt_fwd_down_a, f);
+        float *hs = F(&c->hs), *part = F(&m->part);
+        for (int64_t i = 0; i < np * r; i++) {
+            float acc = 0.0f;
+            for (int s = 0; s < tp; s++) acc += part[s * np * r + i];
+            hs[i] = m->scale * acc;
+        }
+    }
+    for (int s = 0; s < tp; s++) n[s] = c->nactive * f->ntile_h;
+    kt_pool_parallel(m->pool, n, kt_fwd_down, f);
+    kt_pool_parallel_all(m->pool, a->qlen, kt_fwd_combine, f);
+    return KTMOE_OK;
+}
+
+static ktmoe_status kt_forward_task(void *v) {
+    kt_fwd *f = v;
+    ktmoe_moe *m = f->m;
+    if (f->a.save_for_backward) {
+        if (m->depth >= m->max_depth)
+            return kt_error(KTMOE_ERR_STATE, "Forward cache full (depth=%d, max=%d)", m->depth, m->max_depth);
+        f->c = &m->caches[m->depth];
+    } else {
+        f->c = &m->nosave;
+    }
+    ktmoe_status st = kt_forward_run(f);
+    if (st == KTMOE_OK && f->a.save_for_backward) m->depth++;
+    if (st != KTMOE_OK && f->a.save_for_backward) {
+        pthread_mutex_lock(&m->mu);
+        m->pending--;
+        pthread_mutex_unlock(&m->mu);
+    }
+    return st;
+}
+
+KTMOE_API ktmoe_status ktmoe_moe_forward_submit(ktmoe_moe *m, const ktmoe_forward_args *a) {
+    if (!m || !a) return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "moe and args must not be NULL");
+    if (a->struct_size < sizeof *a)
+        return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "ktmoe_forward_args.struct_size is %u, expected %zu",
+                        a->struct_size, sizeof *a);
+    if (!m->weights_loaded) return kt_error(KTMOE_ERR_STATE, "Weights not loaded");
+    if (a->qlen < 0 || a->qlen * m->k > INT32_MAX)
+        return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "qlen %lld out of range", (long long)a->qlen);
+    if (a->qlen > 0 && (!a->expert_ids || !a->weights || !a->input || !a->output))
+        return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "forward arrays must not be NULL");
+    if ((a->input_dtype != KTMOE_DTYPE_F32 && a->input_dtype != KTMOE_DTYPE_BF16) ||
+        (a->output_dtype != KTMOE_DTYPE_F32 && a->output_dtype != KTMOE_DTYPE_BF16))
+        return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "unknown input or output dtype");
+    int lora = a->use_lora != 0;
+    if (lora && !m->la[0]) {
+        if (a->save_for_backward) return kt_error(KTMOE_ERR_STATE, "LoRA weights not initialized");
+        lora = 0;
+    }
+    if (a->save_for_backward && !lora)
+        return kt_error(KTMOE_ERR_STATE, "save_for_backward needs use_lora and bound LoRA weights");
+    kt_fwd *f = calloc(1, sizeof *f);
+    if (!f) return kt_error(KTMOE_ERR_OUT_OF_MEMORY, "out of memory");
+    f->m = m;
+    f->a = *a;
+    f->lora = lora;
+    if (a->save_for_backward) {
+        pthread_mutex_lock(&m->mu);
+        if (m->pending >= m->max_depth) {
+            int d = m->pending;
+            pthread_mutex_unlock(&m->mu);
+            free(f);
+            return kt_error(KTMOE_ERR_STATE,
+                            "Forward cache full (depth=%d, max=%d). Call backward() to free cache slots.",
+                            d, m->max_depth);
+        }
+        m->pending++;
+        pthread_mutex_unlock(&m->mu);
+    }
+    return kt_pool_submit_owned(m->pool, kt_forward_task, f, free);
+}
+
+/* ------------------------------------------------------------------ */
+/* backward                                                            */
+
+typedef struct kt_bwd {
+    ktmoe_moe *m;
+    kt_cache *c;
+    ktmoe_backward_args a;
+    int64_t ntile_i, ntile_h;
+    void *grad[6];
+} kt_bwd;
+
+static void kt_bwd_input(void *v, const kt_worker_ctx *w, int sub, int64_t t) {
+    KT_UNUSED(w);
+    KT_UNUSED(sub);
+    kt_bwd *b = v;
+    int64_t H = b->m->H;
+    kt_to_f32(kt_at(b->a.grad_output, b->a.grad_output_dtype, t * H), b->a.grad_output_dtype,
+              F(&b->m->dO) + t * H, H);
+}
+
+/* B1: dbs = s dO Bd; whs = w hs */
+static void kt_bwd_lora_db(void *v, const kt_worker_ctx *w, int sub, int64_t ai) {
+    KT_UNUSED(w);
+    KT_UNUSED(sub);
+    kt_bwd *b = v;
+    ktmoe_moe *m = b->m;
+    kt_cache *c = b->c;
+    int64_t e = ((int32_t *)c->act.p)[ai], o = ((int64_t *)c->off.p)[e];
+    int64_t cnt = ((int64_t *)c->off.p)[e + 1] - o, H = m->H, r = m->r;
+    float *dbs = F(&m->dbs) + o * r, *whs = F(&m->whs) + o * r;
+    const float *hs = F(&c->hs) + o * r, *pw = F(&c->pw) + o;
+    kt_outer_for(m, m->lora_dtype)(cnt, r, H, F(&m->dO), H, 1, (int32_t *)c->tok.p + o,
+                                   kt_at(m->la[LDB], m->lora_dtype, e * H * r), r, NULL, dbs, r, 0);
+    for (int64_t i = 0; i < cnt; i++)
+        for (int64_t j = 0; j < r; j++) {
+            dbs[i * r + j] *= m->scale;
+            whs[i * r + j] = pw[i] * hs[i * r + j];
+        }
+}
+
+static void kt_write_grad(kt_bwd *b, int which, int64_t off, int64_t ldd, const float *src,
+                          int64_t lds, int64_t rows, int64_t cols) {
+    if (!b->grad[which]) return;
+    kt_store(kt_at(b->grad[which], b->a.grad_lora_dtype, off), b->a.grad_lora_dtype, ldd, src, lds,
+             rows, cols, b->a.accumulate);
+}
+
+/* B2: for one (expert, I tile) of a slice: dhu, dw partials, dg, du, and
+ * the tile's dAd, dBg, dBu. */
+static void kt_bwd_down(void *v, const kt_worker_ctx *w, int s, int64_t task) {
+    kt_bwd *b = v;
+    ktmoe_moe *m = b->m;
+    kt_cache *c = b->c;
+    int64_t jt = task % b->ntile_i;
+    int64_t e = ((int32_t *)c->act.p)[task / b->ntile_i], j0 = jt * KT_TN;
+    int64_t o = ((int64_t *)c->off.p)[e], cnt = ((int64_t *)c->off.p)[e + 1] - o;
+    int64_t H = m->H, I = m->I, Is = m->Is, r = m->r, np = c->npairs, tn = KT_MIN(KT_TN, Is - j0);
+    int64_t i0 = m->slices[s].i0;
+    int ld = m->lora_dtype, lora = c->use_lora;
+    kt_outer_fn louter = kt_outer_for(m, ld);
+    float *dhu = w->scratch;                   /* [KT_MC][KT_TN] */
+    float *h = dhu + KT_MC * KT_TN;            /* [KT_MC][KT_TN] */
+    float *wdb = h + KT_MC * KT_TN;            /* [KT_MC][r]     */
+    float *gAd = wdb + KT_MC * r;              /* [r][KT_TN]     */
+    float *gBg = gAd + r * KT_TN;              /* [KT_TN][r]     */
+    float *gBu = gBg + KT_TN * r;              /* [KT_TN][r]     */
+    float *dwp = F(&m->dwp) + (s * b->ntile_i + jt) * np;
+    const float *pw = F(&c->pw);
+    for (int64_t p0 = 0; p0 < cnt; p0 += KT_MC) {
+        int64_t mc = KT_MIN(KT_MC, cnt - p0), q = o + p0;
+        float *g = F(&c->g) + s * np * Is + q * Is + j0;
+        float *u = F(&c->u) + s * np * Is + q * Is + j0;
+        m->kern->outer_bf16(mc, tn, H, F(&m->dO), H, 1, (int32_t *)c->tok.p + q,
+                            m->slices[s].wd + e * H * Is + j0, Is, NULL, dhu, KT_TN, 0);
+        if (lora) {
+            louter(mc, tn, r, F(&m->dbs) + q * r, r, 1, NULL,
+                   kt_at(m->la[LDA], ld, e * r * I + i0 + j0), I, NULL, dhu, KT_TN, 1);
+            /* dAd[:, tile] += (w dbs)^T h */
+            for (int64_t i = 0; i < mc; i++) {
+                m->kern->act_fwd(tn, g + i * Is, u + i * Is, h + i * KT_TN);
+                for (int64_t j = 0; j < r; j++) wdb[i * r + j] = pw[q + i] * F(&m->dbs)[(q + i) * r + j];
+            }
+            m->kern->outer_f32(r, tn, mc, wdb, 1, r, NULL, h, KT_TN, NULL, gAd, KT_TN, p0 > 0);
+        }
+        for (int64_t i = 0; i < mc; i++)
+            dwp[q + i] = m->kern->act_bwd(tn, dhu + i * KT_TN, g + i * Is, u + i * Is, pw[q + i]);
+        if (lora) {
+            const float *xs = F(&c->xs) + q * 2 * r;
+            m->kern->outer_f32(tn, r, mc, g, 1, Is, NULL, xs, 2 * r, NULL, gBg, r, p0 > 0);
+            m->kern->outer_f32(tn, r, mc, u, 1, Is, NULL, xs + r, 2 * r, NULL, gBu, r, p0 > 0);
+        }
+    }
+    if (lora) {
+        kt_write_grad(b, LDA, e * r * I + i0 + j0, I, gAd, KT_TN, r, tn);
+        kt_write_grad(b, LGB, (e * I + i0 + j0) * r, r, gBg, r, tn, r);
+        kt_write_grad(b, LUB, (e * I + i0 + j0) * r, r, gBu, r, tn, r);
+    }
+}
+
+/* B3: partial [dg Bg | du Bu] of a slice, one expert */
+static void kt_bwd_lora_gu(void *v, const kt_worker_ctx *w, int s, int64_t ai) {
+    KT_UNUSED(w);
+    kt_bwd *b = v;
+    ktmoe_moe *m = b->m;
+    kt_cache *c = b->c;
+    int64_t e = ((int32_t *)c->act.p)[ai], o = ((int64_t *)c->off.p)[e];
+    int64_t cnt = ((int64_t *)c->off.p)[e + 1] - o, Is = m->Is, r = m->r, np = c->npairs;
+    int64_t brow = (e * m->I + m->slices[s].i0) * r;
+    float *part = F(&m->part) + (s * np + o) * 2 * r;
+    kt_outer_fn louter = kt_outer_for(m, m->lora_dtype);
+    louter(cnt, r, Is, F(&c->g) + s * np * Is + o * Is, Is, 1, NULL,
+           kt_at(m->la[LGB], m->lora_dtype, brow), r, NULL, part, 2 * r, 0);
+    louter(cnt, r, Is, F(&c->u) + s * np * Is + o * Is, Is, 1, NULL,
+           kt_at(m->la[LUB], m->lora_dtype, brow), r, NULL, part + r, 2 * r, 0);
+}
+
+/* B4: dx per pair for one (expert, H tile) of a slice; on slice 0 also the
+ * LoRA terms and the tile's dAg, dAu, dBd. */
+static void kt_bwd_gate_up(void *v, const kt_worker_ctx *w, int s, int64_t task) {
+    kt_bwd *b = v;
+    ktmoe_moe *m = b->m;
+    kt_cache *c = b->c;
+    int64_t e = ((int32_t *)c->act.p)[task / b->ntile_h], n0 = (task % b->ntile_h) * KT_TN;
+    int64_t o = ((int64_t *)c->off.p)[e], cnt = ((int64_t *)c->off.p)[e + 1] - o;
+    int64_t H = m->H, Is = m->Is, r = m->r, np = c->npairs, tn = KT_MIN(KT_TN, H - n0);
+    int ld = m->lora_dtype;
+    const kt_slice *sl = &m->slices[s];
+    const float *dg = F(&c->g) + s * np * Is + o * Is, *du = F(&c->u) + s * np * Is + o * Is;
+    float *dx = F(&m->y) + s * np * H + o * H + n0;
+    m->kern->outer_bf16(cnt, tn, Is, dg, Is, 1, NULL, sl->wg + e * Is * H + n0, H, NULL, dx, H, 0);
+    m->kern->outer_bf16(cnt, tn, Is, du, Is, 1, NULL, sl->wu + e * Is * H + n0, H, NULL, dx, H, 1);
+    if (!c->use_lora || s != 0) return;
+    kt_outer_fn louter = kt_outer_for(m, ld);
+    const float *dgus = F(&m->dgus) + o * 2 * r;
+    const int32_t *tok = (int32_t *)c->tok.p + o;
+    louter(cnt, tn, r, dgus, 2 * r, 1, NULL, kt_at(m->la[LGA], ld, e * r * H + n0), H, NULL, dx, H, 1);
+    louter(cnt, tn, r, dgus + r, 2 * r, 1, NULL, kt_at(m->la[LUA], ld, e * r * H + n0), H, NULL, dx, H, 1);
+    float *acc = w->scratch;            /* [r][KT_TN] */
+    float *acc2 = acc + r * KT_TN;      /* [KT_TN][r] */
+    m->kern->outer_f32(r, tn, cnt, dgus, 1, 2 * r, NULL, F(&c->x) + n0, H, tok, acc, KT_TN, 0);
+    kt_write_grad(b, LGA, e * r * H + n0, H, acc, KT_TN, r, tn);
+    m->kern->outer_f32(r, tn, cnt, dgus + r, 1, 2 * r, NULL, F(&c->x) + n0, H, tok, acc, KT_TN, 0);
+    kt_write_grad(b, LUA, e * r * H + n0, H, acc, KT_TN, r, tn);
+    /* dBd[n0 + n, :] = sum_p dO[tok_p, n0 + n] whs[p, :], built transposed */
+    m->kern->outer_f32(r, tn, cnt, F(&m->whs) + o * r, 1, r, NULL, F(&m->dO) + n0, H, tok, acc, KT_TN, 0);
+    for (int64_t n = 0; n < tn; n++)
+        for (int64_t j = 0; j < r; j++) acc2[n * r + j] = acc[j * KT_TN + n];
+    kt_write_grad(b, LDB, (e * H + n0) * r, r, acc2, r, tn, r);
+}
+
+/* B5: dx[t], dw[t, j] */
+static void kt_bwd_combine(void *v, const kt_worker_ctx *w, int sub, int64_t t) {
+    KT_UNUSED(sub);
+    kt_bwd *b = v;
+    ktmoe_moe *m = b->m;
+    kt_cache *c = b->c;
+    int64_t H = m->H, k = m->k, np = c->npairs;
+    float *acc = w->scratch;
+    memset(acc, 0, (size_t)H * 4);
+    for (int64_t j = 0; j < k; j++) {
+        int64_t p = ((int32_t *)c->pos.p)[t * k + j];
+        for (int s = 0; s < m->tp; s++) {
+            const float *y = F(&m->y) + s * np * H + p * H;
+            for (int64_t i = 0; i < H; i++) acc[i] += y[i];
+        }
+        if (b->a.grad_weights) {
+            float dw = 0.0f;
+            for (int64_t x = 0; x < m->tp * b->ntile_i; x++) dw += F(&m->dwp)[x * np + p];
+            b->a.grad_weights[t * k + j] = dw;
+        }
+    }
+    kt_store(kt_at(b->a.grad_input, b->a.grad_input_dtype, t * H), b->a.grad_input_dtype, H, acc, H,
+             1, H, 0);
+}
+
+static void kt_bwd_zero_idle(kt_bwd *b) {
+    ktmoe_moe *m = b->m;
+    kt_cache *c = b->c;
+    const int64_t *off = c->off.p;
+    int64_t H = m->H, I = m->I, r = m->r;
+    int64_t per[6] = {r * H, I * r, r * H, I * r, r * I, H * r};
+    size_t es = kt_dsize(b->a.grad_lora_dtype);
+    for (int64_t e = 0; e < m->E; e++) {
+        if (off[e + 1] > off[e] && c->use_lora) continue;
+        for (int q = 0; q < 6; q++)
+            if (b->grad[q]) memset((char *)b->grad[q] + (size_t)(e * per[q]) * es, 0, (size_t)per[q] * es);
+    }
+}
+
+static ktmoe_status kt_backward_run(kt_bwd *b) {
+    ktmoe_moe *m = b->m;
+    kt_cache *c = b->c;
+    int64_t np = c->npairs, r = m->r, tp = m->tp, n[256], qlen = c->qlen;
+    ktmoe_status st;
+    b->ntile_i = (m->Is + KT_TN - 1) / KT_TN;
+    b->ntile_h = (m->H + KT_TN - 1) / KT_TN;
+    if ((st = kt_buf_reserve(&m->dO, (size_t)(qlen * m->H) * 4)) ||
+        (st = kt_buf_reserve(&m->dbs, (size_t)(np * r) * 4)) ||
+        (st = kt_buf_reserve(&m->whs, (size_t)(np * r) * 4)) ||
+        (st = kt_buf_reserve(&m->dgus, (size_t)(np * 2 * r) * 4)) ||
+        (st = kt_buf_reserve(&m->dwp, (size_t)(tp * b->ntile_i * np) * 4)) ||
+        (st = kt_buf_reserve(&m->y, (size_t)(tp * np * m->H) * 4)) ||
+        (st = kt_buf_reserve(&m->part, (size_t)(tp * np * 2 * r) * 4)))
+        return st;
+    if (!b->a.accumulate) kt_bwd_zero_idle(b);
+    kt_pool_parallel_all(m->pool, qlen, kt_bwd_input, b);
+    if (c->use_lora) kt_pool_parallel_all(m->pool, c->nactive, kt_bwd_lora_db, b);
+    for (int s = 0; s < tp; s++) n[s] = c->nactive * b->ntile_i;
+    kt_pool_parallel(m->pool, n, kt_bwd_down, b);
+    if (c->use_lora) {
+        for (int s = 0; s < tp; s++) n[s] = c->nactive;
+        kt_pool_parallel(m->pool, n, kt_bwd_lora_gu, b);
+        float *dgus = F(&m->dgus), *part = F(&m->part);
+        for (int64_t i = 0; i < np * 2 * r; i++) {
+            float acc = 0.0f;
+            for (int s = 0; s < tp; s++) acc += part[s * np * 2 * r + i];
+            dgus[i] = m->scale * acc;
+        }
+    }
+    for (int s = 0; s < tp; s++) n[s] = c->nactive * b->ntile_h;
+    kt_pool_parallel(m->pool, n, kt_bwd_gate_up, b);
+    kt_pool_parallel_all(m->pool, qlen, kt_bwd_combine, b);
+    return KTMOE_OK;
+}
+
+static ktmoe_status kt_backward_task(void *v) {
+    kt_bwd *b = v;
+    ktmoe_moe *m = b->m;
+    if (m->depth <= 0) {
+        pthread_mutex_lock(&m->mu);
+        m->pending++;
+        pthread_mutex_unlock(&m->mu);
+        return kt_error(KTMOE_ERR_STATE, "No forward cache available");
+    }
+    kt_cache *c = &m->caches[m->depth - 1];
+    if (c->qlen != b->a.qlen) {
+        pthread_mutex_lock(&m->mu);
+        m->pending++;
+        pthread_mutex_unlock(&m->mu);
+        return kt_error(KTMOE_ERR_INVALID_ARGUMENT,
+                        "grad_output has %lld tokens but the cached forward had %lld",
+                        (long long)b->a.qlen, (long long)c->qlen);
+    }
+    if (c->use_lora && !m->la[0]) {
+        pthread_mutex_lock(&m->mu);
+        m->pending++;
+        pthread_mutex_unlock(&m->mu);
+        return kt_error(KTMOE_ERR_STATE, "LoRA weights not initialized");
+    }
+    m->depth--;
+    b->c = c;
+    return kt_backward_run(b);
+}
+
+KTMOE_API ktmoe_status ktmoe_moe_backward_submit(ktmoe_moe *m, const ktmoe_backward_args *a) {
+    if (!m || !a) return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "moe and args must not be NULL");
+    if (a->struct_size < sizeof *a)
+        return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "ktmoe_backward_args.struct_size is %u, expected %zu",
+                        a->struct_size, sizeof *a);
+    if (a->qlen < 0) return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "qlen must not be negative");
+    if (a->qlen > 0 && (!a->grad_output || !a->grad_input))
+        return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "grad_output and grad_input must not be NULL");
+    if ((a->grad_output_dtype != KTMOE_DTYPE_F32 && a->grad_output_dtype != KTMOE_DTYPE_BF16) ||
+        (a->grad_input_dtype != KTMOE_DTYPE_F32 && a->grad_input_dtype != KTMOE_DTYPE_BF16) ||
+        (a->grad_lora_dtype != KTMOE_DTYPE_F32 && a->grad_lora_dtype != KTMOE_DTYPE_BF16))
+        return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "unknown gradient dtype");
+    kt_bwd *b = calloc(1, sizeof *b);
+    if (!b) return kt_error(KTMOE_ERR_OUT_OF_MEMORY, "out of memory");
+    b->m = m;
+    b->a = *a;
+    void *g[6] = {a->grad_gate_a, a->grad_gate_b, a->grad_up_a, a->grad_up_b, a->grad_down_a, a->grad_down_b};
+    memcpy(b->grad, g, sizeof g);
+    pthread_mutex_lock(&m->mu);
+    if (m->pending <= 0) {
+        pthread_mutex_unlock(&m->mu);
+        free(b);
+        return kt_error(KTMOE_ERR_STATE,
+                        "No forward cache available. Call forward_sft() with save_for_backward=True first.");
+    }
+    m->pending--;
+    pthread_mutex_unlock(&m->mu);
+    return kt_pool_submit_owned(m->pool, kt_backward_task, b, free);
+}
