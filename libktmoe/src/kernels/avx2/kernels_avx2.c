@@ -37,54 +37,84 @@ KT_INLINE float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* ---- dot form ---- */
+/* ---- dot form ----
+ * Rows of W are converted to fp32 once per (row block, K chunk) into a small
+ * panel on the stack, then every 3-row block of A streams past it; partial
+ * sums stay as vectors across K chunks and are reduced once at the end. */
 
-KT_INLINE void dot_micro(const int MR, const int NR, const int bf16, int64_t K,
-                         const float *const *a, const void *w, int64_t ldw, int64_t j0,
-                         float *c, int64_t ldc, int accum) {
-    __m256 acc[3][4];
+#define KT_DOT_KC 512  /* K chunk of the fp32 W panel (4 x 512 x 4 B = 8 KB) */
+#define KT_DOT_MC 48   /* rows of A per pass over a W panel               */
+
+KT_INLINE void cvt_row(float *dst, const void *w, int bf16, int64_t off, int64_t n) {
+    if (!bf16) {
+        memcpy(dst, (const float *)w + off, (size_t)n * 4);
+        return;
+    }
+    const uint16_t *p = (const uint16_t *)w + off;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, ld8_bf16(p + i));
+    for (; i < n; i++) dst[i] = kt_bf16_to_f32(p[i]);
+}
+
+KT_INLINE void dot_micro(const int MR, const int NR, int64_t kc, const float *const *a,
+                         const float *panel, __m256 *acc /* [3][4] */, int first) {
+    __m256 c[3][4];
     for (int i = 0; i < MR; i++)
-        for (int j = 0; j < NR; j++) acc[i][j] = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 8 <= K; k += 8) {
+        for (int j = 0; j < NR; j++) c[i][j] = first ? _mm256_setzero_ps() : acc[i * 4 + j];
+    for (int64_t k = 0; k < kc; k += 8) {
         __m256 av[3];
         for (int i = 0; i < MR; i++) av[i] = _mm256_loadu_ps(a[i] + k);
         for (int j = 0; j < NR; j++) {
-            __m256 wv = ld8_w(w, bf16, (j0 + j) * ldw + k);
-            for (int i = 0; i < MR; i++) acc[i][j] = _mm256_fmadd_ps(av[i], wv, acc[i][j]);
+            __m256 wv = _mm256_loadu_ps(panel + j * KT_DOT_KC + k);
+            for (int i = 0; i < MR; i++) c[i][j] = _mm256_fmadd_ps(av[i], wv, c[i][j]);
         }
     }
     for (int i = 0; i < MR; i++)
-        for (int j = 0; j < NR; j++) {
-            float s = hsum8(acc[i][j]);
-            for (int64_t kk = k; kk < K; kk++) s += a[i][kk] * ld1_w(w, bf16, (j0 + j) * ldw + kk);
-            float *cp = c + i * ldc + j0 + j;
-            *cp = accum ? *cp + s : s;
-        }
+        for (int j = 0; j < NR; j++) acc[i * 4 + j] = c[i][j];
 }
 
 #define DOT_CASE(MR, NR) \
-    case (MR) * 8 + (NR): dot_micro(MR, NR, bf16, K, ap, w, ldw, j, ci, ldc, accum); break;
+    case (MR) * 8 + (NR): dot_micro(MR, NR, kc, ap, panel, acc, k0 == 0); break;
 
 KT_INLINE void dot_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const float *a,
                         int64_t lda, const int32_t *aidx, const void *w, int64_t ldw,
                         float *c, int64_t ldc, int accum) {
-    for (int64_t i = 0; i < m; i += 3) {
-        int mr = (int)KT_MIN(3, m - i);
-        const float *ap[3];
-        for (int t = 0; t < mr; t++) ap[t] = a + (aidx ? aidx[i + t] : i + t) * lda;
-        float *ci = c + i * ldc;
+    float panel[4 * KT_DOT_KC] __attribute__((aligned(32)));
+    __m256 accbuf[(KT_DOT_MC / 3) * 12];
+    int64_t K8 = K & ~(int64_t)7;
+    for (int64_t i0 = 0; i0 < m; i0 += KT_DOT_MC) {
+        int64_t mc = KT_MIN(KT_DOT_MC, m - i0);
         for (int64_t j = 0; j < n; j += 4) {
             int nr = (int)KT_MIN(4, n - j);
-            switch (mr * 8 + nr) {
-                DOT_CASE(3, 4) DOT_CASE(3, 3) DOT_CASE(3, 2) DOT_CASE(3, 1)
-                DOT_CASE(2, 4) DOT_CASE(2, 3) DOT_CASE(2, 2) DOT_CASE(2, 1)
-                DOT_CASE(1, 4) DOT_CASE(1, 3) DOT_CASE(1, 2) DOT_CASE(1, 1)
+            for (int64_t k0 = 0; k0 < K8 || k0 == 0; k0 += KT_DOT_KC) {
+                int64_t kc = KT_MIN(KT_DOT_KC, K8 - k0);
+                for (int t = 0; t < nr; t++) cvt_row(panel + t * KT_DOT_KC, w, bf16, (j + t) * ldw + k0, kc);
+                for (int64_t i = 0; i < mc; i += 3) {
+                    int mr = (int)KT_MIN(3, mc - i);
+                    const float *ap[3];
+                    for (int t = 0; t < mr; t++) ap[t] = a + (aidx ? aidx[i0 + i + t] : i0 + i + t) * lda + k0;
+                    __m256 *acc = accbuf + (i / 3) * 12;
+                    switch (mr * 8 + nr) {
+                        DOT_CASE(3, 4) DOT_CASE(3, 3) DOT_CASE(3, 2) DOT_CASE(3, 1)
+                        DOT_CASE(2, 4) DOT_CASE(2, 3) DOT_CASE(2, 2) DOT_CASE(2, 1)
+                        DOT_CASE(1, 4) DOT_CASE(1, 3) DOT_CASE(1, 2) DOT_CASE(1, 1)
+                    }
+                }
+                if (K8 == 0) break;
+            }
+            for (int64_t i = 0; i < mc; i++) {
+                const float *ai = a + (aidx ? aidx[i0 + i] : i0 + i) * lda;
+                const __m256 *acc = accbuf + (i / 3) * 12 + (i % 3) * 4;
+                for (int t = 0; t < nr; t++) {
+                    float s = hsum8(acc[t]);
+                    for (int64_t kk = K8; kk < K; kk++) s += ai[kk] * ld1_w(w, bf16, (j + t) * ldw + kk);
+                    float *cp = c + (i0 + i) * ldc + j + t;
+                    *cp = accum ? *cp + s : s;
+                }
             }
         }
     }
 }
-
 static void dot_bf16_avx2(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
                           const int32_t *aidx, const void *w, int64_t ldw, float *c,
                           int64_t ldc, int accum) {
@@ -101,18 +131,17 @@ static void dot_f32_avx2(int64_t m, int64_t n, int64_t K, const float *a, int64_
 
 #define KT_KC 256
 
-/* C[0..MR)[j0..j0+8*NV) (+)= sum_{k in [k0,k1)} D(i,k) W_k[j0..] ; NV = 1 or 2 */
-KT_INLINE void outer_micro(const int MR, const int NV, const int bf16, int64_t k0, int64_t k1,
-                           const float *const *d, int64_t dsk, const void *w, int64_t ldw,
-                           const int32_t *widx, int64_t j0, float *const *crow, int load_c) {
+/* C[0..MR)[j0..j0+8*NV) (+)= sum_{k < kc} D(i,k0+k) panel[k][0..8*NV); NV = 1 or 2 */
+KT_INLINE void outer_micro(const int MR, const int NV, int64_t kc, const float *const *d,
+                           int64_t dsk, const float *panel, int64_t j0, float *const *crow,
+                           int load_c) {
     __m256 acc[6][2];
     for (int i = 0; i < MR; i++)
         for (int v = 0; v < NV; v++)
             acc[i][v] = load_c ? _mm256_loadu_ps(crow[i] + j0 + 8 * v) : _mm256_setzero_ps();
-    for (int64_t k = k0; k < k1; k++) {
-        int64_t wrow = (widx ? widx[k] : k) * ldw + j0;
+    for (int64_t k = 0; k < kc; k++) {
         __m256 wv[2];
-        for (int v = 0; v < NV; v++) wv[v] = ld8_w(w, bf16, wrow + 8 * v);
+        for (int v = 0; v < NV; v++) wv[v] = _mm256_load_ps(panel + k * 16 + 8 * v);
         for (int i = 0; i < MR; i++) {
             __m256 dv = _mm256_broadcast_ss(d[i] + k * dsk);
             for (int v = 0; v < NV; v++) acc[i][v] = _mm256_fmadd_ps(dv, wv[v], acc[i][v]);
@@ -122,12 +151,26 @@ KT_INLINE void outer_micro(const int MR, const int NV, const int bf16, int64_t k
         for (int v = 0; v < NV; v++) _mm256_storeu_ps(crow[i] + j0 + 8 * v, acc[i][v]);
 }
 
-#define OUTER_CASE(MR, NV) \
-    case (MR) * 4 + (NV): outer_micro(MR, NV, bf16, k0, k1, dp, dsk, w, ldw, widx, j, cr, load_c); break;
+#define OUTER_CASE(MR, NV)                                                            \
+    case (MR) * 4 + (NV):                                                              \
+        if (dsk == 1) outer_micro(MR, NV, k1 - k0, dp, 1, panel, j, cr, load_c);       \
+        else outer_micro(MR, NV, k1 - k0, dp, dsk, panel, j, cr, load_c);              \
+        break;
+
+/* W panel rows [k0, k1), columns [j, j + 8 nvec) to fp32, 16 floats a row. */
+KT_INLINE void outer_pack(float *panel, const void *w, int bf16, int64_t ldw, const int32_t *widx,
+                          int64_t k0, int64_t k1, int64_t j, int nvec) {
+    for (int64_t k = k0; k < k1; k++) {
+        int64_t row = (widx ? widx[k] : k) * ldw + j;
+        float *dst = panel + (k - k0) * 16;
+        for (int v = 0; v < nvec; v++) _mm256_store_ps(dst + 8 * v, ld8_w(w, bf16, row + 8 * v));
+    }
+}
 
 KT_INLINE void outer_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const float *d,
                           int64_t dsi, int64_t dsk, const int32_t *didx, const void *w,
                           int64_t ldw, const int32_t *widx, float *c, int64_t ldc, int accum) {
+    float panel[KT_KC * 16] __attribute__((aligned(32)));
     int64_t nv = n & ~(int64_t)7;
     if (K == 0 && !accum)
         for (int64_t i = 0; i < m; i++) memset(c + i * ldc, 0, (size_t)n * 4);
@@ -136,12 +179,13 @@ KT_INLINE void outer_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const
         for (int64_t k0 = 0; k0 < K; k0 += KT_KC) {
             int64_t k1 = KT_MIN(K, k0 + KT_KC);
             int load_c = accum || k0 > 0;
+            outer_pack(panel, w, bf16, ldw, widx, k0, k1, j, nvec);
             for (int64_t i = 0; i < m; i += 6) {
                 int mr = (int)KT_MIN(6, m - i);
                 const float *dp[6];
                 float *cr[6];
                 for (int t = 0; t < mr; t++) {
-                    dp[t] = d + (didx ? didx[i + t] : i + t) * dsi;
+                    dp[t] = d + (didx ? didx[i + t] : i + t) * dsi + k0 * dsk;
                     cr[t] = c + (i + t) * ldc;
                 }
                 switch (mr * 4 + nvec) {
