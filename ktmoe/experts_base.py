@@ -31,6 +31,27 @@ class _MoEBase:
                 f"num_experts ({num_experts})"
             )
 
+    def _init_base(self, layer_idx, num_experts, num_experts_per_tok, hidden_size,
+                   moe_intermediate_size, num_gpu_experts, cpuinfer_threads, threadpool_count,
+                   weight_path, chunked_prefill_size) -> None:
+        """Validate the shared configuration, store it, and attach to the
+        process-wide CPUInfer."""
+        self._validate_base_config(num_experts, hidden_size, moe_intermediate_size, num_experts_per_tok)
+        self._validate_pool_config(cpuinfer_threads, threadpool_count, moe_intermediate_size)
+        self.layer_idx = layer_idx
+        self.num_experts = num_experts
+        self.num_experts_per_tok = num_experts_per_tok
+        self.hidden_size = hidden_size
+        self.moe_intermediate_size = moe_intermediate_size
+        self.num_gpu_experts = num_gpu_experts
+        self.weight_path = weight_path
+        self.chunked_prefill_size = chunked_prefill_size
+        self.cpuinfer_threads = cpuinfer_threads
+        self.threadpool_count = threadpool_count
+
+    def _attach_cpu_infer(self) -> None:
+        self.cpu_infer = self._get_cpu_infer(self.cpuinfer_threads, self.threadpool_count)
+
     @classmethod
     def _validate_pool_config(cls, cpuinfer_threads, threadpool_count, moe_intermediate_size) -> None:
         check_int("cpuinfer_threads", cpuinfer_threads)
@@ -51,18 +72,10 @@ class BaseMoEWrapper(_MoEBase, ABC):
                  cpuinfer_threads: int, threadpool_count: int, weight_path: str,
                  chunked_prefill_size: int, cpu_save: bool = False,
                  max_deferred_experts_per_token: Optional[int] = None):
-        self._validate_base_config(num_experts, hidden_size, moe_intermediate_size, num_experts_per_tok)
-        self._validate_pool_config(cpuinfer_threads, threadpool_count, moe_intermediate_size)
-        self.cpu_infer = self._get_cpu_infer(cpuinfer_threads, threadpool_count)
-        self.layer_idx = layer_idx
-        self.num_experts = num_experts
-        self.num_experts_per_tok = num_experts_per_tok
-        self.hidden_size = hidden_size
-        self.moe_intermediate_size = moe_intermediate_size
-        self.num_gpu_experts = num_gpu_experts
-        self.weight_path = weight_path
-        self.chunked_prefill_size = chunked_prefill_size
-        self.threadpool_count = threadpool_count
+        self._init_base(layer_idx, num_experts, num_experts_per_tok, hidden_size,
+                        moe_intermediate_size, num_gpu_experts, cpuinfer_threads, threadpool_count,
+                        weight_path, chunked_prefill_size)
+        self._attach_cpu_infer()
         self.cpu_save = cpu_save
         self.max_deferred_experts_per_token = max_deferred_experts_per_token
 

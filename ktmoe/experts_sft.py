@@ -78,26 +78,16 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
                  cpuinfer_threads: int, threadpool_count: int, weight_path: str,
                  chunked_prefill_size: int, lora_rank: int = 16, lora_alpha: float = 32.0,
                  max_cache_depth: int = 1):
-        self._validate_base_config(num_experts, hidden_size, moe_intermediate_size, num_experts_per_tok)
+        self._init_base(layer_idx, num_experts, num_experts_per_tok, hidden_size,
+                        moe_intermediate_size, num_gpu_experts, cpuinfer_threads, threadpool_count,
+                        weight_path, chunked_prefill_size)
         self._validate_sft_config(lora_rank, lora_alpha, max_cache_depth)
-        self._validate_pool_config(cpuinfer_threads, threadpool_count, moe_intermediate_size)
         if num_gpu_experts != 0:
             raise ValueError(
                 f"num_gpu_experts must be 0 in SFT mode (all routed experts run on the CPU), "
                 f"got {num_gpu_experts}"
             )
-        self.cpu_infer = self._get_cpu_infer(cpuinfer_threads, threadpool_count)
-
-        self.layer_idx = layer_idx
-        self.num_experts = num_experts
-        self.num_experts_per_tok = num_experts_per_tok
-        self.hidden_size = hidden_size
-        self.moe_intermediate_size = moe_intermediate_size
-        self.num_gpu_experts = num_gpu_experts
-        self.weight_path = weight_path
-        self.chunked_prefill_size = chunked_prefill_size
-        self.cpuinfer_threads = cpuinfer_threads
-        self.threadpool_count = threadpool_count
+        self._attach_cpu_infer()
 
         self.lora_rank = lora_rank
         self.lora_alpha = float(lora_alpha)
@@ -282,7 +272,8 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
         if not weights.is_floating_point():
             raise ValueError(f"weights must be floating point, got {weights.dtype}")
 
-        with self._lock:
+        # one op at a time on the shared queue and staging buffers
+        with self._lock, self.cpu_infer._call_lock:
             if save_for_backward and self._cache_depth >= self.max_cache_depth:
                 raise RuntimeError(
                     f"Forward cache full (depth={self._cache_depth}, max={self.max_cache_depth}). "
@@ -322,7 +313,7 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
         LoRA gradients (keys ``grad_gate_lora_a`` ...), of the LoRA dtype.
         With ``grad_loras_out`` (CPU contiguous tensors of the LoRA shapes) the
         gradients are written (or, with accumulate, added) there instead."""
-        with self._lock:
+        with self._lock, self.cpu_infer._call_lock:
             if self._cache_depth <= 0:
                 raise RuntimeError(
                     "No forward cache available. "

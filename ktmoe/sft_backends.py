@@ -75,10 +75,13 @@ class NativeSFTMoEWrapper(BaseSFTMoEWrapper):
 
     def _backend_load_tensors(self, gate, up, down, pmap, num_src) -> None:
         mp = ptr(pmap, "int64_t *") if pmap is not None else ffi.NULL
-        check(lib.ktmoe_moe_load_weights(self._moe, ptr(gate), ptr(up), ptr(down), c_dtype(gate), mp, num_src))
+        with self.cpu_infer._call_lock:  # these sync the shared queue
+            check(lib.ktmoe_moe_load_weights(self._moe, ptr(gate), ptr(up), ptr(down), c_dtype(gate),
+                                             mp, num_src))
 
     def _backend_bind_lora(self, tensors: tuple) -> None:
-        check(lib.ktmoe_moe_set_lora(self._moe, c_dtype(tensors[0]), *(ptr(t) for t in tensors)))
+        with self.cpu_infer._call_lock:
+            check(lib.ktmoe_moe_set_lora(self._moe, c_dtype(tensors[0]), *(ptr(t) for t in tensors)))
         self._keep = tensors
 
     def _backend_forward(self, x, ids, weights, out, save: bool, use_lora: bool) -> None:

@@ -74,7 +74,7 @@ struct ktmoe_moe {
     kt_cache nosave;     /* forward without save_for_backward */
 
     /* scratch reused between calls */
-    kt_buf h, y, dO, part, dgus, dbs, whs, dwp;
+    kt_buf h, y, dO, part, dgus, dbs, whs, dwp, cursor;
 };
 
 enum { LGA, LGB, LUA, LUB, LDA, LDB };
@@ -232,7 +232,7 @@ KTMOE_API void ktmoe_moe_destroy(ktmoe_moe *m) {
     if (m->caches)
         for (int i = 0; i < m->max_depth; i++) kt_cache_free(&m->caches[i]);
     kt_cache_free(&m->nosave);
-    kt_buf *bufs[] = {&m->h, &m->y, &m->dO, &m->part, &m->dgus, &m->dbs, &m->whs, &m->dwp};
+    kt_buf *bufs[] = {&m->h, &m->y, &m->dO, &m->part, &m->dgus, &m->dbs, &m->whs, &m->dwp, &m->cursor};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) kt_buf_free(bufs[i]);
     pthread_mutex_destroy(&m->mu);
     free(m->slices);
@@ -402,10 +402,9 @@ static ktmoe_status kt_route(ktmoe_moe *m, kt_cache *c, int64_t qlen, const int6
         if (off[e + 1] > 0) act[na++] = (int32_t)e;
         off[e + 1] += off[e];
     }
-    /* fill, using pos[] of each slot; a running cursor per expert in act-free
-     * space: reuse `tok` order by a second pass. */
-    int64_t *cur = (int64_t *)kt_alloc((size_t)E * 8);
-    if (!cur) return KTMOE_ERR_OUT_OF_MEMORY;
+    /* place each slot at its expert's running cursor */
+    if ((st = kt_buf_reserve(&m->cursor, (size_t)E * 8))) return st;
+    int64_t *cur = m->cursor.p;
     memcpy(cur, off, (size_t)E * 8);
     for (int64_t i = 0; i < np; i++) {
         int64_t p = cur[ids[i]]++;
@@ -413,11 +412,34 @@ static ktmoe_status kt_route(ktmoe_moe *m, kt_cache *c, int64_t qlen, const int6
         pw[p] = weights[i];
         pos[i] = (int32_t)p;
     }
-    kt_free(cur);
     c->qlen = qlen;
     c->npairs = np;
     c->nactive = na;
     return KTMOE_OK;
+}
+
+/* Expert of active index ai; *o = its first pair, *cnt = its pair count. */
+static inline int64_t kt_expert(const kt_cache *c, int64_t ai, int64_t *o, int64_t *cnt) {
+    int64_t e = ((const int32_t *)c->act.p)[ai];
+    *o = ((const int64_t *)c->off.p)[e];
+    *cnt = ((const int64_t *)c->off.p)[e + 1] - *o;
+    return e;
+}
+
+/* acc[0..H) = sum_j w_j sum_s rows_s[pair(t, j)], rows_s = rows + s*np*H;
+ * w_j is the routing weight when `weighted`, else 1. */
+static void kt_sum_pairs(const ktmoe_moe *m, const kt_cache *c, const float *rows, int64_t t,
+                         int weighted, float *acc) {
+    int64_t H = m->H, k = m->k, np = c->npairs;
+    memset(acc, 0, (size_t)H * 4);
+    for (int64_t j = 0; j < k; j++) {
+        int64_t p = ((const int32_t *)c->pos.p)[t * k + j];
+        float wt = weighted ? ((const float *)c->pw.p)[p] : 1.0f;
+        for (int s = 0; s < m->tp; s++) {
+            const float *y = rows + s * np * H + p * H;
+            for (int64_t i = 0; i < H; i++) acc[i] += wt * y[i];
+        }
+    }
 }
 
 /* ------------------------------------------------------------------ */
@@ -446,8 +468,7 @@ static void kt_fwd_lora_a(void *v, const kt_worker_ctx *w, int sub, int64_t ai) 
     kt_fwd *f = v;
     ktmoe_moe *m = f->m;
     kt_cache *c = f->c;
-    int64_t e = ((int32_t *)c->act.p)[ai], o = ((int64_t *)c->off.p)[e];
-    int64_t cnt = ((int64_t *)c->off.p)[e + 1] - o, H = m->H, r = m->r;
+    int64_t o, cnt, e = kt_expert(c, ai, &o, &cnt), H = m->H, r = m->r;
     kt_dot_fn dot = kt_dot_for(m, m->lora_dtype);
     const int32_t *tok = (int32_t *)c->tok.p + o;
     float *xs = F(&c->xs) + o * 2 * r;
@@ -462,8 +483,7 @@ static void kt_fwd_gate_up(void *v, const kt_worker_ctx *w, int s, int64_t task)
     kt_fwd *f = v;
     ktmoe_moe *m = f->m;
     kt_cache *c = f->c;
-    int64_t e = ((int32_t *)c->act.p)[task / f->ntile_i], j0 = (task % f->ntile_i) * KT_TN;
-    int64_t o = ((int64_t *)c->off.p)[e], cnt = ((int64_t *)c->off.p)[e + 1] - o;
+    int64_t o, cnt, e = kt_expert(c, task / f->ntile_i, &o, &cnt), j0 = (task % f->ntile_i) * KT_TN;
     int64_t H = m->H, Is = m->Is, r = m->r, tn = KT_MIN(KT_TN, Is - j0), np = c->npairs;
     const kt_slice *sl = &m->slices[s];
     const int32_t *tok = (int32_t *)c->tok.p + o;
@@ -488,8 +508,7 @@ static void kt_fwd_down_a(void *v, const kt_worker_ctx *w, int s, int64_t ai) {
     kt_fwd *f = v;
     ktmoe_moe *m = f->m;
     kt_cache *c = f->c;
-    int64_t e = ((int32_t *)c->act.p)[ai], o = ((int64_t *)c->off.p)[e];
-    int64_t cnt = ((int64_t *)c->off.p)[e + 1] - o, Is = m->Is, r = m->r, np = c->npairs;
+    int64_t o, cnt, e = kt_expert(c, ai, &o, &cnt), Is = m->Is, r = m->r, np = c->npairs;
     const float *h = F(&m->h) + s * np * Is + o * Is;
     float *part = F(&m->part) + (s * np + o) * r;
     kt_dot_for(m, m->lora_dtype)(cnt, r, Is, h, Is, NULL,
@@ -503,8 +522,7 @@ static void kt_fwd_down(void *v, const kt_worker_ctx *w, int s, int64_t task) {
     kt_fwd *f = v;
     ktmoe_moe *m = f->m;
     kt_cache *c = f->c;
-    int64_t e = ((int32_t *)c->act.p)[task / f->ntile_h], n0 = (task % f->ntile_h) * KT_TN;
-    int64_t o = ((int64_t *)c->off.p)[e], cnt = ((int64_t *)c->off.p)[e + 1] - o;
+    int64_t o, cnt, e = kt_expert(c, task / f->ntile_h, &o, &cnt), n0 = (task % f->ntile_h) * KT_TN;
     int64_t H = m->H, Is = m->Is, r = m->r, tn = KT_MIN(KT_TN, H - n0), np = c->npairs;
     const float *h = F(&m->h) + s * np * Is + o * Is;
     float *y = F(&m->y) + s * np * H + o * H + n0;
@@ -518,20 +536,9 @@ static void kt_fwd_down(void *v, const kt_worker_ctx *w, int s, int64_t task) {
 static void kt_fwd_combine(void *v, const kt_worker_ctx *w, int sub, int64_t t) {
     KT_UNUSED(sub);
     kt_fwd *f = v;
-    ktmoe_moe *m = f->m;
-    kt_cache *c = f->c;
-    int64_t H = m->H, k = m->k, np = c->npairs;
-    float *acc = w->scratch;
-    memset(acc, 0, (size_t)H * 4);
-    for (int64_t j = 0; j < k; j++) {
-        int64_t p = ((int32_t *)c->pos.p)[t * k + j];
-        float wt = ((float *)c->pw.p)[p];
-        for (int s = 0; s < m->tp; s++) {
-            const float *y = F(&m->y) + s * np * H + p * H;
-            for (int64_t i = 0; i < H; i++) acc[i] += wt * y[i];
-        }
-    }
-    kt_store(kt_at(f->a.output, f->a.output_dtype, t * H), f->a.output_dtype, H, acc, H, 1, H, 0);
+    int64_t H = f->m->H;
+    kt_sum_pairs(f->m, f->c, F(&f->m->y), t, 1, w->scratch);
+    kt_store(kt_at(f->a.output, f->a.output_dtype, t * H), f->a.output_dtype, H, w->scratch, H, 1, H, 0);
 }
 
 static ktmoe_status kt_fwd_reserve(ktmoe_moe *m, kt_cache *c, int64_t qlen) {
@@ -669,8 +676,7 @@ static void kt_bwd_lora_db(void *v, const kt_worker_ctx *w, int sub, int64_t ai)
     kt_bwd *b = v;
     ktmoe_moe *m = b->m;
     kt_cache *c = b->c;
-    int64_t e = ((int32_t *)c->act.p)[ai], o = ((int64_t *)c->off.p)[e];
-    int64_t cnt = ((int64_t *)c->off.p)[e + 1] - o, H = m->H, r = m->r;
+    int64_t o, cnt, e = kt_expert(c, ai, &o, &cnt), H = m->H, r = m->r;
     float *dbs = F(&m->dbs) + o * r, *whs = F(&m->whs) + o * r;
     const float *hs = F(&c->hs) + o * r, *pw = F(&c->pw) + o;
     kt_outer_for(m, m->lora_dtype)(cnt, r, H, F(&m->dO), H, 1, (int32_t *)c->tok.p + o,
@@ -696,8 +702,7 @@ static void kt_bwd_down(void *v, const kt_worker_ctx *w, int s, int64_t task) {
     ktmoe_moe *m = b->m;
     kt_cache *c = b->c;
     int64_t jt = task % b->ntile_i;
-    int64_t e = ((int32_t *)c->act.p)[task / b->ntile_i], j0 = jt * KT_TN;
-    int64_t o = ((int64_t *)c->off.p)[e], cnt = ((int64_t *)c->off.p)[e + 1] - o;
+    int64_t o, cnt, e = kt_expert(c, task / b->ntile_i, &o, &cnt), j0 = jt * KT_TN;
     int64_t H = m->H, I = m->I, Is = m->Is, r = m->r, np = c->npairs, tn = KT_MIN(KT_TN, Is - j0);
     int64_t i0 = m->slices[s].i0;
     int ld = m->lora_dtype, lora = c->use_lora;
@@ -747,8 +752,7 @@ static void kt_bwd_lora_gu(void *v, const kt_worker_ctx *w, int s, int64_t ai) {
     kt_bwd *b = v;
     ktmoe_moe *m = b->m;
     kt_cache *c = b->c;
-    int64_t e = ((int32_t *)c->act.p)[ai], o = ((int64_t *)c->off.p)[e];
-    int64_t cnt = ((int64_t *)c->off.p)[e + 1] - o, Is = m->Is, r = m->r, np = c->npairs;
+    int64_t o, cnt, e = kt_expert(c, ai, &o, &cnt), Is = m->Is, r = m->r, np = c->npairs;
     int64_t brow = (e * m->I + m->slices[s].i0) * r;
     float *part = F(&m->part) + (s * np + o) * 2 * r;
     kt_outer_fn louter = kt_outer_for(m, m->lora_dtype);
@@ -764,8 +768,7 @@ static void kt_bwd_gate_up(void *v, const kt_worker_ctx *w, int s, int64_t task)
     kt_bwd *b = v;
     ktmoe_moe *m = b->m;
     kt_cache *c = b->c;
-    int64_t e = ((int32_t *)c->act.p)[task / b->ntile_h], n0 = (task % b->ntile_h) * KT_TN;
-    int64_t o = ((int64_t *)c->off.p)[e], cnt = ((int64_t *)c->off.p)[e + 1] - o;
+    int64_t o, cnt, e = kt_expert(c, task / b->ntile_h, &o, &cnt), n0 = (task % b->ntile_h) * KT_TN;
     int64_t H = m->H, Is = m->Is, r = m->r, np = c->npairs, tn = KT_MIN(KT_TN, H - n0);
     int ld = m->lora_dtype;
     const kt_slice *sl = &m->slices[s];
@@ -799,22 +802,16 @@ static void kt_bwd_combine(void *v, const kt_worker_ctx *w, int sub, int64_t t) 
     ktmoe_moe *m = b->m;
     kt_cache *c = b->c;
     int64_t H = m->H, k = m->k, np = c->npairs;
-    float *acc = w->scratch;
-    memset(acc, 0, (size_t)H * 4);
+    kt_sum_pairs(m, c, F(&m->y), t, 0, w->scratch);
+    kt_store(kt_at(b->a.grad_input, b->a.grad_input_dtype, t * H), b->a.grad_input_dtype, H,
+             w->scratch, H, 1, H, 0);
+    if (!b->a.grad_weights) return;
     for (int64_t j = 0; j < k; j++) {
         int64_t p = ((int32_t *)c->pos.p)[t * k + j];
-        for (int s = 0; s < m->tp; s++) {
-            const float *y = F(&m->y) + s * np * H + p * H;
-            for (int64_t i = 0; i < H; i++) acc[i] += y[i];
-        }
-        if (b->a.grad_weights) {
-            float dw = 0.0f;
-            for (int64_t x = 0; x < m->tp * b->ntile_i; x++) dw += F(&m->dwp)[x * np + p];
-            b->a.grad_weights[t * k + j] = dw;
-        }
+        float dw = 0.0f;
+        for (int64_t x = 0; x < m->tp * b->ntile_i; x++) dw += F(&m->dwp)[x * np + p];
+        b->a.grad_weights[t * k + j] = dw;
     }
-    kt_store(kt_at(b->a.grad_input, b->a.grad_input_dtype, t * H), b->a.grad_input_dtype, H, acc, H,
-             1, H, 0);
 }
 
 static void kt_bwd_zero_idle(kt_bwd *b) {
