@@ -32,7 +32,10 @@ loop: gather the expert's rows, F.linear with fp32 base weights plus LoRA
 terms (x @ A.T @ B.T * s), silu(gate) * up, down + LoRA, times the routing
 weight, index_add_ into the output), with torch autograd computing the
 gradients of x, of the routing weights and of the six LoRA tensors (base
-weights have requires_grad=False), torch.set_num_threads(--threads).
+weights have requires_grad=False), torch.set_num_threads(--threads). It is
+fed the same values as the ktmoe run (hidden states rounded to --dtype, LoRA
+rounded to --lora-dtype, then computed in fp32), and the relative difference of
+the two outputs is printed as a sanity check.
 "speedup" = torch step time / ktmoe step time.
 
 Each measurement: one warm-up iteration, then --repeat timed iterations; the
@@ -295,11 +298,13 @@ def median_ms(samples):
 
 
 def bench_ktmoe(wrapper, q: int, repeat: int, x_dtype: torch.dtype):
+    """Median (fwd, bwd, step) ms and the last output (fp32 copy)."""
     x, ids, weights, go = make_batch(q, seed=q, dtype=x_dtype)
     fwd, bwd, step = [], [], []
+    out = None
     for it in range(repeat + 1):  # iteration 0 = warm-up
         t0 = time.perf_counter()
-        wrapper.forward_sft(x, ids, weights, save_for_backward=True)
+        out = wrapper.forward_sft(x, ids, weights, save_for_backward=True)
         t1 = time.perf_counter()
         wrapper.backward(go, return_grad_weights=True)
         t2 = time.perf_counter()
@@ -307,7 +312,7 @@ def bench_ktmoe(wrapper, q: int, repeat: int, x_dtype: torch.dtype):
             fwd.append(t1 - t0)
             bwd.append(t2 - t1)
             step.append(t2 - t0)
-    return median_ms(fwd), median_ms(bwd), median_ms(step)
+    return median_ms(fwd), median_ms(bwd), median_ms(step), out.float().clone()
 
 
 class TorchMoE:
@@ -347,8 +352,11 @@ class TorchMoE:
         return out
 
 
-def bench_torch(model: TorchMoE, q: int, repeat: int):
-    x0, ids, w0, go = make_batch(q, seed=q, dtype=torch.float32)
+def bench_torch(model: TorchMoE, q: int, repeat: int, x_dtype: torch.dtype):
+    """Median (fwd, bwd, step) ms and the last output. Same inputs as the
+    ktmoe run (x rounded to x_dtype, then computed in fp32)."""
+    x0, ids, w0, go = make_batch(q, seed=q, dtype=x_dtype)
+    x0, go = x0.float(), go.float()
     fwd, bwd, step = [], [], []
     for it in range(repeat + 1):
         x = x0.clone().requires_grad_(True)
@@ -366,7 +374,7 @@ def bench_torch(model: TorchMoE, q: int, repeat: int):
             fwd.append(t1 - t0)
             bwd.append(t2 - t1)
             step.append(t2 - t0)
-    return median_ms(fwd), median_ms(bwd), median_ms(step)
+    return median_ms(fwd), median_ms(bwd), median_ms(step), out.detach()
 
 
 # ---------------------------------------------------------------------------
@@ -445,8 +453,10 @@ def main(argv=None) -> int:
     wrapper.init_lora_weights(*[kt_loras[n] for n in LORA_NAMES])
 
     rows = []
+    kt_outs = {}
     for q in args.qlens:
-        fwd, bwd, step = bench_ktmoe(wrapper, q, args.repeat, x_dtype)
+        fwd, bwd, step, kt_out = bench_ktmoe(wrapper, q, args.repeat, x_dtype)
+        kt_outs[q] = kt_out
         base, lora = step_flops(q)
         gflops = (base + lora) / (step * 1e-3) * 1e-9
         rows.append(dict(qlen=q, kt_fwd_ms=fwd, kt_bwd_ms=bwd, kt_step_ms=step,
@@ -456,10 +466,13 @@ def main(argv=None) -> int:
     del wrapper
 
     if not args.no_torch:
-        model = TorchMoE(gate, up, down, loras)
+        model = TorchMoE(gate, up, down, kt_loras)  # same (possibly bf16-rounded) LoRA values
         for row in rows:
-            tf, tb, ts = bench_torch(model, row["qlen"], args.repeat)
-            row.update(torch_fwd_ms=tf, torch_bwd_ms=tb, torch_step_ms=ts, speedup=ts / row["kt_step_ms"])
+            tf, tb, ts, t_out = bench_torch(model, row["qlen"], args.repeat, x_dtype)
+            ref = kt_outs[row["qlen"]]
+            err = float(torch.linalg.vector_norm(ref - t_out) / torch.linalg.vector_norm(t_out).clamp_min(1e-30))
+            row.update(torch_fwd_ms=tf, torch_bwd_ms=tb, torch_step_ms=ts, speedup=ts / row["kt_step_ms"],
+                       out_rel_err_vs_torch=err)
         del model
     rss_all = peak_rss_mib()
 
@@ -482,6 +495,9 @@ def main(argv=None) -> int:
     print("-+-".join("-" * w for w in widths))
     for r in table:
         print(" | ".join(c.rjust(w) for c, w in zip(r, widths)))
+    if not args.no_torch:
+        print("sanity: ||out_kt - out_torch|| / ||out_torch|| = "
+              + ", ".join(f"{r['out_rel_err_vs_torch']:.2e} (q={r['qlen']})" for r in rows))
     print()
     print(f"peak RSS: {rss_kt:.0f} MiB after the ktmoe runs, {rss_all:.0f} MiB at the end"
           + ("" if args.no_torch else " (incl. the fp32 torch baseline)"))

@@ -56,8 +56,11 @@ KT_INLINE void cvt_row(float *dst, const void *w, int bf16, int64_t off, int64_t
     for (; i < n; i++) dst[i] = kt_bf16_to_f32(p[i]);
 }
 
+/* panel == NULL: read the W rows (w + row*ldw + k) directly, converting as
+ * they load (few rows of A: a panel would not pay off). */
 KT_INLINE void dot_micro(const int MR, const int NR, int64_t kc, const float *const *a,
-                         const float *panel, __m256 *acc /* [3][4] */, int first) {
+                         const float *panel, const int bf16, const void *w, int64_t ldw,
+                         int64_t wrow, __m256 *acc /* [3][4] */, int first) {
     __m256 c[3][4];
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < NR; j++) c[i][j] = first ? _mm256_setzero_ps() : acc[i * 4 + j];
@@ -65,7 +68,8 @@ KT_INLINE void dot_micro(const int MR, const int NR, int64_t kc, const float *co
         __m256 av[3];
         for (int i = 0; i < MR; i++) av[i] = _mm256_loadu_ps(a[i] + k);
         for (int j = 0; j < NR; j++) {
-            __m256 wv = _mm256_loadu_ps(panel + j * KT_DOT_KC + k);
+            __m256 wv = panel ? _mm256_loadu_ps(panel + j * KT_DOT_KC + k)
+                              : ld8_w(w, bf16, (wrow + j) * ldw + k);
             for (int i = 0; i < MR; i++) c[i][j] = _mm256_fmadd_ps(av[i], wv, c[i][j]);
         }
     }
@@ -73,8 +77,11 @@ KT_INLINE void dot_micro(const int MR, const int NR, int64_t kc, const float *co
         for (int j = 0; j < NR; j++) acc[i * 4 + j] = c[i][j];
 }
 
-#define DOT_CASE(MR, NR) \
-    case (MR) * 8 + (NR): dot_micro(MR, NR, kc, ap, panel, acc, k0 == 0); break;
+#define DOT_CASE(MR, NR)                                                                   \
+    case (MR) * 8 + (NR):                                                                   \
+        if (direct) dot_micro(MR, NR, kc, ap, NULL, bf16, wk0, ldw, j, acc, k0 == 0);       \
+        else dot_micro(MR, NR, kc, ap, panel, bf16, w, ldw, j, acc, k0 == 0);               \
+        break;
 
 KT_INLINE void dot_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const float *a,
                         int64_t lda, const int32_t *aidx, const void *w, int64_t ldw,
@@ -82,13 +89,17 @@ KT_INLINE void dot_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const f
     float panel[4 * KT_DOT_KC] __attribute__((aligned(32)));
     __m256 accbuf[(KT_DOT_MC / 3) * 12];
     int64_t K8 = K & ~(int64_t)7;
+    const int direct = m <= 3; /* one row block: convert W on the fly */
     for (int64_t i0 = 0; i0 < m; i0 += KT_DOT_MC) {
         int64_t mc = KT_MIN(KT_DOT_MC, m - i0);
         for (int64_t j = 0; j < n; j += 4) {
             int nr = (int)KT_MIN(4, n - j);
             for (int64_t k0 = 0; k0 < K8 || k0 == 0; k0 += KT_DOT_KC) {
                 int64_t kc = KT_MIN(KT_DOT_KC, K8 - k0);
-                for (int t = 0; t < nr; t++) cvt_row(panel + t * KT_DOT_KC, w, bf16, (j + t) * ldw + k0, kc);
+                const void *wk0 = bf16 ? (const void *)((const uint16_t *)w + k0)
+                                       : (const void *)((const float *)w + k0);
+                if (!direct)
+                    for (int t = 0; t < nr; t++) cvt_row(panel + t * KT_DOT_KC, w, bf16, (j + t) * ldw + k0, kc);
                 for (int64_t i = 0; i < mc; i += 3) {
                     int mr = (int)KT_MIN(3, mc - i);
                     const float *ap[3];
@@ -132,16 +143,24 @@ static void dot_f32_avx2(int64_t m, int64_t n, int64_t K, const float *a, int64_
 #define KT_KC 256
 
 /* C[0..MR)[j0..j0+8*NV) (+)= sum_{k < kc} D(i,k0+k) panel[k][0..8*NV); NV = 1 or 2 */
+/* panel == NULL: read W rows k0.. directly (row (widx ? widx[k] : k) of w,
+ * converting as they load), for calls with few rows of D. */
 KT_INLINE void outer_micro(const int MR, const int NV, int64_t kc, const float *const *d,
-                           int64_t dsk, const float *panel, int64_t j0, float *const *crow,
-                           int load_c) {
+                           int64_t dsk, const float *panel, const int bf16, const void *w,
+                           int64_t ldw, const int32_t *widx, int64_t k0, int64_t j0,
+                           float *const *crow, int load_c) {
     __m256 acc[6][2];
     for (int i = 0; i < MR; i++)
         for (int v = 0; v < NV; v++)
             acc[i][v] = load_c ? _mm256_loadu_ps(crow[i] + j0 + 8 * v) : _mm256_setzero_ps();
     for (int64_t k = 0; k < kc; k++) {
         __m256 wv[2];
-        for (int v = 0; v < NV; v++) wv[v] = _mm256_load_ps(panel + k * 16 + 8 * v);
+        if (panel) {
+            for (int v = 0; v < NV; v++) wv[v] = _mm256_load_ps(panel + k * 16 + 8 * v);
+        } else {
+            int64_t row = (widx ? widx[k0 + k] : k0 + k) * ldw + j0;
+            for (int v = 0; v < NV; v++) wv[v] = ld8_w(w, bf16, row + 8 * v);
+        }
         for (int i = 0; i < MR; i++) {
             __m256 dv = _mm256_broadcast_ss(d[i] + k * dsk);
             for (int v = 0; v < NV; v++) acc[i][v] = _mm256_fmadd_ps(dv, wv[v], acc[i][v]);
@@ -151,10 +170,14 @@ KT_INLINE void outer_micro(const int MR, const int NV, int64_t kc, const float *
         for (int v = 0; v < NV; v++) _mm256_storeu_ps(crow[i] + j0 + 8 * v, acc[i][v]);
 }
 
-#define OUTER_CASE(MR, NV)                                                            \
-    case (MR) * 4 + (NV):                                                              \
-        if (dsk == 1) outer_micro(MR, NV, k1 - k0, dp, 1, panel, j, cr, load_c);       \
-        else outer_micro(MR, NV, k1 - k0, dp, dsk, panel, j, cr, load_c);              \
+#define OUTER_CASE(MR, NV)                                                                 \
+    case (MR) * 4 + (NV):                                                                   \
+        if (direct)                                                                         \
+            outer_micro(MR, NV, k1 - k0, dp, dsk, NULL, bf16, w, ldw, widx, k0, j, cr, load_c); \
+        else if (dsk == 1)                                                                  \
+            outer_micro(MR, NV, k1 - k0, dp, 1, panel, bf16, w, ldw, widx, k0, j, cr, load_c);  \
+        else                                                                                \
+            outer_micro(MR, NV, k1 - k0, dp, dsk, panel, bf16, w, ldw, widx, k0, j, cr, load_c); \
         break;
 
 /* W panel rows [k0, k1), columns [j, j + 8 nvec) to fp32, 16 floats a row. */
@@ -172,6 +195,7 @@ KT_INLINE void outer_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const
                           int64_t ldw, const int32_t *widx, float *c, int64_t ldc, int accum) {
     float panel[KT_KC * 16] __attribute__((aligned(32)));
     int64_t nv = n & ~(int64_t)7;
+    const int direct = m <= 2; /* too few rows for a packed panel to pay off */
     if (K == 0 && !accum)
         for (int64_t i = 0; i < m; i++) memset(c + i * ldc, 0, (size_t)n * 4);
     for (int64_t j = 0; j < nv; j += 16) {
@@ -179,7 +203,7 @@ KT_INLINE void outer_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const
         for (int64_t k0 = 0; k0 < K; k0 += KT_KC) {
             int64_t k1 = KT_MIN(K, k0 + KT_KC);
             int load_c = accum || k0 > 0;
-            outer_pack(panel, w, bf16, ldw, widx, k0, k1, j, nvec);
+            if (!direct) outer_pack(panel, w, bf16, ldw, widx, k0, k1, j, nvec);
             for (int64_t i = 0; i < m; i += 6) {
                 int mr = (int)KT_MIN(6, m - i);
                 const float *dp[6];
