@@ -115,6 +115,7 @@ typedef struct kt_worker_ctx {
 } kt_worker_ctx;
 
 #define KT_SCRATCH_BYTES ((size_t)1 << 20)
+#define KT_MAX_SUBPOOLS 256
 
 /* Runs fn(ctx, sub, task) for task in [0, ntasks[sub]) on the threads of
  * each sub-pool sub (ntasks has one entry per sub-pool).  Threads that
@@ -127,7 +128,6 @@ void kt_pool_parallel(ktmoe_pool *pool, const int64_t *ntasks, kt_par_fn fn,
 /* Runs fn over [0, ntasks) on all threads of all sub-pools (sub = 0). */
 void kt_pool_parallel_all(ktmoe_pool *pool, int64_t ntasks, kt_par_fn fn,
                           void *ctx);
-int kt_pool_total_threads(const ktmoe_pool *pool);
 /* Queues fn(user); release(user) runs after it (or at once on failure). */
 ktmoe_status kt_pool_submit_owned(ktmoe_pool *pool, ktmoe_task_fn fn,
                                   void *user, void (*release)(void *));

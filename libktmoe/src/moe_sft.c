@@ -302,7 +302,7 @@ static void kt_load_job(void *vctx, const kt_worker_ctx *w, int sub, int64_t e) 
 
 static ktmoe_status kt_load_task(void *vctx) {
     kt_load_ctx *c = vctx;
-    int64_t n[256];
+    int64_t n[KT_MAX_SUBPOOLS];
     for (int s = 0; s < c->m->tp; s++) n[s] = c->m->E;
     kt_pool_parallel(c->m->pool, n, kt_load_job, c);
     return KTMOE_OK;
@@ -564,7 +564,7 @@ static ktmoe_status kt_forward_run(kt_fwd *f) {
     if (st != KTMOE_OK) return st;
     if ((st = kt_fwd_reserve(m, c, a->qlen)) != KTMOE_OK) return st;
     c->use_lora = f->lora;
-    int64_t np = c->npairs, r = m->r, tp = m->tp, n[256];
+    int64_t np = c->npairs, r = m->r, tp = m->tp, n[KT_MAX_SUBPOOLS];
     f->ntile_i = (m->Is + KT_TN - 1) / KT_TN;
     f->ntile_h = (m->H + KT_TN - 1) / KT_TN;
 
@@ -831,7 +831,7 @@ static void kt_bwd_zero_idle(kt_bwd *b) {
 static ktmoe_status kt_backward_run(kt_bwd *b) {
     ktmoe_moe *m = b->m;
     kt_cache *c = b->c;
-    int64_t np = c->npairs, r = m->r, tp = m->tp, n[256], qlen = c->qlen;
+    int64_t np = c->npairs, r = m->r, tp = m->tp, n[KT_MAX_SUBPOOLS], qlen = c->qlen;
     ktmoe_status st;
     b->ntile_i = (m->Is + KT_TN - 1) / KT_TN;
     b->ntile_h = (m->H + KT_TN - 1) / KT_TN;

@@ -23,7 +23,6 @@
 #endif
 
 #define KT_SPIN_ITERS 20000
-#define KT_MAX_SUBPOOLS 256
 
 typedef struct kt_task {
     ktmoe_task_fn fn;
@@ -156,8 +155,6 @@ void kt_pool_parallel_all(ktmoe_pool *pool, int64_t ntasks, kt_par_fn fn,
     n[0] = ntasks;
     kt_pool_parallel(pool, n, fn, ctx);
 }
-
-int kt_pool_total_threads(const ktmoe_pool *pool) { return pool->total; }
 
 /* ---- queue ---- */
 
