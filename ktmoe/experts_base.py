@@ -34,8 +34,8 @@ class _MoEBase:
     def _init_base(self, layer_idx, num_experts, num_experts_per_tok, hidden_size,
                    moe_intermediate_size, num_gpu_experts, cpuinfer_threads, threadpool_count,
                    weight_path, chunked_prefill_size) -> None:
-        """Validate the shared configuration, store it, and attach to the
-        process-wide CPUInfer."""
+        """Validate the shared configuration and store it (the CPUInfer is
+        attached separately, by _attach_cpu_infer, once all checks passed)."""
         self._validate_base_config(num_experts, hidden_size, moe_intermediate_size, num_experts_per_tok)
         self._validate_pool_config(cpuinfer_threads, threadpool_count, moe_intermediate_size)
         self.layer_idx = layer_idx

@@ -94,7 +94,7 @@ KT_INLINE void dot_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const f
         int64_t mc = KT_MIN(KT_DOT_MC, m - i0);
         for (int64_t j = 0; j < n; j += 4) {
             int nr = (int)KT_MIN(4, n - j);
-            for (int64_t k0 = 0; k0 < K8 || k0 == 0; k0 += KT_DOT_KC) {
+            for (int64_t k0 = 0; k0 == 0 || k0 < K8; k0 += KT_DOT_KC) { /* K8 == 0: one empty pass */
                 int64_t kc = KT_MIN(KT_DOT_KC, K8 - k0);
                 const void *wk0 = bf16 ? (const void *)((const uint16_t *)w + k0)
                                        : (const void *)((const float *)w + k0);
@@ -111,7 +111,6 @@ KT_INLINE void dot_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const f
                         DOT_CASE(1, 4) DOT_CASE(1, 3) DOT_CASE(1, 2) DOT_CASE(1, 1)
                     }
                 }
-                if (K8 == 0) break;
             }
             for (int64_t i = 0; i < mc; i++) {
                 const float *ai = a + (aidx ? aidx[i0 + i] : i0 + i) * lda;
