@@ -63,8 +63,20 @@ typedef enum ktmoe_dtype {
     KTMOE_DTYPE_BF16 = 1
 } ktmoe_dtype;
 typedef enum ktmoe_method {
-    KTMOE_METHOD_BF16 = 0
+    KTMOE_METHOD_BF16 = 0,
+    KTMOE_METHOD_INT8 = 1,
+    KTMOE_METHOD_INT4 = 2,
+    KTMOE_METHOD_INT4_1 = 3,
+    KTMOE_METHOD_INT4_KGROUP = 4,
+    KTMOE_METHOD_INT4_1_KGROUP = 5
 } ktmoe_method;
+typedef struct ktmoe_packed_layout {
+    int64_t row_bytes;
+    int64_t groups;
+    int32_t aux;
+} ktmoe_packed_layout;
+ktmoe_status ktmoe_packed_layout_get(int32_t method, int32_t group_size, int32_t zero_point, int64_t cols, ktmoe_packed_layout *out);
+ktmoe_status ktmoe_quantize(int32_t method, int32_t group_size, int32_t zero_point, ktmoe_dtype src_dtype, const void *src, int64_t rows, int64_t cols, void *qweight, float *scale, void *aux);
 typedef struct ktmoe_moe_config {
     uint32_t struct_size;
     int32_t method;
@@ -76,6 +88,8 @@ typedef struct ktmoe_moe_config {
     float lora_alpha;
     int32_t max_cache_depth;
     int32_t isa;
+    int32_t group_size;
+    int32_t zero_point;
 } ktmoe_moe_config;
 typedef struct ktmoe_moe ktmoe_moe;
 void ktmoe_moe_config_init(ktmoe_moe_config *config);
@@ -86,6 +100,12 @@ int64_t ktmoe_moe_weight_bytes(const ktmoe_moe *moe);
 int64_t ktmoe_moe_buffer_bytes(const ktmoe_moe *moe);
 int32_t ktmoe_moe_cache_depth(const ktmoe_moe *moe);
 ktmoe_status ktmoe_moe_load_weights(ktmoe_moe *moe, const void *gate, const void *up, const void *down, ktmoe_dtype dtype, const int64_t *map, int64_t src_experts);
+typedef struct ktmoe_packed {
+    const void *qweight;
+    const float *scale;
+    const void *aux;
+} ktmoe_packed;
+ktmoe_status ktmoe_moe_load_packed(ktmoe_moe *moe, const ktmoe_packed *gate, const ktmoe_packed *up, const ktmoe_packed *down, const int64_t *map, int64_t src_experts);
 ktmoe_status ktmoe_moe_set_lora(ktmoe_moe *moe, ktmoe_dtype dtype, const void *gate_a, const void *gate_b, const void *up_a, const void *up_b, const void *down_a, const void *down_b);
 typedef struct ktmoe_forward_args {
     uint32_t struct_size;

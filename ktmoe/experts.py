@@ -129,7 +129,7 @@ class KTMoEWrapper:
 def _register_builtin() -> None:
     from .sft_backends import NativeSFTMoEWrapper
 
-    for name in NativeSFTMoEWrapper.METHOD_CODES:
+    for name in NativeSFTMoEWrapper.METHODS:
         register_sft_method(name, NativeSFTMoEWrapper)
     for name in ("AMXINT4", "AMXINT8", "RAWINT4", "FP8", "LLAMAFILE", "MOE_INT4", "MOE_INT8"):
         register_inference_method(name, None)

@@ -210,6 +210,7 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
         dtype = gate_proj.dtype if gate_proj.dtype == up_proj.dtype == down_proj.dtype else torch.float32
         g, u, d = (cpu_contiguous(t, dtype) for t in (gate_proj, up_proj, down_proj))
         with self._lock:
+            self._weights_loaded = False  # a failed load leaves the layer unloaded
             self._backend_load_tensors(g, u, d, pmap, E_src)
             self._weights_loaded = True
 

@@ -102,7 +102,7 @@ def test_env_cap_selects_ref():
 
 def test_registry_adds_method_without_touching_factory():
     class MySFT(ktmoe.NativeSFTMoEWrapper):
-        METHOD_CODES = {"MY_TEST_SFT": 0}
+        METHODS = {"MY_TEST_SFT": "AMXBF16_SFT"}
 
     assert "MY_TEST_SFT" not in ktmoe.SFT_METHODS
     ktmoe.register_sft_method("MY_TEST_SFT", MySFT)

@@ -167,10 +167,50 @@ typedef enum ktmoe_dtype {
     KTMOE_DTYPE_BF16 = 1
 } ktmoe_dtype;
 
-/* Numeric format of the frozen expert weights. */
+/* Numeric format of the frozen expert weights (docs/quant_formats.md).
+ * A matrix W [rows, cols] (cols: the reduction dimension K) is packed as
+ *   qweight  bf16 [rows][cols] (BF16), int8 [rows][cols] (INT8), or 4-bit
+ *            codes u in 0..15, two per byte, [rows][(cols + 1) / 2]: column
+ *            c is the low nibble of byte c/2 for even c, the high one for odd
+ *   scale    float [rows][groups] (not for BF16)
+ *   aux      float min [rows][groups] (INT4_1, INT4_1_KGROUP) or uint8
+ *            zero [rows][groups] (INT4_KGROUP with zero_point), else none
+ * Value of W[r][c], g = c / group_size (0 for the per-row formats):
+ *   INT8               q * scale[r][g]
+ *   INT4, INT4_KGROUP  (u - 8) * scale[r][g]       (zero_point = 0)
+ *   INT4_KGROUP        (u - zero[r][g]) * scale[r][g]  (zero_point = 1)
+ *   INT4_1, INT4_1_KGROUP  u * scale[r][g] + min[r][g]
+ * The K-group methods need cols % group_size == 0 and group_size a
+ * positive multiple of KTMOE_GROUP_SIZE_MULTIPLE. */
 typedef enum ktmoe_method {
-    KTMOE_METHOD_BF16 = 0
+    KTMOE_METHOD_BF16 = 0,
+    KTMOE_METHOD_INT8 = 1,          /* symmetric, one scale per row        */
+    KTMOE_METHOD_INT4 = 2,          /* symmetric, one scale per row        */
+    KTMOE_METHOD_INT4_1 = 3,        /* scale + min per row                 */
+    KTMOE_METHOD_INT4_KGROUP = 4,   /* scale (+ zero point) per K group    */
+    KTMOE_METHOD_INT4_1_KGROUP = 5  /* scale + min per K group             */
 } ktmoe_method;
+
+#define KTMOE_GROUP_SIZE_MULTIPLE 16
+
+/* The packed layout of one [rows, cols] matrix of a method. */
+typedef struct ktmoe_packed_layout {
+    int64_t row_bytes;  /* bytes of qweight per row                        */
+    int64_t groups;     /* scale (and aux) entries per row; 0 for BF16     */
+    int32_t aux;        /* 0: none, 1: float min, 2: uint8 zero point      */
+} ktmoe_packed_layout;
+
+KTMOE_API ktmoe_status ktmoe_packed_layout_get(int32_t method, int32_t group_size,
+                                               int32_t zero_point, int64_t cols,
+                                               ktmoe_packed_layout *out);
+
+/* Packs src [rows, cols] (bf16 or fp32) into qweight, scale and aux as laid
+ * out above, on the calling thread.  The same code packs the weights given
+ * to ktmoe_moe_load_weights.  Fails (KTMOE_ERR_INVALID_ARGUMENT) on a NaN
+ * or infinite weight for the integer methods. */
+KTMOE_API ktmoe_status ktmoe_quantize(int32_t method, int32_t group_size, int32_t zero_point,
+                                      ktmoe_dtype src_dtype, const void *src, int64_t rows,
+                                      int64_t cols, void *qweight, float *scale, void *aux);
 
 typedef struct ktmoe_moe_config {
     uint32_t struct_size;       /* sizeof(ktmoe_moe_config)              */
@@ -183,6 +223,9 @@ typedef struct ktmoe_moe_config {
     float lora_alpha;           /* s = lora_alpha / lora_rank            */
     int32_t max_cache_depth;    /* forward caches kept for backward      */
     int32_t isa;                /* ktmoe_isa: AUTO, or a tier to use     */
+    int32_t group_size;         /* K-group methods: columns per group    */
+    int32_t zero_point;         /* INT4_KGROUP: 1 integer zero point per
+                                   group, 0 the fixed offset 8          */
 } ktmoe_moe_config;
 
 typedef struct ktmoe_moe ktmoe_moe;
@@ -196,14 +239,15 @@ KTMOE_API ktmoe_status ktmoe_moe_create(ktmoe_pool *pool,
 KTMOE_API void ktmoe_moe_destroy(ktmoe_moe *moe);
 /* The tier this layer's kernels use. */
 KTMOE_API ktmoe_isa ktmoe_moe_isa(const ktmoe_moe *moe);
-/* Bytes of frozen weights the layer holds. */
+/* Bytes of frozen weights the layer holds (packed data, scales, mins). */
 KTMOE_API int64_t ktmoe_moe_weight_bytes(const ktmoe_moe *moe);
 /* Bytes of activation caches and scratch buffers the layer holds now. */
 KTMOE_API int64_t ktmoe_moe_buffer_bytes(const ktmoe_moe *moe);
 /* Forward caches currently held (0..max_cache_depth). */
 KTMOE_API int32_t ktmoe_moe_cache_depth(const ktmoe_moe *moe);
 
-/* Copies the frozen weights in (runs on the pool; synchronous).
+/* Copies the frozen weights in, packing them in the layer's method (runs
+ * on the pool; synchronous).
  * gate, up: [E_src, I, H]; down: [E_src, H, I] in `dtype`.  Physical expert
  * p of the layer takes source expert map[p] (0 <= map[p] < E_src);
  * map == NULL means the identity (then E_src == E). */
@@ -212,6 +256,23 @@ KTMOE_API ktmoe_status ktmoe_moe_load_weights(ktmoe_moe *moe, const void *gate,
                                               ktmoe_dtype dtype,
                                               const int64_t *map,
                                               int64_t src_experts);
+
+/* One projection of src_experts experts, packed as ktmoe_quantize writes
+ * it for this layer's method: qweight [E_src][rows][row_bytes], scale and
+ * aux [E_src][rows][groups] (NULL where the method has none). */
+typedef struct ktmoe_packed {
+    const void *qweight;
+    const float *scale;
+    const void *aux;
+} ktmoe_packed;
+
+/* Loads pre-packed frozen weights (e.g. read from a weight file), with the
+ * same map rule as ktmoe_moe_load_weights.  Scales must be finite and
+ * zero points at most 15 (KTMOE_ERR_INVALID_ARGUMENT otherwise). */
+KTMOE_API ktmoe_status ktmoe_moe_load_packed(ktmoe_moe *moe, const ktmoe_packed *gate,
+                                             const ktmoe_packed *up,
+                                             const ktmoe_packed *down,
+                                             const int64_t *map, int64_t src_experts);
 
 /* Binds the six LoRA factors (read in place, not copied).  Shapes as in the
  * header comment, each with an expert dimension E in front; all of `dtype`.

@@ -65,21 +65,103 @@ int kt_numa_node_count(void);
 /* CPUs of NUMA node `node` into cpus[] (at most max); returns the count. */
 int kt_numa_node_cpus(int node, int *cpus, int max);
 
+/* ---- weight matrices (quant.c) --------------------------------------- */
+
+/* Storage formats of a weight matrix W [rows][cols] as the kernels read it.
+ * Element (r, c), with g = (g0 + c) / gs the group of column c:
+ *   F32, BF16   the value
+ *   I8          q * scale[r][g]                   (q int8)
+ *   I4S         (u - 8) * scale[r][g]             (u the 4-bit code)
+ *   I4Z         (u - zero[r][g]) * scale[r][g]    (zero uint8 in aux)
+ *   I4M         u * scale[r][g] + min[r][g]       (min float in aux)
+ * 4-bit codes: column c of a row is the low nibble of byte c/2 for even c,
+ * the high nibble for odd c. */
+enum { KT_W_F32 = 0, KT_W_BF16, KT_W_I8, KT_W_I4S, KT_W_I4Z, KT_W_I4M };
+
+typedef struct kt_wmat {
+    int fmt;
+    const void *data;    /* element (0, 0): an even column for 4-bit formats */
+    int64_t ld;          /* row stride: elements, or bytes for 4-bit formats */
+    const float *scale;  /* the group of element (0, 0)                     */
+    const void *aux;     /* min (float) or zero (uint8) groups, like scale   */
+    int64_t ldg;         /* row stride of scale and aux, in groups           */
+    int64_t gs;          /* columns per group (any value >= cols: per row)   */
+    int64_t g0;          /* column of element (0, 0) within its group        */
+} kt_wmat;
+
+static inline int kt_fmt_is_int4(int fmt) { return fmt >= KT_W_I4S; }
+
+/* A plain (F32 or BF16) matrix with row stride ld elements. */
+static inline kt_wmat kt_plain(int fmt, const void *data, int64_t ld) {
+    kt_wmat w = {fmt, data, ld, NULL, NULL, 0, INT64_MAX, 0};
+    return w;
+}
+
+/* The sub-matrix starting at row r0, column c0 (c0 even for 4-bit). */
+static inline kt_wmat kt_wsub(const kt_wmat *w, int64_t r0, int64_t c0) {
+    kt_wmat s = *w;
+    int64_t c = w->g0 + c0;
+    switch (w->fmt) {
+    case KT_W_F32: s.data = (const float *)w->data + r0 * w->ld + c0; return s;
+    case KT_W_BF16: s.data = (const uint16_t *)w->data + r0 * w->ld + c0; return s;
+    case KT_W_I8: s.data = (const int8_t *)w->data + r0 * w->ld + c0; break;
+    default: s.data = (const uint8_t *)w->data + r0 * w->ld + c0 / 2; break;
+    }
+    s.scale = w->scale + r0 * w->ldg + c / w->gs;
+    if (w->aux)
+        s.aux = w->fmt == KT_W_I4Z ? (const void *)((const uint8_t *)w->aux + r0 * w->ldg + c / w->gs)
+                                   : (const void *)((const float *)w->aux + r0 * w->ldg + c / w->gs);
+    s.g0 = c % w->gs;
+    return s;
+}
+
+/* Element (r, c) as fp32: the readable definition of every format.  The
+ * vector tiers compute exactly these fp32 values (integer offset first,
+ * then one multiply; I4M: multiply, then add). */
+static inline float kt_w_at(const kt_wmat *w, int64_t r, int64_t c) {
+    if (w->fmt == KT_W_F32) return ((const float *)w->data)[r * w->ld + c];
+    if (w->fmt == KT_W_BF16) return kt_bf16_to_f32(((const uint16_t *)w->data)[r * w->ld + c]);
+    int64_t g = (w->g0 + c) / w->gs;
+    float s = w->scale[r * w->ldg + g];
+    if (w->fmt == KT_W_I8) return (float)((const int8_t *)w->data)[r * w->ld + c] * s;
+    uint8_t byte = ((const uint8_t *)w->data)[r * w->ld + c / 2];
+    int u = (c & 1) ? byte >> 4 : byte & 15;
+    switch (w->fmt) {
+    case KT_W_I4S: return (float)(u - 8) * s;
+    case KT_W_I4Z: return (float)(u - ((const uint8_t *)w->aux)[r * w->ldg + g]) * s;
+    default: return (float)u * s + ((const float *)w->aux)[r * w->ldg + g];
+    }
+}
+
+/* Quantizes one row x[0..K) into the packed layout of `fmt` with groups of
+ * gs columns (gs >= K: one group): codes into q, group scales into scale,
+ * min/zero into aux.  BF16 rounds to bf16 (q as uint16).  Returns
+ * KTMOE_ERR_INVALID_ARGUMENT (message set) on a non-finite input. */
+ktmoe_status kt_quant_row(int fmt, int64_t gs, const float *x, int64_t K, void *q, float *scale,
+                          void *aux);
+/* Bytes of one packed row of K columns. */
+int64_t kt_row_bytes(int fmt, int64_t K);
+/* The storage format of a ktmoe_method (with its options); *kgroup is 1
+ * for the K-group methods.  Checks group_size for those. */
+ktmoe_status kt_method_format(int32_t method, int32_t group_size, int32_t zero_point, int *fmt,
+                              int *kgroup);
+
 /* ---- kernel tables (dispatch.c, kernels/<tier>/) --------------------- */
 
-/* Dot form:  C[i][j] (+)= sum_k A_i[k] * W[j*ldw + k]
- *   A_i = a + (aidx ? aidx[i] : i) * lda (fp32 rows), W in bf16 or fp32.
- * Outer form: C[i][j] (+)= sum_k D(i,k) * W_k[j]
- *   D(i,k) = d[(didx ? didx[i] : i) * dsi + k * dsk] (fp32, any strides),
- *   W_k = w + (widx ? widx[k] : k) * ldw.
+/* Dot form:  C[i][j] (+)= sum_k A_i[k] * W(j, k)
+ *   A_i = a + (aidx ? aidx[i] : i) * lda (fp32 rows), W any kt_wmat.
+ * Outer form: C[i][j] (+)= sum_k D(i,k) * W(widx ? widx[k] : k, j)
+ *   D(i,k) = d[(didx ? didx[i] : i) * dsi + k * dsk] (fp32, any strides).
  * accum = 0 overwrites C, 1 adds to it.  m, n, K >= 0; K == 0 with accum 0
- * writes zeros. */
+ * writes zeros.  For quantized W the column origin of the calls is a
+ * multiple of 8 and group sizes are multiples of 8 (vector tiers dequantize
+ * 8 columns at a time). */
 typedef void (*kt_dot_fn)(int64_t m, int64_t n, int64_t K, const float *a,
-                          int64_t lda, const int32_t *aidx, const void *w,
-                          int64_t ldw, float *c, int64_t ldc, int accum);
+                          int64_t lda, const int32_t *aidx, const kt_wmat *w,
+                          float *c, int64_t ldc, int accum);
 typedef void (*kt_outer_fn)(int64_t m, int64_t n, int64_t K, const float *d,
                             int64_t dsi, int64_t dsk, const int32_t *didx,
-                            const void *w, int64_t ldw, const int32_t *widx,
+                            const kt_wmat *w, const int32_t *widx,
                             float *c, int64_t ldc, int accum);
 /* h[i] = silu(g[i]) * u[i] */
 typedef void (*kt_act_fwd_fn)(int64_t n, const float *g, const float *u,
@@ -92,8 +174,8 @@ typedef float (*kt_act_bwd_fn)(int64_t n, const float *dh, float *g, float *u,
 
 typedef struct kt_kernels {
     ktmoe_isa isa;
-    kt_dot_fn dot_bf16, dot_f32;
-    kt_outer_fn outer_bf16, outer_f32;
+    kt_dot_fn dot;
+    kt_outer_fn outer;
     kt_act_fwd_fn act_fwd;
     kt_act_bwd_fn act_bwd;
 } kt_kernels;

@@ -2,9 +2,11 @@
  *
  * Layout.  The intermediate dimension I is split into `tp` slices, one per
  * sub-pool.  Slice s owns rows [i0, i0 + Is) of Wg and Wu and the same
- * columns of Wd, stored row-major per expert: wg[e][Is][H], wd[e][H][Is].
- * That one bf16 copy serves the forward (x W^T: dot form, along rows) and
- * the backward (dh W: outer form, rows contiguous along the output).
+ * columns of Wd, stored row-major per expert in the layer's packed format
+ * (bf16, int8 or 4-bit codes, with per-row or per-group scales):
+ * gate[e][Is][H], down[e][H][Is].  That one copy serves the forward (x W^T:
+ * dot form, along rows) and the backward (dh W: outer form, rows contiguous
+ * along the output); the kernels dequantize panels of it on the fly.
  *
  * Token-expert pairs are grouped by expert ("routing"); pair p of expert e
  * sits at p in [off[e], off[e+1]) and reads token tok[p] with weight pw[p].
@@ -26,15 +28,29 @@
  */
 #include "internal.h"
 
+#include <math.h>
 #include <pthread.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdio.h>
 #include <stdlib.h>
 
 #define KT_TN 64  /* column tile of the big GEMMs        */
 #define KT_MC 64  /* row chunk of the backward epilogue  */
 
+/* One projection of one slice, all experts, packed. */
+typedef struct kt_proj {
+    uint8_t *data;   /* [E][rows][rb bytes]                  */
+    float *scale;    /* [E][rows][G] (NULL for bf16)         */
+    void *aux;       /* [E][rows][G] min or zero, or NULL    */
+    int64_t rows, cols, ld, rb, G, gs;
+} kt_proj;
+
+enum { PG, PU, PD }; /* gate, up, down */
+
 typedef struct kt_slice {
     int64_t i0;
-    uint16_t *wg, *wu, *wd;
+    kt_proj p[3];
 } kt_slice;
 
 /* Activations of one forward, kept for its backward. */
@@ -60,6 +76,8 @@ struct ktmoe_moe {
     int64_t E, k, H, I, Is, r;
     float scale;
     int max_depth;
+    int method, fmt;     /* ktmoe_method; KT_W_* storage format */
+    int64_t gs;          /* group size (K-group methods), else 0 */
 
     kt_slice *slices;
     int weights_loaded;
@@ -137,11 +155,41 @@ static inline void *kt_at(const void *base, int dtype, int64_t idx) {
     return (char *)base + (size_t)idx * kt_dsize(dtype);
 }
 
-static kt_dot_fn kt_dot_for(const ktmoe_moe *m, int dtype) {
-    return dtype == KTMOE_DTYPE_BF16 ? m->kern->dot_bf16 : m->kern->dot_f32;
+/* LoRA factor `which` from element off, row stride ld. */
+static kt_wmat kt_lora(const ktmoe_moe *m, int which, int64_t off, int64_t ld) {
+    int fmt = m->lora_dtype == KTMOE_DTYPE_BF16 ? KT_W_BF16 : KT_W_F32;
+    return kt_plain(fmt, kt_at(m->la[which], m->lora_dtype, off), ld);
 }
-static kt_outer_fn kt_outer_for(const ktmoe_moe *m, int dtype) {
-    return dtype == KTMOE_DTYPE_BF16 ? m->kern->outer_bf16 : m->kern->outer_f32;
+
+/* An fp32 activation matrix used as the W operand. */
+static kt_wmat kt_act(const float *p, int64_t ld) { return kt_plain(KT_W_F32, p, ld); }
+
+static size_t kt_aux_size(int fmt) { return fmt == KT_W_I4Z ? 1 : 4; }
+
+/* Frozen projection pj of slice s, expert e, from row r0 and column c0. */
+static kt_wmat kt_frozen(const ktmoe_moe *m, int s, int pj, int64_t e, int64_t r0, int64_t c0) {
+    const kt_proj *p = &m->slices[s].p[pj];
+    int64_t ge = e * p->rows * p->G;
+    kt_wmat w = {m->fmt, p->data + e * p->rows * p->rb, p->ld,
+                 p->scale ? p->scale + ge : NULL,
+                 p->aux ? (const void *)((const char *)p->aux + ge * kt_aux_size(m->fmt)) : NULL,
+                 p->G, p->gs, 0};
+    return kt_wsub(&w, r0, c0);
+}
+
+static void kt_free_weights(ktmoe_moe *m) {
+    if (!m->slices) return;
+    for (int s = 0; s < m->tp; s++)
+        for (int pj = 0; pj < 3; pj++) {
+            kt_proj *p = &m->slices[s].p[pj];
+            kt_free(p->data);
+            kt_free(p->scale);
+            kt_free(p->aux);
+            p->data = NULL;
+            p->scale = NULL;
+            p->aux = NULL;
+        }
+    m->weights_loaded = 0;
 }
 
 /* ------------------------------------------------------------------ */
@@ -156,19 +204,29 @@ KTMOE_API void ktmoe_moe_config_init(ktmoe_moe_config *c) {
     c->lora_alpha = 32.0f;
     c->max_cache_depth = 1;
     c->isa = KTMOE_ISA_AUTO;
+    c->group_size = 128;
+    c->zero_point = 1;
 }
 
-KTMOE_API ktmoe_status ktmoe_moe_create(ktmoe_pool *pool, const ktmoe_moe_config *c,
+KTMOE_API ktmoe_status ktmoe_moe_create(ktmoe_pool *pool, const ktmoe_moe_config *cfg,
                                         ktmoe_moe **out) {
-    if (!pool || !c || !out)
+    if (!pool || !cfg || !out)
         return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "pool, config and out must not be NULL");
     *out = NULL;
-    if (c->struct_size < sizeof(ktmoe_moe_config))
+    /* a caller built against an older, shorter config gets defaults for
+     * the fields it does not know */
+    const size_t v1_size = offsetof(ktmoe_moe_config, group_size);
+    if (cfg->struct_size < v1_size || cfg->struct_size > sizeof(ktmoe_moe_config))
         return kt_error(KTMOE_ERR_INVALID_ARGUMENT,
                         "ktmoe_moe_config.struct_size is %u, expected %zu",
-                        c->struct_size, sizeof(ktmoe_moe_config));
-    if (c->method != KTMOE_METHOD_BF16)
-        return kt_error(KTMOE_ERR_UNSUPPORTED, "method %d is not supported", c->method);
+                        cfg->struct_size, sizeof(ktmoe_moe_config));
+    ktmoe_moe_config full;
+    ktmoe_moe_config_init(&full);
+    memcpy(&full, cfg, cfg->struct_size);
+    const ktmoe_moe_config *c = &full;
+    int fmt, kgroup;
+    ktmoe_status st = kt_method_format(c->method, c->group_size, c->zero_point, &fmt, &kgroup);
+    if (st != KTMOE_OK) return st;
     if (c->num_experts <= 0) return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "num_experts must be positive, got %lld", (long long)c->num_experts);
     if (c->hidden_size <= 0) return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "hidden_size must be positive, got %lld", (long long)c->hidden_size);
     if (c->intermediate_size <= 0) return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "moe_intermediate_size must be positive, got %lld", (long long)c->intermediate_size);
@@ -179,9 +237,9 @@ KTMOE_API ktmoe_status ktmoe_moe_create(ktmoe_pool *pool, const ktmoe_moe_config
     if (c->lora_rank <= 0) return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "lora_rank must be positive, got %d", c->lora_rank);
     if (!(c->lora_alpha > 0.0f)) return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "lora_alpha must be positive, got %g", (double)c->lora_alpha);
     if (c->max_cache_depth <= 0) return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "max_cache_depth must be positive, got %d", c->max_cache_depth);
-    if (c->num_experts > INT32_MAX || c->hidden_size > 65536 || c->intermediate_size > INT32_MAX)
-        return kt_error(KTMOE_ERR_UNSUPPORTED, "hidden_size above 65536 or num_experts, "
-                        "moe_intermediate_size above 2^31-1 are not supported");
+    if (c->num_experts > INT32_MAX || c->hidden_size > 65536 || c->intermediate_size > 65536)
+        return kt_error(KTMOE_ERR_UNSUPPORTED, "hidden_size or moe_intermediate_size above 65536, "
+                        "or num_experts above 2^31-1, are not supported");
     if (c->lora_rank > 256)
         return kt_error(KTMOE_ERR_UNSUPPORTED, "lora_rank above 256 is not supported, got %d", c->lora_rank);
     int tp = ktmoe_pool_subpool_count(pool);
@@ -189,6 +247,21 @@ KTMOE_API ktmoe_status ktmoe_moe_create(ktmoe_pool *pool, const ktmoe_moe_config
         return kt_error(KTMOE_ERR_INVALID_ARGUMENT,
                         "intermediate_size (%lld) must be divisible by threadpool_count (%d)",
                         (long long)c->intermediate_size, tp);
+    if (kgroup) {
+        int64_t gs = c->group_size, Is = c->intermediate_size / tp;
+        if (c->hidden_size % gs != 0)
+            return kt_error(KTMOE_ERR_INVALID_ARGUMENT,
+                            "hidden_size (%lld) must be divisible by group_size (%d)",
+                            (long long)c->hidden_size, c->group_size);
+        if (c->intermediate_size % gs != 0)
+            return kt_error(KTMOE_ERR_INVALID_ARGUMENT,
+                            "moe_intermediate_size (%lld) must be divisible by group_size (%d)",
+                            (long long)c->intermediate_size, c->group_size);
+        if (Is % gs != 0)
+            return kt_error(KTMOE_ERR_INVALID_ARGUMENT,
+                            "moe_intermediate_size / threadpool_count (%lld) must be divisible by "
+                            "group_size (%d)", (long long)Is, c->group_size);
+    }
     ktmoe_isa isa = c->isa == KTMOE_ISA_AUTO ? ktmoe_isa_selected() : (ktmoe_isa)c->isa;
     if (!ktmoe_isa_name(isa) || isa == KTMOE_ISA_AUTO)
         return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "unknown isa %d", c->isa);
@@ -209,6 +282,9 @@ KTMOE_API ktmoe_status ktmoe_moe_create(ktmoe_pool *pool, const ktmoe_moe_config
     m->r = c->lora_rank;
     m->scale = c->lora_alpha / (float)c->lora_rank;
     m->max_depth = c->max_cache_depth;
+    m->method = c->method;
+    m->fmt = fmt;
+    m->gs = kgroup ? c->group_size : 0;
     pthread_mutex_init(&m->mu, NULL);
     m->slices = calloc((size_t)tp, sizeof(kt_slice));
     m->caches = calloc((size_t)m->max_depth, sizeof(kt_cache));
@@ -216,19 +292,26 @@ KTMOE_API ktmoe_status ktmoe_moe_create(ktmoe_pool *pool, const ktmoe_moe_config
         ktmoe_moe_destroy(m);
         return kt_error(KTMOE_ERR_OUT_OF_MEMORY, "out of memory");
     }
-    for (int s = 0; s < tp; s++) m->slices[s].i0 = s * m->Is;
+    for (int s = 0; s < tp; s++) {
+        kt_slice *sl = &m->slices[s];
+        sl->i0 = s * m->Is;
+        for (int pj = 0; pj < 3; pj++) {
+            kt_proj *p = &sl->p[pj];
+            p->rows = pj == PD ? m->H : m->Is;
+            p->cols = pj == PD ? m->Is : m->H;
+            p->rb = kt_row_bytes(fmt, p->cols);
+            p->ld = kt_fmt_is_int4(fmt) ? p->rb : p->cols;
+            p->G = fmt == KT_W_BF16 ? 0 : (kgroup ? p->cols / m->gs : 1);
+            p->gs = kgroup ? m->gs : p->cols;
+        }
+    }
     *out = m;
     return KTMOE_OK;
 }
 
 KTMOE_API void ktmoe_moe_destroy(ktmoe_moe *m) {
     if (!m) return;
-    if (m->slices)
-        for (int s = 0; s < m->tp; s++) {
-            kt_free(m->slices[s].wg);
-            kt_free(m->slices[s].wu);
-            kt_free(m->slices[s].wd);
-        }
+    kt_free_weights(m);
     if (m->caches)
         for (int i = 0; i < m->max_depth; i++) kt_cache_free(&m->caches[i]);
     kt_cache_free(&m->nosave);
@@ -244,9 +327,23 @@ KTMOE_API ktmoe_isa ktmoe_moe_isa(const ktmoe_moe *m) {
     return m ? m->kern->isa : KTMOE_ISA_REF;
 }
 
+/* Bytes of each part of projection p (all experts). */
+static void kt_proj_bytes(const ktmoe_moe *m, const kt_proj *p, size_t *data, size_t *scale,
+                          size_t *aux) {
+    *data = (size_t)(m->E * p->rows * p->rb);
+    *scale = p->G ? (size_t)(m->E * p->rows * p->G) * 4 : 0;
+    *aux = (m->fmt == KT_W_I4M || m->fmt == KT_W_I4Z) ? (size_t)(m->E * p->rows * p->G) * kt_aux_size(m->fmt) : 0;
+}
+
 KTMOE_API int64_t ktmoe_moe_weight_bytes(const ktmoe_moe *m) {
     if (!m || !m->weights_loaded) return 0;
-    return (int64_t)(3 * m->E * m->I * m->H * 2);
+    size_t total = 0, d, s, a;
+    for (int sl = 0; sl < m->tp; sl++)
+        for (int pj = 0; pj < 3; pj++) {
+            kt_proj_bytes(m, &m->slices[sl].p[pj], &d, &s, &a);
+            total += d + s + a;
+        }
+    return (int64_t)total;
 }
 
 KTMOE_API int64_t ktmoe_moe_buffer_bytes(const ktmoe_moe *m) {
@@ -271,50 +368,148 @@ KTMOE_API int32_t ktmoe_moe_cache_depth(const ktmoe_moe *m) {
 
 typedef struct kt_load_ctx {
     ktmoe_moe *m;
-    const void *gate, *up, *down;
-    int dtype;
+    const void *src[3]; /* unpacked source: gate, up, down of src_dtype */
+    int src_dtype;
+    ktmoe_packed packed[3]; /* or packed source (packed != 0)        */
+    int packed_src;
     const int64_t *map;
+    atomic_int failed;
+    pthread_mutex_t mu;
+    ktmoe_status st;
+    char msg[256];
 } kt_load_ctx;
 
-static void kt_copy_row(uint16_t *dst, const void *src, int dtype, int64_t idx, int64_t n) {
-    if (dtype == KTMOE_DTYPE_BF16) {
-        memcpy(dst, (const uint16_t *)src + idx, (size_t)n * 2);
+static const char *const kt_proj_names[3] = {"gate", "up", "down"};
+
+static void kt_load_fail(kt_load_ctx *c, ktmoe_status st) {
+    pthread_mutex_lock(&c->mu);
+    if (!atomic_load(&c->failed)) {
+        kt_error_copy(c->msg, sizeof c->msg);
+        c->st = st;
+        atomic_store(&c->failed, 1);
+    }
+    pthread_mutex_unlock(&c->mu);
+}
+
+/* Columns [c0, c0 + n) of a packed row (data q, groups s/a of `gs` columns,
+ * G groups) into a packed destination row. */
+static void kt_copy_cols(const ktmoe_moe *m, const uint8_t *q, const float *s, const void *a,
+                         int64_t c0, int64_t n, uint8_t *dq, float *ds, void *da) {
+    int fmt = m->fmt;
+    if (kt_fmt_is_int4(fmt)) {
+        if (c0 % 2 == 0) {
+            memcpy(dq, q + c0 / 2, (size_t)(n / 2));
+            if (n % 2) dq[n / 2] = q[(c0 + n - 1) / 2] & 0x0F;
+        } else {
+            memset(dq, 0, (size_t)((n + 1) / 2));
+            for (int64_t i = 0; i < n; i++) {
+                int64_t c = c0 + i;
+                int u = (c & 1) ? q[c / 2] >> 4 : q[c / 2] & 15;
+                dq[i / 2] |= (uint8_t)((i & 1) ? u << 4 : u);
+            }
+        }
     } else {
-        const float *s = (const float *)src + idx;
-        for (int64_t i = 0; i < n; i++) dst[i] = kt_f32_to_bf16(s[i]);
+        size_t es = (size_t)kt_row_bytes(fmt, 1);
+        memcpy(dq, q + c0 * (int64_t)es, (size_t)n * es);
+    }
+    if (!ds) return;
+    int64_t g0 = m->gs ? c0 / m->gs : 0, ng = m->gs ? n / m->gs : 1;
+    memcpy(ds, s + g0, (size_t)ng * 4);
+    if (da) {
+        size_t as = kt_aux_size(fmt);
+        memcpy(da, (const char *)a + g0 * (int64_t)as, (size_t)ng * as);
     }
 }
 
-static void kt_load_job(void *vctx, const kt_worker_ctx *w, int sub, int64_t e) {
-    KT_UNUSED(w);
-    kt_load_ctx *c = vctx;
-    ktmoe_moe *m = c->m;
-    const kt_slice *sl = &m->slices[sub];
-    int64_t src = c->map ? c->map[e] : e, H = m->H, I = m->I, Is = m->Is;
-    for (int64_t i = 0; i < Is; i++) {
-        int64_t row = (src * I + sl->i0 + i) * H;
-        kt_copy_row(sl->wg + (e * Is + i) * H, c->gate, c->dtype, row, H);
-        kt_copy_row(sl->wu + (e * Is + i) * H, c->up, c->dtype, row, H);
+/* Checks the scales (and zero points) of one packed source row. */
+static ktmoe_status kt_check_groups(const ktmoe_moe *m, const float *s, const void *a, int64_t G) {
+    for (int64_t g = 0; g < G; g++) {
+        if (!isfinite(s[g]))
+            return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "scale of group %lld is not finite", (long long)g);
+        if (m->fmt == KT_W_I4M && !isfinite(((const float *)a)[g]))
+            return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "min of group %lld is not finite", (long long)g);
+        if (m->fmt == KT_W_I4Z && ((const uint8_t *)a)[g] > 15)
+            return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "zero point of group %lld is %d, above 15",
+                            (long long)g, ((const uint8_t *)a)[g]);
     }
-    for (int64_t h = 0; h < H; h++)
-        kt_copy_row(sl->wd + (e * H + h) * Is, c->down, c->dtype, (src * H + h) * I + sl->i0, Is);
+    return KTMOE_OK;
+}
+
+/* Task t = (expert e, projection pj): every row of the source expert, packed
+ * (or quantized here), scattered to the slices. */
+static void kt_load_job(void *vctx, const kt_worker_ctx *w, int sub, int64_t t) {
+    KT_UNUSED(sub);
+    kt_load_ctx *c = vctx;
+    if (atomic_load(&c->failed)) return;
+    ktmoe_moe *m = c->m;
+    int64_t e = t / 3, src = c->map ? c->map[e] : e;
+    int pj = (int)(t % 3);
+    const kt_proj *p0 = &m->slices[0].p[pj];
+    int64_t rows = pj == PD ? m->H : m->I, cols = pj == PD ? m->I : m->H;
+    int64_t rb = kt_row_bytes(m->fmt, cols), G = p0->G ? (m->gs ? cols / m->gs : 1) : 0;
+    size_t as = kt_aux_size(m->fmt), auxb = (m->fmt == KT_W_I4M || m->fmt == KT_W_I4Z) ? as : 0;
+    /* scratch: x [cols] f32, q [rb], s [G], a [G] */
+    float *x = w->scratch;
+    uint8_t *tq = (uint8_t *)(x + cols);
+    float *ts = (float *)(tq + ((rb + 63) & ~(int64_t)63));
+    void *ta = ts + G;
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *q;
+        const float *sc = NULL;
+        const void *ax = NULL;
+        int64_t srow = src * rows + r;
+        ktmoe_status st;
+        if (c->packed_src) {
+            const ktmoe_packed *pk = &c->packed[pj];
+            q = (const uint8_t *)pk->qweight + srow * rb;
+            if (G) sc = pk->scale + srow * G;
+            if (auxb) ax = (const char *)pk->aux + srow * G * (int64_t)as;
+            st = G ? kt_check_groups(m, sc, ax, G) : KTMOE_OK;
+        } else {
+            kt_to_f32(kt_at(c->src[pj], c->src_dtype, srow * cols), c->src_dtype, x, cols);
+            st = kt_quant_row(m->fmt, m->gs ? m->gs : cols, x, cols, tq, G ? ts : NULL, auxb ? ta : NULL);
+            q = tq;
+            sc = ts;
+            ax = ta;
+        }
+        if (st != KTMOE_OK) {
+            char why[200];
+            kt_error_copy(why, sizeof why);
+            kt_load_fail(c, kt_error(st, "expert %lld, %s_proj row %lld: %s", (long long)src,
+                                     kt_proj_names[pj], (long long)r, why));
+            return;
+        }
+        for (int s = 0; s < m->tp; s++) {
+            const kt_slice *sl = &m->slices[s];
+            const kt_proj *p = &sl->p[pj];
+            int64_t lr, c0;
+            if (pj == PD) {
+                lr = r;
+                c0 = sl->i0;
+            } else {
+                if (r < sl->i0 || r >= sl->i0 + m->Is) continue;
+                lr = r - sl->i0;
+                c0 = 0;
+            }
+            int64_t drow = e * p->rows + lr;
+            kt_copy_cols(m, q, sc, ax, c0, p->cols, p->data + drow * p->rb,
+                         p->G ? p->scale + drow * p->G : NULL,
+                         auxb ? (char *)p->aux + drow * p->G * (int64_t)as : NULL);
+        }
+    }
 }
 
 static ktmoe_status kt_load_task(void *vctx) {
     kt_load_ctx *c = vctx;
-    int64_t n[KT_MAX_SUBPOOLS];
-    for (int s = 0; s < c->m->tp; s++) n[s] = c->m->E;
-    kt_pool_parallel(c->m->pool, n, kt_load_job, c);
+    kt_pool_parallel_all(c->m->pool, c->m->E * 3, kt_load_job, c);
+    if (atomic_load(&c->failed)) {
+        kt_error_set_message(c->st, c->msg);
+        return c->st;
+    }
     return KTMOE_OK;
 }
 
-KTMOE_API ktmoe_status ktmoe_moe_load_weights(ktmoe_moe *m, const void *gate, const void *up,
-                                              const void *down, ktmoe_dtype dtype,
-                                              const int64_t *map, int64_t src_experts) {
-    if (!m || !gate || !up || !down)
-        return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "moe and weight pointers must not be NULL");
-    if (dtype != KTMOE_DTYPE_BF16 && dtype != KTMOE_DTYPE_F32)
-        return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "unknown weight dtype %d", (int)dtype);
+static ktmoe_status kt_check_map(const ktmoe_moe *m, const int64_t *map, int64_t src_experts) {
     if (!map && src_experts != m->E)
         return kt_error(KTMOE_ERR_INVALID_ARGUMENT,
                         "without a map the source must hold num_experts (%lld) experts, got %lld",
@@ -325,32 +520,80 @@ KTMOE_API ktmoe_status ktmoe_moe_load_weights(ktmoe_moe *m, const void *gate, co
                 return kt_error(KTMOE_ERR_INVALID_ARGUMENT,
                                 "physical_to_logical_map[%lld] = %lld is out of range [0, %lld)",
                                 (long long)e, (long long)map[e], (long long)src_experts);
-    for (int s = 0; s < m->tp; s++) {
-        kt_slice *sl = &m->slices[s];
-        size_t bytes = (size_t)(m->E * m->Is * m->H) * 2;
-        if (!sl->wg) {
-            sl->wg = kt_alloc(bytes);
-            sl->wu = kt_alloc(bytes);
-            sl->wd = kt_alloc(bytes);
-            if (!sl->wg || !sl->wu || !sl->wd) {
-                for (int t = 0; t <= s; t++) {
-                    kt_free(m->slices[t].wg);
-                    kt_free(m->slices[t].wu);
-                    kt_free(m->slices[t].wd);
-                    m->slices[t].wg = m->slices[t].wu = m->slices[t].wd = NULL;
-                }
-                m->weights_loaded = 0;
-                return kt_error(KTMOE_ERR_OUT_OF_MEMORY,
-                                "out of memory allocating %zu bytes of expert weights", 3 * bytes * m->tp);
+    return KTMOE_OK;
+}
+
+static ktmoe_status kt_alloc_weights(ktmoe_moe *m) {
+    for (int s = 0; s < m->tp; s++)
+        for (int pj = 0; pj < 3; pj++) {
+            kt_proj *p = &m->slices[s].p[pj];
+            size_t d, sc, a;
+            if (p->data) continue;
+            kt_proj_bytes(m, p, &d, &sc, &a);
+            p->data = kt_alloc(d);
+            p->scale = sc ? kt_alloc(sc) : NULL;
+            p->aux = a ? kt_alloc(a) : NULL;
+            if (!p->data || (sc && !p->scale) || (a && !p->aux)) {
+                kt_free_weights(m);
+                return kt_error(KTMOE_ERR_OUT_OF_MEMORY, "out of memory allocating the expert weights");
             }
         }
-    }
-    kt_load_ctx ctx = {m, gate, up, down, dtype, map};
-    ktmoe_status st = ktmoe_pool_submit(m->pool, kt_load_task, &ctx);
+    return KTMOE_OK;
+}
+
+/* Runs a load on the pool and waits; the layer is unloaded on failure. */
+static ktmoe_status kt_load_run(ktmoe_moe *m, kt_load_ctx *ctx) {
+    ktmoe_status st = kt_alloc_weights(m);
     if (st != KTMOE_OK) return st;
-    st = ktmoe_pool_sync(m->pool);
+    ctx->m = m;
+    atomic_init(&ctx->failed, 0);
+    pthread_mutex_init(&ctx->mu, NULL);
+    m->weights_loaded = 0;
+    st = ktmoe_pool_submit(m->pool, kt_load_task, ctx);
+    if (st == KTMOE_OK) st = ktmoe_pool_sync(m->pool);
+    pthread_mutex_destroy(&ctx->mu);
     if (st == KTMOE_OK) m->weights_loaded = 1;
     return st;
+}
+
+KTMOE_API ktmoe_status ktmoe_moe_load_weights(ktmoe_moe *m, const void *gate, const void *up,
+                                              const void *down, ktmoe_dtype dtype,
+                                              const int64_t *map, int64_t src_experts) {
+    if (!m || !gate || !up || !down)
+        return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "moe and weight pointers must not be NULL");
+    if (dtype != KTMOE_DTYPE_BF16 && dtype != KTMOE_DTYPE_F32)
+        return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "unknown weight dtype %d", (int)dtype);
+    ktmoe_status st = kt_check_map(m, map, src_experts);
+    if (st != KTMOE_OK) return st;
+    kt_load_ctx ctx;
+    memset(&ctx, 0, sizeof ctx);
+    ctx.src[PG] = gate;
+    ctx.src[PU] = up;
+    ctx.src[PD] = down;
+    ctx.src_dtype = dtype;
+    ctx.map = map;
+    return kt_load_run(m, &ctx);
+}
+
+KTMOE_API ktmoe_status ktmoe_moe_load_packed(ktmoe_moe *m, const ktmoe_packed *gate,
+                                             const ktmoe_packed *up, const ktmoe_packed *down,
+                                             const int64_t *map, int64_t src_experts) {
+    if (!m || !gate || !up || !down)
+        return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "moe and packed weights must not be NULL");
+    const ktmoe_packed *pk[3] = {gate, up, down};
+    int need_scale = m->fmt != KT_W_BF16, need_aux = m->fmt == KT_W_I4M || m->fmt == KT_W_I4Z;
+    for (int pj = 0; pj < 3; pj++)
+        if (!pk[pj]->qweight || (need_scale && !pk[pj]->scale) || (need_aux && !pk[pj]->aux))
+            return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "%s_proj: a part this method needs is NULL",
+                            kt_proj_names[pj]);
+    ktmoe_status st = kt_check_map(m, map, src_experts);
+    if (st != KTMOE_OK) return st;
+    kt_load_ctx ctx;
+    memset(&ctx, 0, sizeof ctx);
+    for (int pj = 0; pj < 3; pj++) ctx.packed[pj] = *pk[pj];
+    ctx.packed_src = 1;
+    ctx.map = map;
+    return kt_load_run(m, &ctx);
 }
 
 KTMOE_API ktmoe_status ktmoe_moe_set_lora(ktmoe_moe *m, ktmoe_dtype dtype, const void *ga,
@@ -469,11 +712,11 @@ static void kt_fwd_lora_a(void *v, const kt_worker_ctx *w, int sub, int64_t ai) 
     ktmoe_moe *m = f->m;
     kt_cache *c = f->c;
     int64_t o, cnt, e = kt_expert(c, ai, &o, &cnt), H = m->H, r = m->r;
-    kt_dot_fn dot = kt_dot_for(m, m->lora_dtype);
     const int32_t *tok = (int32_t *)c->tok.p + o;
     float *xs = F(&c->xs) + o * 2 * r;
-    dot(cnt, r, H, F(&c->x), H, tok, kt_at(m->la[LGA], m->lora_dtype, e * r * H), H, xs, 2 * r, 0);
-    dot(cnt, r, H, F(&c->x), H, tok, kt_at(m->la[LUA], m->lora_dtype, e * r * H), H, xs + r, 2 * r, 0);
+    kt_wmat ag = kt_lora(m, LGA, e * r * H, H), au = kt_lora(m, LUA, e * r * H, H);
+    m->kern->dot(cnt, r, H, F(&c->x), H, tok, &ag, xs, 2 * r, 0);
+    m->kern->dot(cnt, r, H, F(&c->x), H, tok, &au, xs + r, 2 * r, 0);
     for (int64_t i = 0; i < cnt * 2 * r; i++) xs[i] *= m->scale;
 }
 
@@ -485,19 +728,19 @@ static void kt_fwd_gate_up(void *v, const kt_worker_ctx *w, int s, int64_t task)
     kt_cache *c = f->c;
     int64_t o, cnt, e = kt_expert(c, task / f->ntile_i, &o, &cnt), j0 = (task % f->ntile_i) * KT_TN;
     int64_t H = m->H, Is = m->Is, r = m->r, tn = KT_MIN(KT_TN, Is - j0), np = c->npairs;
-    const kt_slice *sl = &m->slices[s];
     const int32_t *tok = (int32_t *)c->tok.p + o;
     float *g = F(&c->g) + s * np * Is + o * Is + j0;
     float *u = F(&c->u) + s * np * Is + o * Is + j0;
     float *h = F(&m->h) + s * np * Is + o * Is + j0;
-    m->kern->dot_bf16(cnt, tn, H, F(&c->x), H, tok, sl->wg + (e * Is + j0) * H, H, g, Is, 0);
-    m->kern->dot_bf16(cnt, tn, H, F(&c->x), H, tok, sl->wu + (e * Is + j0) * H, H, u, Is, 0);
+    kt_wmat wg = kt_frozen(m, s, PG, e, j0, 0), wu = kt_frozen(m, s, PU, e, j0, 0);
+    m->kern->dot(cnt, tn, H, F(&c->x), H, tok, &wg, g, Is, 0);
+    m->kern->dot(cnt, tn, H, F(&c->x), H, tok, &wu, u, Is, 0);
     if (f->lora) {
-        kt_dot_fn dot = kt_dot_for(m, m->lora_dtype);
-        int64_t brow = (e * m->I + sl->i0 + j0) * r;
+        int64_t brow = (e * m->I + m->slices[s].i0 + j0) * r;
         const float *xs = F(&c->xs) + o * 2 * r;
-        dot(cnt, tn, r, xs, 2 * r, NULL, kt_at(m->la[LGB], m->lora_dtype, brow), r, g, Is, 1);
-        dot(cnt, tn, r, xs + r, 2 * r, NULL, kt_at(m->la[LUB], m->lora_dtype, brow), r, u, Is, 1);
+        kt_wmat bg = kt_lora(m, LGB, brow, r), bu = kt_lora(m, LUB, brow, r);
+        m->kern->dot(cnt, tn, r, xs, 2 * r, NULL, &bg, g, Is, 1);
+        m->kern->dot(cnt, tn, r, xs + r, 2 * r, NULL, &bu, u, Is, 1);
     }
     for (int64_t i = 0; i < cnt; i++) m->kern->act_fwd(tn, g + i * Is, u + i * Is, h + i * Is);
 }
@@ -511,9 +754,8 @@ static void kt_fwd_down_a(void *v, const kt_worker_ctx *w, int s, int64_t ai) {
     int64_t o, cnt, e = kt_expert(c, ai, &o, &cnt), Is = m->Is, r = m->r, np = c->npairs;
     const float *h = F(&m->h) + s * np * Is + o * Is;
     float *part = F(&m->part) + (s * np + o) * r;
-    kt_dot_for(m, m->lora_dtype)(cnt, r, Is, h, Is, NULL,
-                                 kt_at(m->la[LDA], m->lora_dtype, e * r * m->I + m->slices[s].i0),
-                                 m->I, part, r, 0);
+    kt_wmat ad = kt_lora(m, LDA, e * r * m->I + m->slices[s].i0, m->I);
+    m->kern->dot(cnt, r, Is, h, Is, NULL, &ad, part, r, 0);
 }
 
 /* F4: y = h Wd^T (+ hs Bd^T on slice 0) for one (expert, H tile) */
@@ -526,10 +768,12 @@ static void kt_fwd_down(void *v, const kt_worker_ctx *w, int s, int64_t task) {
     int64_t H = m->H, Is = m->Is, r = m->r, tn = KT_MIN(KT_TN, H - n0), np = c->npairs;
     const float *h = F(&m->h) + s * np * Is + o * Is;
     float *y = F(&m->y) + s * np * H + o * H + n0;
-    m->kern->dot_bf16(cnt, tn, Is, h, Is, NULL, m->slices[s].wd + (e * H + n0) * Is, Is, y, H, 0);
-    if (f->lora && s == 0)
-        kt_dot_for(m, m->lora_dtype)(cnt, tn, r, F(&c->hs) + o * r, r, NULL,
-                                     kt_at(m->la[LDB], m->lora_dtype, (e * H + n0) * r), r, y, H, 1);
+    kt_wmat wd = kt_frozen(m, s, PD, e, n0, 0);
+    m->kern->dot(cnt, tn, Is, h, Is, NULL, &wd, y, H, 0);
+    if (f->lora && s == 0) {
+        kt_wmat bd = kt_lora(m, LDB, (e * H + n0) * r, r);
+        m->kern->dot(cnt, tn, r, F(&c->hs) + o * r, r, NULL, &bd, y, H, 1);
+    }
 }
 
 /* F5: out[t] = sum_j w_tj y[pair(t, j)] */
@@ -679,8 +923,8 @@ static void kt_bwd_lora_db(void *v, const kt_worker_ctx *w, int sub, int64_t ai)
     int64_t o, cnt, e = kt_expert(c, ai, &o, &cnt), H = m->H, r = m->r;
     float *dbs = F(&m->dbs) + o * r, *whs = F(&m->whs) + o * r;
     const float *hs = F(&c->hs) + o * r, *pw = F(&c->pw) + o;
-    kt_outer_for(m, m->lora_dtype)(cnt, r, H, F(&m->dO), H, 1, (int32_t *)c->tok.p + o,
-                                   kt_at(m->la[LDB], m->lora_dtype, e * H * r), r, NULL, dbs, r, 0);
+    kt_wmat bd = kt_lora(m, LDB, e * H * r, r);
+    m->kern->outer(cnt, r, H, F(&m->dO), H, 1, (int32_t *)c->tok.p + o, &bd, NULL, dbs, r, 0);
     for (int64_t i = 0; i < cnt; i++)
         for (int64_t j = 0; j < r; j++) {
             dbs[i * r + j] *= m->scale;
@@ -705,8 +949,8 @@ static void kt_bwd_down(void *v, const kt_worker_ctx *w, int s, int64_t task) {
     int64_t o, cnt, e = kt_expert(c, task / b->ntile_i, &o, &cnt), j0 = jt * KT_TN;
     int64_t H = m->H, I = m->I, Is = m->Is, r = m->r, np = c->npairs, tn = KT_MIN(KT_TN, Is - j0);
     int64_t i0 = m->slices[s].i0;
-    int ld = m->lora_dtype, lora = c->use_lora;
-    kt_outer_fn louter = kt_outer_for(m, ld);
+    int lora = c->use_lora;
+    kt_wmat wd = kt_frozen(m, s, PD, e, 0, j0), ad = kt_lora(m, LDA, e * r * I + i0 + j0, I);
     float *dhu = w->scratch;                   /* [KT_MC][KT_TN] */
     float *h = dhu + KT_MC * KT_TN;            /* [KT_MC][KT_TN] */
     float *wdb = h + KT_MC * KT_TN;            /* [KT_MC][r]     */
@@ -719,24 +963,24 @@ static void kt_bwd_down(void *v, const kt_worker_ctx *w, int s, int64_t task) {
         int64_t mc = KT_MIN(KT_MC, cnt - p0), q = o + p0;
         float *g = F(&c->g) + s * np * Is + q * Is + j0;
         float *u = F(&c->u) + s * np * Is + q * Is + j0;
-        m->kern->outer_bf16(mc, tn, H, F(&m->dO), H, 1, (int32_t *)c->tok.p + q,
-                            m->slices[s].wd + e * H * Is + j0, Is, NULL, dhu, KT_TN, 0);
+        m->kern->outer(mc, tn, H, F(&m->dO), H, 1, (int32_t *)c->tok.p + q, &wd, NULL, dhu, KT_TN, 0);
         if (lora) {
-            louter(mc, tn, r, F(&m->dbs) + q * r, r, 1, NULL,
-                   kt_at(m->la[LDA], ld, e * r * I + i0 + j0), I, NULL, dhu, KT_TN, 1);
+            m->kern->outer(mc, tn, r, F(&m->dbs) + q * r, r, 1, NULL, &ad, NULL, dhu, KT_TN, 1);
             /* dAd[:, tile] += (w dbs)^T h */
             for (int64_t i = 0; i < mc; i++) {
                 m->kern->act_fwd(tn, g + i * Is, u + i * Is, h + i * KT_TN);
                 for (int64_t j = 0; j < r; j++) wdb[i * r + j] = pw[q + i] * F(&m->dbs)[(q + i) * r + j];
             }
-            m->kern->outer_f32(r, tn, mc, wdb, 1, r, NULL, h, KT_TN, NULL, gAd, KT_TN, p0 > 0);
+            kt_wmat hm = kt_act(h, KT_TN);
+            m->kern->outer(r, tn, mc, wdb, 1, r, NULL, &hm, NULL, gAd, KT_TN, p0 > 0);
         }
         for (int64_t i = 0; i < mc; i++)
             dwp[q + i] = m->kern->act_bwd(tn, dhu + i * KT_TN, g + i * Is, u + i * Is, pw[q + i]);
         if (lora) {
             const float *xs = F(&c->xs) + q * 2 * r;
-            m->kern->outer_f32(tn, r, mc, g, 1, Is, NULL, xs, 2 * r, NULL, gBg, r, p0 > 0);
-            m->kern->outer_f32(tn, r, mc, u, 1, Is, NULL, xs + r, 2 * r, NULL, gBu, r, p0 > 0);
+            kt_wmat xg = kt_act(xs, 2 * r), xu = kt_act(xs + r, 2 * r);
+            m->kern->outer(tn, r, mc, g, 1, Is, NULL, &xg, NULL, gBg, r, p0 > 0);
+            m->kern->outer(tn, r, mc, u, 1, Is, NULL, &xu, NULL, gBu, r, p0 > 0);
         }
     }
     if (lora) {
@@ -755,11 +999,9 @@ static void kt_bwd_lora_gu(void *v, const kt_worker_ctx *w, int s, int64_t ai) {
     int64_t o, cnt, e = kt_expert(c, ai, &o, &cnt), Is = m->Is, r = m->r, np = c->npairs;
     int64_t brow = (e * m->I + m->slices[s].i0) * r;
     float *part = F(&m->part) + (s * np + o) * 2 * r;
-    kt_outer_fn louter = kt_outer_for(m, m->lora_dtype);
-    louter(cnt, r, Is, F(&c->g) + s * np * Is + o * Is, Is, 1, NULL,
-           kt_at(m->la[LGB], m->lora_dtype, brow), r, NULL, part, 2 * r, 0);
-    louter(cnt, r, Is, F(&c->u) + s * np * Is + o * Is, Is, 1, NULL,
-           kt_at(m->la[LUB], m->lora_dtype, brow), r, NULL, part + r, 2 * r, 0);
+    kt_wmat bg = kt_lora(m, LGB, brow, r), bu = kt_lora(m, LUB, brow, r);
+    m->kern->outer(cnt, r, Is, F(&c->g) + s * np * Is + o * Is, Is, 1, NULL, &bg, NULL, part, 2 * r, 0);
+    m->kern->outer(cnt, r, Is, F(&c->u) + s * np * Is + o * Is, Is, 1, NULL, &bu, NULL, part + r, 2 * r, 0);
 }
 
 /* B4: dx per pair for one (expert, H tile) of a slice; on slice 0 also the
@@ -770,26 +1012,26 @@ static void kt_bwd_gate_up(void *v, const kt_worker_ctx *w, int s, int64_t task)
     kt_cache *c = b->c;
     int64_t o, cnt, e = kt_expert(c, task / b->ntile_h, &o, &cnt), n0 = (task % b->ntile_h) * KT_TN;
     int64_t H = m->H, Is = m->Is, r = m->r, np = c->npairs, tn = KT_MIN(KT_TN, H - n0);
-    int ld = m->lora_dtype;
-    const kt_slice *sl = &m->slices[s];
     const float *dg = F(&c->g) + s * np * Is + o * Is, *du = F(&c->u) + s * np * Is + o * Is;
     float *dx = F(&m->y) + s * np * H + o * H + n0;
-    m->kern->outer_bf16(cnt, tn, Is, dg, Is, 1, NULL, sl->wg + e * Is * H + n0, H, NULL, dx, H, 0);
-    m->kern->outer_bf16(cnt, tn, Is, du, Is, 1, NULL, sl->wu + e * Is * H + n0, H, NULL, dx, H, 1);
+    kt_wmat wg = kt_frozen(m, s, PG, e, 0, n0), wu = kt_frozen(m, s, PU, e, 0, n0);
+    m->kern->outer(cnt, tn, Is, dg, Is, 1, NULL, &wg, NULL, dx, H, 0);
+    m->kern->outer(cnt, tn, Is, du, Is, 1, NULL, &wu, NULL, dx, H, 1);
     if (!c->use_lora || s != 0) return;
-    kt_outer_fn louter = kt_outer_for(m, ld);
     const float *dgus = F(&m->dgus) + o * 2 * r;
     const int32_t *tok = (int32_t *)c->tok.p + o;
-    louter(cnt, tn, r, dgus, 2 * r, 1, NULL, kt_at(m->la[LGA], ld, e * r * H + n0), H, NULL, dx, H, 1);
-    louter(cnt, tn, r, dgus + r, 2 * r, 1, NULL, kt_at(m->la[LUA], ld, e * r * H + n0), H, NULL, dx, H, 1);
+    kt_wmat ag = kt_lora(m, LGA, e * r * H + n0, H), au = kt_lora(m, LUA, e * r * H + n0, H);
+    m->kern->outer(cnt, tn, r, dgus, 2 * r, 1, NULL, &ag, NULL, dx, H, 1);
+    m->kern->outer(cnt, tn, r, dgus + r, 2 * r, 1, NULL, &au, NULL, dx, H, 1);
     float *acc = w->scratch;            /* [r][KT_TN] */
     float *acc2 = acc + r * KT_TN;      /* [KT_TN][r] */
-    m->kern->outer_f32(r, tn, cnt, dgus, 1, 2 * r, NULL, F(&c->x) + n0, H, tok, acc, KT_TN, 0);
+    kt_wmat xm = kt_act(F(&c->x) + n0, H), dom = kt_act(F(&m->dO) + n0, H);
+    m->kern->outer(r, tn, cnt, dgus, 1, 2 * r, NULL, &xm, tok, acc, KT_TN, 0);
     kt_write_grad(b, LGA, e * r * H + n0, H, acc, KT_TN, r, tn);
-    m->kern->outer_f32(r, tn, cnt, dgus + r, 1, 2 * r, NULL, F(&c->x) + n0, H, tok, acc, KT_TN, 0);
+    m->kern->outer(r, tn, cnt, dgus + r, 1, 2 * r, NULL, &xm, tok, acc, KT_TN, 0);
     kt_write_grad(b, LUA, e * r * H + n0, H, acc, KT_TN, r, tn);
     /* dBd[n0 + n, :] = sum_p dO[tok_p, n0 + n] whs[p, :], built transposed */
-    m->kern->outer_f32(r, tn, cnt, F(&m->whs) + o * r, 1, r, NULL, F(&m->dO) + n0, H, tok, acc, KT_TN, 0);
+    m->kern->outer(r, tn, cnt, F(&m->whs) + o * r, 1, r, NULL, &dom, tok, acc, KT_TN, 0);
     for (int64_t n = 0; n < tn; n++)
         for (int64_t j = 0; j < r; j++) acc2[n * r + j] = acc[j * KT_TN + n];
     kt_write_grad(b, LDB, (e * H + n0) * r, r, acc2, r, tn, r);

@@ -3,11 +3,14 @@
  * the ref tier by the test suite.
  *
  * dot form (x W^T, forward): 3 rows of A x 4 rows of W per micro-kernel,
- *   8 k per step; W rows are converted from bf16 on load; one horizontal
- *   sum per output at the end.
+ *   8 k per step; W rows are converted (bf16) or dequantized (int8, int4)
+ *   to an fp32 panel; one horizontal sum per output at the end.
  * outer form (dh W, backward): 6 rows of D x 16 columns of W per
  *   micro-kernel, D broadcast from memory, K blocked by 256 so the W panel
- *   stays in L1 while all rows stream past it. */
+ *   stays in L1 while all rows stream past it.
+ * Quantized W is dequantized 8 columns at a time to exactly the fp32 values
+ * of kt_w_at (the ref tier's definition), so tiers differ only in the order
+ * of the fp32 sums. */
 #include "../../internal.h"
 
 #include <immintrin.h>
@@ -26,15 +29,59 @@ KT_INLINE __m256 ld8_w(const void *w, int bf16, int64_t i) {
     return bf16 ? ld8_bf16((const uint16_t *)w + i) : _mm256_loadu_ps((const float *)w + i);
 }
 
-KT_INLINE float ld1_w(const void *w, int bf16, int64_t i) {
-    return bf16 ? kt_bf16_to_f32(((const uint16_t *)w)[i]) : ((const float *)w)[i];
-}
-
 KT_INLINE float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+}
+
+/* ---- dequantization ---- */
+
+/* The 4-bit codes of 8 columns starting at byte p (an even column), as int32. */
+KT_INLINE __m256i nib8(const uint8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    const __m128i dup = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, -1, -1, -1, -1, -1, -1, -1, -1);
+    __m256i x = _mm256_cvtepu8_epi32(_mm_shuffle_epi8(_mm_cvtsi32_si128(v), dup));
+    x = _mm256_srlv_epi32(x, _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4));
+    return _mm256_and_si256(x, _mm256_set1_epi32(15));
+}
+
+/* dst[0..n) = W(r, c .. c+n) in fp32; c, n and the group size multiples of 8. */
+static void deq_seg(float *dst, const kt_wmat *w, int64_t r, int64_t c, int64_t n) {
+    if (w->fmt == KT_W_F32) {
+        memcpy(dst, (const float *)w->data + r * w->ld + c, (size_t)n * 4);
+        return;
+    }
+    if (w->fmt == KT_W_BF16) {
+        const uint16_t *p = (const uint16_t *)w->data + r * w->ld + c;
+        for (int64_t i = 0; i < n; i += 8) _mm256_storeu_ps(dst + i, ld8_bf16(p + i));
+        return;
+    }
+    const uint8_t *row = (const uint8_t *)w->data + r * w->ld;
+    for (int64_t col = c; col < c + n;) {
+        int64_t gc = w->g0 + col, g = gc / w->gs;
+        int64_t end = KT_MIN(c + n, col + (w->gs - gc % w->gs));
+        __m256 s = _mm256_set1_ps(w->scale[r * w->ldg + g]);
+        if (w->fmt == KT_W_I8) {
+            for (; col < end; col += 8) {
+                __m128i q = _mm_loadl_epi64((const __m128i *)(row + col));
+                _mm256_storeu_ps(dst + col - c, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), s));
+            }
+        } else if (w->fmt == KT_W_I4M) {
+            __m256 mn = _mm256_set1_ps(((const float *)w->aux)[r * w->ldg + g]);
+            for (; col < end; col += 8)
+                _mm256_storeu_ps(dst + col - c,
+                                 _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(nib8(row + col / 2)), s), mn));
+        } else {
+            int z = w->fmt == KT_W_I4Z ? ((const uint8_t *)w->aux)[r * w->ldg + g] : 8;
+            __m256i zv = _mm256_set1_epi32(z);
+            for (; col < end; col += 8)
+                _mm256_storeu_ps(dst + col - c,
+                                 _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(nib8(row + col / 2), zv)), s));
+        }
+    }
 }
 
 /* ---- dot form ----
@@ -44,17 +91,6 @@ KT_INLINE float hsum8(__m256 v) {
 
 #define KT_DOT_KC 512  /* K chunk of the fp32 W panel (4 x 512 x 4 B = 8 KB) */
 #define KT_DOT_MC 48   /* rows of A per pass over a W panel               */
-
-KT_INLINE void cvt_row(float *dst, const void *w, int bf16, int64_t off, int64_t n) {
-    if (!bf16) {
-        memcpy(dst, (const float *)w + off, (size_t)n * 4);
-        return;
-    }
-    const uint16_t *p = (const uint16_t *)w + off;
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, ld8_bf16(p + i));
-    for (; i < n; i++) dst[i] = kt_bf16_to_f32(p[i]);
-}
 
 /* panel == NULL: read the W rows (w + row*ldw + k) directly, converting as
  * they load (few rows of A: a panel would not pay off). */
@@ -84,12 +120,15 @@ KT_INLINE void dot_micro(const int MR, const int NR, int64_t kc, const float *co
         break;
 
 KT_INLINE void dot_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const float *a,
-                        int64_t lda, const int32_t *aidx, const void *w, int64_t ldw,
+                        int64_t lda, const int32_t *aidx, const kt_wmat *W,
                         float *c, int64_t ldc, int accum) {
     float panel[4 * KT_DOT_KC] __attribute__((aligned(32)));
     __m256 accbuf[(KT_DOT_MC / 3) * 12];
     int64_t K8 = K & ~(int64_t)7;
-    const int direct = m <= 3; /* one row block: convert W on the fly */
+    const void *w = W->data;
+    const int64_t ldw = W->ld;
+    /* one row block of a plain W: convert it on the fly */
+    const int direct = m <= 3 && (W->fmt == KT_W_F32 || W->fmt == KT_W_BF16);
     for (int64_t i0 = 0; i0 < m; i0 += KT_DOT_MC) {
         int64_t mc = KT_MIN(KT_DOT_MC, m - i0);
         for (int64_t j = 0; j < n; j += 4) {
@@ -99,7 +138,7 @@ KT_INLINE void dot_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const f
                 const void *wk0 = bf16 ? (const void *)((const uint16_t *)w + k0)
                                        : (const void *)((const float *)w + k0);
                 if (!direct)
-                    for (int t = 0; t < nr; t++) cvt_row(panel + t * KT_DOT_KC, w, bf16, (j + t) * ldw + k0, kc);
+                    for (int t = 0; t < nr; t++) deq_seg(panel + t * KT_DOT_KC, W, j + t, k0, kc);
                 for (int64_t i = 0; i < mc; i += 3) {
                     int mr = (int)KT_MIN(3, mc - i);
                     const float *ap[3];
@@ -117,7 +156,7 @@ KT_INLINE void dot_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const f
                 const __m256 *acc = accbuf + (i / 3) * 12 + (i % 3) * 4;
                 for (int t = 0; t < nr; t++) {
                     float s = hsum8(acc[t]);
-                    for (int64_t kk = K8; kk < K; kk++) s += ai[kk] * ld1_w(w, bf16, (j + t) * ldw + kk);
+                    for (int64_t kk = K8; kk < K; kk++) s += ai[kk] * kt_w_at(W, j + t, kk);
                     float *cp = c + (i0 + i) * ldc + j + t;
                     *cp = accum ? *cp + s : s;
                 }
@@ -125,16 +164,13 @@ KT_INLINE void dot_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const f
         }
     }
 }
-static void dot_bf16_avx2(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
-                          const int32_t *aidx, const void *w, int64_t ldw, float *c,
-                          int64_t ldc, int accum) {
-    dot_avx2(1, m, n, K, a, lda, aidx, w, ldw, c, ldc, accum);
-}
-
-static void dot_f32_avx2(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
-                         const int32_t *aidx, const void *w, int64_t ldw, float *c,
-                         int64_t ldc, int accum) {
-    dot_avx2(0, m, n, K, a, lda, aidx, w, ldw, c, ldc, accum);
+static void dot_any_avx2(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
+                         const int32_t *aidx, const kt_wmat *w, float *c, int64_t ldc,
+                         int accum) {
+    if (w->fmt == KT_W_F32)
+        dot_avx2(0, m, n, K, a, lda, aidx, w, c, ldc, accum);
+    else
+        dot_avx2(1, m, n, K, a, lda, aidx, w, c, ldc, accum); /* bf16 or dequantized */
 }
 
 /* ---- outer form ---- */
@@ -180,21 +216,20 @@ KT_INLINE void outer_micro(const int MR, const int NV, int64_t kc, const float *
         break;
 
 /* W panel rows [k0, k1), columns [j, j + 8 nvec) to fp32, 16 floats a row. */
-KT_INLINE void outer_pack(float *panel, const void *w, int bf16, int64_t ldw, const int32_t *widx,
-                          int64_t k0, int64_t k1, int64_t j, int nvec) {
-    for (int64_t k = k0; k < k1; k++) {
-        int64_t row = (widx ? widx[k] : k) * ldw + j;
-        float *dst = panel + (k - k0) * 16;
-        for (int v = 0; v < nvec; v++) _mm256_store_ps(dst + 8 * v, ld8_w(w, bf16, row + 8 * v));
-    }
+static void outer_pack(float *panel, const kt_wmat *W, const int32_t *widx, int64_t k0,
+                       int64_t k1, int64_t j, int nvec) {
+    for (int64_t k = k0; k < k1; k++) deq_seg(panel + (k - k0) * 16, W, widx ? widx[k] : k, j, 8 * nvec);
 }
 
 KT_INLINE void outer_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const float *d,
-                          int64_t dsi, int64_t dsk, const int32_t *didx, const void *w,
-                          int64_t ldw, const int32_t *widx, float *c, int64_t ldc, int accum) {
+                          int64_t dsi, int64_t dsk, const int32_t *didx, const kt_wmat *W,
+                          const int32_t *widx, float *c, int64_t ldc, int accum) {
     float panel[KT_KC * 16] __attribute__((aligned(32)));
     int64_t nv = n & ~(int64_t)7;
-    const int direct = m <= 2; /* too few rows for a packed panel to pay off */
+    const void *w = W->data;
+    const int64_t ldw = W->ld;
+    /* too few rows for a packed panel to pay off (plain W only) */
+    const int direct = m <= 2 && (W->fmt == KT_W_F32 || W->fmt == KT_W_BF16);
     if (K == 0 && !accum)
         for (int64_t i = 0; i < m; i++) memset(c + i * ldc, 0, (size_t)n * 4);
     for (int64_t j = 0; j < nv; j += 16) {
@@ -202,7 +237,7 @@ KT_INLINE void outer_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const
         for (int64_t k0 = 0; k0 < K; k0 += KT_KC) {
             int64_t k1 = KT_MIN(K, k0 + KT_KC);
             int load_c = accum || k0 > 0;
-            if (!direct) outer_pack(panel, w, bf16, ldw, widx, k0, k1, j, nvec);
+            if (!direct) outer_pack(panel, W, widx, k0, k1, j, nvec);
             for (int64_t i = 0; i < m; i += 6) {
                 int mr = (int)KT_MIN(6, m - i);
                 const float *dp[6];
@@ -226,23 +261,20 @@ KT_INLINE void outer_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const
         for (int64_t j = nv; j < n; j++) {
             float s = 0.0f;
             for (int64_t k = 0; k < K; k++)
-                s += di[k * dsk] * ld1_w(w, bf16, (widx ? widx[k] : k) * ldw + j);
+                s += di[k * dsk] * kt_w_at(W, widx ? widx[k] : k, j);
             float *cp = c + i * ldc + j;
             *cp = accum ? *cp + s : s;
         }
     }
 }
 
-static void outer_bf16_avx2(int64_t m, int64_t n, int64_t K, const float *d, int64_t dsi,
-                            int64_t dsk, const int32_t *didx, const void *w, int64_t ldw,
-                            const int32_t *widx, float *c, int64_t ldc, int accum) {
-    outer_avx2(1, m, n, K, d, dsi, dsk, didx, w, ldw, widx, c, ldc, accum);
-}
-
-static void outer_f32_avx2(int64_t m, int64_t n, int64_t K, const float *d, int64_t dsi,
-                           int64_t dsk, const int32_t *didx, const void *w, int64_t ldw,
+static void outer_any_avx2(int64_t m, int64_t n, int64_t K, const float *d, int64_t dsi,
+                           int64_t dsk, const int32_t *didx, const kt_wmat *w,
                            const int32_t *widx, float *c, int64_t ldc, int accum) {
-    outer_avx2(0, m, n, K, d, dsi, dsk, didx, w, ldw, widx, c, ldc, accum);
+    if (w->fmt == KT_W_F32)
+        outer_avx2(0, m, n, K, d, dsi, dsk, didx, w, widx, c, ldc, accum);
+    else
+        outer_avx2(1, m, n, K, d, dsi, dsk, didx, w, widx, c, ldc, accum);
 }
 
 /* ---- activations ---- */
@@ -309,10 +341,8 @@ static float act_bwd_avx2(int64_t n, const float *dh, float *g, float *u, float 
 
 const kt_kernels kt_kernels_avx2 = {
     .isa = KTMOE_ISA_AVX2,
-    .dot_bf16 = dot_bf16_avx2,
-    .dot_f32 = dot_f32_avx2,
-    .outer_bf16 = outer_bf16_avx2,
-    .outer_f32 = outer_f32_avx2,
+    .dot = dot_any_avx2,
+    .outer = outer_any_avx2,
     .act_fwd = act_fwd_avx2,
     .act_bwd = act_bwd_avx2,
 };

@@ -4,61 +4,32 @@
 
 #include <math.h>
 
-static inline float w_at(const void *w, int is_bf16, int64_t i) {
-    return is_bf16 ? kt_bf16_to_f32(((const uint16_t *)w)[i])
-                   : ((const float *)w)[i];
-}
-
-static void dot_ref(int is_bf16, int64_t m, int64_t n, int64_t K, const float *a,
-                    int64_t lda, const int32_t *aidx, const void *w, int64_t ldw,
-                    float *c, int64_t ldc, int accum) {
+/* C[i][j] (+)= sum_k A_i[k] W(j, k) */
+static void dot_ref(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
+                    const int32_t *aidx, const kt_wmat *w, float *c, int64_t ldc, int accum) {
     for (int64_t i = 0; i < m; i++) {
         const float *ai = a + (aidx ? aidx[i] : i) * lda;
         for (int64_t j = 0; j < n; j++) {
             float acc = 0.0f;
-            for (int64_t k = 0; k < K; k++) acc += ai[k] * w_at(w, is_bf16, j * ldw + k);
+            for (int64_t k = 0; k < K; k++) acc += ai[k] * kt_w_at(w, j, k);
             c[i * ldc + j] = accum ? c[i * ldc + j] + acc : acc;
         }
     }
 }
 
-static void outer_ref(int is_bf16, int64_t m, int64_t n, int64_t K, const float *d,
-                      int64_t dsi, int64_t dsk, const int32_t *didx, const void *w,
-                      int64_t ldw, const int32_t *widx, float *c, int64_t ldc,
-                      int accum) {
+/* C[i][j] (+)= sum_k D(i, k) W(widx[k], j) */
+static void outer_ref(int64_t m, int64_t n, int64_t K, const float *d, int64_t dsi,
+                      int64_t dsk, const int32_t *didx, const kt_wmat *w,
+                      const int32_t *widx, float *c, int64_t ldc, int accum) {
     for (int64_t i = 0; i < m; i++) {
         const float *di = d + (didx ? didx[i] : i) * dsi;
         for (int64_t j = 0; j < n; j++) {
             float acc = 0.0f;
             for (int64_t k = 0; k < K; k++)
-                acc += di[k * dsk] * w_at(w, is_bf16, (widx ? widx[k] : k) * ldw + j);
+                acc += di[k * dsk] * kt_w_at(w, widx ? widx[k] : k, j);
             c[i * ldc + j] = accum ? c[i * ldc + j] + acc : acc;
         }
     }
-}
-
-static void dot_bf16_ref(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
-                         const int32_t *aidx, const void *w, int64_t ldw, float *c,
-                         int64_t ldc, int accum) {
-    dot_ref(1, m, n, K, a, lda, aidx, w, ldw, c, ldc, accum);
-}
-
-static void dot_f32_ref(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
-                        const int32_t *aidx, const void *w, int64_t ldw, float *c,
-                        int64_t ldc, int accum) {
-    dot_ref(0, m, n, K, a, lda, aidx, w, ldw, c, ldc, accum);
-}
-
-static void outer_bf16_ref(int64_t m, int64_t n, int64_t K, const float *d, int64_t dsi,
-                           int64_t dsk, const int32_t *didx, const void *w, int64_t ldw,
-                           const int32_t *widx, float *c, int64_t ldc, int accum) {
-    outer_ref(1, m, n, K, d, dsi, dsk, didx, w, ldw, widx, c, ldc, accum);
-}
-
-static void outer_f32_ref(int64_t m, int64_t n, int64_t K, const float *d, int64_t dsi,
-                          int64_t dsk, const int32_t *didx, const void *w, int64_t ldw,
-                          const int32_t *widx, float *c, int64_t ldc, int accum) {
-    outer_ref(0, m, n, K, d, dsi, dsk, didx, w, ldw, widx, c, ldc, accum);
 }
 
 static inline float sigmoid_ref(float x) { return 1.0f / (1.0f + expf(-x)); }
@@ -84,10 +55,8 @@ static float act_bwd_ref(int64_t n, const float *dh, float *g, float *u, float w
 
 const kt_kernels kt_kernels_ref = {
     .isa = KTMOE_ISA_REF,
-    .dot_bf16 = dot_bf16_ref,
-    .dot_f32 = dot_f32_ref,
-    .outer_bf16 = outer_bf16_ref,
-    .outer_f32 = outer_f32_ref,
+    .dot = dot_ref,
+    .outer = outer_ref,
     .act_fwd = act_fwd_ref,
     .act_bwd = act_bwd_ref,
 };
