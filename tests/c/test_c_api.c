@@ -1,9 +1,11 @@
 /* A C program using libktmoe through its public header only: version,
  * pool and queue, errors, and one MoE layer's forward/backward on every
- * usable tier compared with the ref tier. */
+ * usable tier compared with the ref tier; quantized methods (packing,
+ * pre-packed loading). */
 #include <ktmoe.h>
 
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -116,6 +118,81 @@ static double rel_err(const float *a, const float *b, int n) {
     return sqrt(num / (den > 0 ? den : 1));
 }
 
+/* Quantized methods: ktmoe_quantize + ktmoe_moe_load_packed hold the same
+ * bits as online quantization by ktmoe_moe_load_weights. */
+static void quant_checks(ktmoe_pool *pool, const uint16_t *wg, const uint16_t *wu,
+                         const uint16_t *wd, const float *x, const int64_t *ids,
+                         const float *rw) {
+    ktmoe_packed_layout lay;
+    CHECK(ktmoe_packed_layout_get(KTMOE_METHOD_INT4_1, 0, 0, 41, &lay) == KTMOE_OK);
+    CHECK(lay.row_bytes == 21 && lay.groups == 1 && lay.aux == 1);
+    CHECK(ktmoe_packed_layout_get(KTMOE_METHOD_INT4_KGROUP, 32, 1, 96, &lay) == KTMOE_OK);
+    CHECK(lay.row_bytes == 48 && lay.groups == 3 && lay.aux == 2);
+    CHECK(ktmoe_packed_layout_get(KTMOE_METHOD_INT4_KGROUP, 32, 1, 40, &lay) == KTMOE_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(ktmoe_last_error(), "divisible by group_size") != NULL);
+    CHECK(ktmoe_packed_layout_get(KTMOE_METHOD_INT4_KGROUP, 24, 1, 48, &lay) == KTMOE_ERR_INVALID_ARGUMENT);
+    CHECK(ktmoe_packed_layout_get(99, 0, 0, 40, &lay) == KTMOE_ERR_UNSUPPORTED);
+
+    int methods[2] = {KTMOE_METHOD_INT8, KTMOE_METHOD_INT4_1};
+    for (int mi = 0; mi < 2; mi++) {
+        int method = methods[mi];
+        ktmoe_moe_config cfg;
+        ktmoe_moe_config_init(&cfg);
+        cfg.method = method;
+        cfg.num_experts = E;
+        cfg.experts_per_token = K;
+        cfg.hidden_size = H;
+        cfg.intermediate_size = I;
+        ktmoe_moe *moe = NULL;
+        CHECK(ktmoe_moe_create(pool, &cfg, &moe) == KTMOE_OK);
+        if (!moe) return;
+        /* pack the three projections */
+        static uint8_t q[3][E * H * I];
+        static float sc[3][E * H], mn[3][E * H];
+        const uint16_t *src[3] = {wg, wu, wd};
+        int rows[3] = {I, I, H}, cols[3] = {H, H, I};
+        ktmoe_packed pk[3];
+        for (int p = 0; p < 3; p++) {
+            CHECK(ktmoe_quantize(method, 0, 0, KTMOE_DTYPE_BF16, src[p], (int64_t)E * rows[p], cols[p],
+                                 q[p], sc[p], mn[p]) == KTMOE_OK);
+            pk[p].qweight = q[p];
+            pk[p].scale = sc[p];
+            pk[p].aux = method == KTMOE_METHOD_INT4_1 ? mn[p] : NULL;
+        }
+        float out1[Q * H], out2[Q * H];
+        ktmoe_forward_args fa = {sizeof fa, Q, ids, rw, x, KTMOE_DTYPE_F32, out1, KTMOE_DTYPE_F32, 0, 0};
+        CHECK(ktmoe_moe_load_weights(moe, wg, wu, wd, KTMOE_DTYPE_BF16, NULL, E) == KTMOE_OK);
+        CHECK(ktmoe_moe_forward_submit(moe, &fa) == KTMOE_OK);
+        CHECK(ktmoe_pool_sync(pool) == KTMOE_OK);
+        CHECK(ktmoe_moe_load_packed(moe, &pk[0], &pk[1], &pk[2], NULL, E) == KTMOE_OK);
+        fa.output = out2;
+        CHECK(ktmoe_moe_forward_submit(moe, &fa) == KTMOE_OK);
+        CHECK(ktmoe_pool_sync(pool) == KTMOE_OK);
+        CHECK(memcmp(out1, out2, sizeof out1) == 0);
+        CHECK(ktmoe_moe_weight_bytes(moe) < (int64_t)3 * E * H * I * 2 * 6 / 10);
+        /* a bad scale: clear error, layer unloaded */
+        sc[2][3] = NAN;
+        CHECK(ktmoe_moe_load_packed(moe, &pk[0], &pk[1], &pk[2], NULL, E) == KTMOE_ERR_INVALID_ARGUMENT);
+        CHECK(strstr(ktmoe_last_error(), "not finite") != NULL);
+        CHECK(ktmoe_moe_forward_submit(moe, &fa) == KTMOE_ERR_STATE);
+        ktmoe_moe_destroy(moe);
+    }
+
+    /* a caller built against the first, shorter config gets the defaults */
+    ktmoe_moe_config cfg;
+    ktmoe_moe_config_init(&cfg);
+    cfg.struct_size = (uint32_t)offsetof(ktmoe_moe_config, group_size);
+    cfg.num_experts = E;
+    cfg.experts_per_token = K;
+    cfg.hidden_size = H;
+    cfg.intermediate_size = I;
+    ktmoe_moe *moe = NULL;
+    CHECK(ktmoe_moe_create(pool, &cfg, &moe) == KTMOE_OK);
+    ktmoe_moe_destroy(moe);
+    cfg.struct_size = 8;
+    CHECK(ktmoe_moe_create(pool, &cfg, &moe) == KTMOE_ERR_INVALID_ARGUMENT);
+}
+
 int main(void) {
     CHECK(ktmoe_abi_version() == KTMOE_ABI_VERSION);
     CHECK(strcmp(ktmoe_version(), KTMOE_VERSION_STRING) == 0);
@@ -184,6 +261,7 @@ int main(void) {
         for (int j = 0; j < 6; j++) CHECK(rel_err(other.grads[j], ref.grads[j], sizes[j]) < 1e-4);
         printf("tier %s matches ref\n", ktmoe_isa_name((ktmoe_isa)isa));
     }
+    quant_checks(pool, wg, wu, wd, x, ids, rw);
     ktmoe_pool_destroy(pool);
     printf("c_api: %d check(s) failed\n", failures);
     return failures == 0 ? 0 : 1;
