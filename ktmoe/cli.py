@@ -1,4 +1,4 @@
-"""The ``ktmoe`` command: ``info``, ``config`` and ``demo``."""
+"""The ``ktmoe`` command: ``info``, ``config``, ``demo``, ``convert`` and ``inspect``."""
 
 from __future__ import annotations
 
@@ -84,6 +84,8 @@ def _cmd_demo(args) -> int:
 
 
 def main(argv=None) -> int:
+    from . import convert, weight_files
+
     p = argparse.ArgumentParser(prog="ktmoe", description="CPU MoE kernels for LoRA fine-tuning")
     sub = p.add_subparsers(dest="cmd")
     pi = sub.add_parser("info", help="CPU features and kernel tiers")
@@ -101,6 +103,10 @@ def main(argv=None) -> int:
     pd.add_argument("--rank", type=int, default=8)
     pd.add_argument("--lr", type=float, default=1e-3)
     pd.add_argument("--threads", type=int, default=0)
+    pv = sub.add_parser("convert", help="pack a Hugging Face checkpoint's routed experts into weight files")
+    convert.add_convert_arguments(pv)
+    pw = sub.add_parser("inspect", help="list and validate weight files")
+    weight_files.add_inspect_arguments(pw)
     args = p.parse_args(argv)
     if args.cmd == "info":
         return _cmd_info(args)
@@ -108,5 +114,9 @@ def main(argv=None) -> int:
         return _cmd_config(args)
     if args.cmd == "demo":
         return _cmd_demo(args)
+    if args.cmd == "convert":
+        return convert.run_convert(args)
+    if args.cmd == "inspect":
+        return weight_files.run_inspect(args)
     p.print_help()
     return 0 if argv is None and len(sys.argv) <= 1 else 2

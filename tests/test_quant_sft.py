@@ -397,3 +397,74 @@ def test_training_reduces_loss(make_wrapper, method):
         w.update_lora_weights()
     del w
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+# ---------------------------------------------------------------------------
+# load_weights from weight files
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method,zero_point", [("AMXBF16_SFT", True)] + VARIANTS,
+                         ids=["AMXBF16_SFT"] + VARIANT_IDS)
+def test_load_weights_from_files(make_wrapper, tmp_path, method, zero_point):
+    """Weight files (written for 10 source experts) load the same bits as
+    online quantization; physical expert p takes file expert map[p], with a
+    non-identity map; TP=2 reads the same file."""
+    from ktmoe.weight_files import write_layer
+
+    layer, ids, wts, x, go = _layer_and_batch(seed=41)
+    spec = QuantSpec(method, 32, zero_point)
+    extra = make_layer(2, layer.H, layer.I, layer.r, seed=42)  # two more experts in the file
+    src = [torch.cat([a, b]) for a, b in ((layer.gate, extra.gate), (layer.up, extra.up),
+                                          (layer.down, extra.down))]
+    write_layer(tmp_path, 3, spec, *[quantize(t, spec) for t in src],
+                hidden_size=layer.H, intermediate_size=layer.I)
+    pmap = torch.tensor([9, 0, 7, 2, 8, 5, 1, 3])  # uses both extra experts
+    online = [t[pmap].contiguous() for t in src]
+    results = []
+    for tp in (1, 2):
+        gc.collect()
+        w = _wrapper(make_wrapper, layer, 3, method, zero_point, load=False, layer_idx=3,
+                     weight_path=str(tmp_path), threadpool_count=tp)
+        w.init_lora_weights(*[layer.loras[n] for n in LORA_NAMES])
+        w.load_weights(pmap)
+        results.append(sft_step(w, x, ids, wts, go))
+        if tp == 1:
+            w.load_weights_from_tensors(*online, torch.arange(layer.E))
+            res_online = sft_step(w, x, ids, wts, go)
+        del w
+    gc.collect()
+    assert torch.equal(results[0][0], res_online[0])
+    assert torch.equal(results[0][1], res_online[1])
+    # TP=2 from the same file: same result up to summation order
+    ref = (results[0][0], results[0][1], results[0][3], results[0][2])
+    assert max(_all_errors(results[1], ref).values()) < SAME_TOL
+
+
+def test_load_weights_errors(make_wrapper, tmp_path):
+    from ktmoe.weight_files import WeightFileError, write_layer
+
+    layer, ids, wts, x, go = _layer_and_batch(seed=43)
+    spec8 = QuantSpec("AMXINT8_SFT")
+    write_layer(tmp_path, 0, spec8, *[quantize(t, spec8) for t in (layer.gate, layer.up, layer.down)],
+                hidden_size=layer.H, intermediate_size=layer.I)
+    cases = [
+        (dict(method="AMXINT8_SFT", weight_path=""), "needs weight_path"),
+        (dict(method="AMXINT8_SFT", weight_path=str(tmp_path / "nope")), "nope"),
+        (dict(method="AMXINT8_SFT", weight_path=str(tmp_path), layer_idx=1), r"layer 1 not found"),
+        (dict(method="AMXINT4_SFT", weight_path=str(tmp_path)), "method mismatch"),
+    ]
+    for kw, msg in cases:
+        w = _wrapper(make_wrapper, layer, 3, load=False, **kw)
+        with pytest.raises(RuntimeError, match=msg):
+            w.load_weights(torch.arange(layer.E))
+        assert not w._weights_loaded
+        del w
+    assert issubclass(WeightFileError, RuntimeError)
+    w = _wrapper(make_wrapper, layer, 3, "AMXINT8_SFT", load=False, weight_path=str(tmp_path))
+    with pytest.raises(ValueError, match="physical_to_logical_map shape mismatch"):
+        w.load_weights(torch.arange(7))
+    with pytest.raises(ValueError, match=r"values must be in \[0, 8\)"):
+        w.load_weights(torch.arange(8) + 1)
+    w.load_weights(torch.arange(8).flip(0))
+    w.forward_sft(x, ids, wts, save_for_backward=False)
+    del w
