@@ -48,6 +48,32 @@ KT_INLINE __m256i nib8(const uint8_t *p) {
     return _mm256_and_si256(x, _mm256_set1_epi32(15));
 }
 
+/* The dequantization constants of group g of row r. */
+typedef struct deq_grp {
+    __m256 s, mn;  /* scale; min (I4M)            */
+    __m256i z;     /* integer offset (I4S, I4Z)   */
+} deq_grp;
+
+KT_INLINE deq_grp deq_group(const kt_wmat *w, int64_t r, int64_t g) {
+    deq_grp d;
+    int64_t i = r * w->ldg + g;
+    d.s = _mm256_set1_ps(w->scale[i]);
+    d.mn = _mm256_set1_ps(w->fmt == KT_W_I4M ? ((const float *)w->aux)[i] : 0.0f);
+    d.z = _mm256_set1_epi32(w->fmt == KT_W_I4Z ? ((const uint8_t *)w->aux)[i] : 8);
+    return d;
+}
+
+/* 8 columns from column c of a quantized row, all in one group. */
+KT_INLINE __m256 deq8(int fmt, const uint8_t *row, int64_t c, const deq_grp *d) {
+    if (fmt == KT_W_I8) {
+        __m128i q = _mm_loadl_epi64((const __m128i *)(row + c));
+        return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d->s);
+    }
+    __m256i u = nib8(row + c / 2);
+    if (fmt == KT_W_I4M) return _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(u), d->s), d->mn);
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(u, d->z)), d->s);
+}
+
 /* dst[0..n) = W(r, c .. c+n) in fp32; c, n and the group size multiples of 8. */
 static void deq_seg(float *dst, const kt_wmat *w, int64_t r, int64_t c, int64_t n) {
     if (w->fmt == KT_W_F32) {
@@ -61,26 +87,10 @@ static void deq_seg(float *dst, const kt_wmat *w, int64_t r, int64_t c, int64_t 
     }
     const uint8_t *row = (const uint8_t *)w->data + r * w->ld;
     for (int64_t col = c; col < c + n;) {
-        int64_t gc = w->g0 + col, g = gc / w->gs;
+        int64_t gc = w->g0 + col;
         int64_t end = KT_MIN(c + n, col + (w->gs - gc % w->gs));
-        __m256 s = _mm256_set1_ps(w->scale[r * w->ldg + g]);
-        if (w->fmt == KT_W_I8) {
-            for (; col < end; col += 8) {
-                __m128i q = _mm_loadl_epi64((const __m128i *)(row + col));
-                _mm256_storeu_ps(dst + col - c, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), s));
-            }
-        } else if (w->fmt == KT_W_I4M) {
-            __m256 mn = _mm256_set1_ps(((const float *)w->aux)[r * w->ldg + g]);
-            for (; col < end; col += 8)
-                _mm256_storeu_ps(dst + col - c,
-                                 _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(nib8(row + col / 2)), s), mn));
-        } else {
-            int z = w->fmt == KT_W_I4Z ? ((const uint8_t *)w->aux)[r * w->ldg + g] : 8;
-            __m256i zv = _mm256_set1_epi32(z);
-            for (; col < end; col += 8)
-                _mm256_storeu_ps(dst + col - c,
-                                 _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(nib8(row + col / 2), zv)), s));
-        }
+        deq_grp d = deq_group(w, r, gc / w->gs);
+        for (; col < end; col += 8) _mm256_storeu_ps(dst + col - c, deq8(w->fmt, row, col, &d));
     }
 }
 
@@ -218,7 +228,21 @@ KT_INLINE void outer_micro(const int MR, const int NV, int64_t kc, const float *
 /* W panel rows [k0, k1), columns [j, j + 8 nvec) to fp32, 16 floats a row. */
 static void outer_pack(float *panel, const kt_wmat *W, const int32_t *widx, int64_t k0,
                        int64_t k1, int64_t j, int nvec) {
-    for (int64_t k = k0; k < k1; k++) deq_seg(panel + (k - k0) * 16, W, widx ? widx[k] : k, j, 8 * nvec);
+    int64_t gc = W->g0 + j;
+    int fmt = W->fmt;
+    if (fmt == KT_W_F32 || fmt == KT_W_BF16 || gc % W->gs + 8 * nvec > W->gs) {
+        for (int64_t k = k0; k < k1; k++) deq_seg(panel + (k - k0) * 16, W, widx ? widx[k] : k, j, 8 * nvec);
+        return;
+    }
+    /* the columns lie in one group: one group lookup per row */
+    int64_t g = gc / W->gs;
+    for (int64_t k = k0; k < k1; k++) {
+        int64_t r = widx ? widx[k] : k;
+        const uint8_t *row = (const uint8_t *)W->data + r * W->ld;
+        deq_grp d = deq_group(W, r, g);
+        float *dst = panel + (k - k0) * 16;
+        for (int v = 0; v < nvec; v++) _mm256_store_ps(dst + 8 * v, deq8(fmt, row, j + 8 * v, &d));
+    }
 }
 
 KT_INLINE void outer_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const float *d,
