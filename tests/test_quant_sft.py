@@ -68,19 +68,10 @@ def _layer_and_batch(E=8, H=64, I=128, r=4, q=29, k=3, seed=0, x_dtype=F32, lora
     return layer, ids, wts, x, go
 
 
-def _wrapper(make_wrapper, layer, k, method, zero_point=True, group_size=32, tier=None,
+def _wrapper(build_wrapper, layer, k, method, zero_point=True, group_size=32, tier=None,
              load=True, **kw):
-    args = dict(num_experts=layer.E, num_experts_per_tok=k, hidden_size=layer.H,
-                moe_intermediate_size=layer.I, lora_rank=layer.r, lora_alpha=layer.alpha,
-                method=method, group_size=group_size, zero_point=zero_point)
-    if tier is not None:
-        args["isa"] = tier
-    args.update(kw)
-    w = make_wrapper(**args)
-    if load:
-        w.load_weights_from_tensors(layer.gate, layer.up, layer.down, torch.arange(layer.E))
-        w.init_lora_weights(*[layer.loras[n] for n in LORA_NAMES])
-    return w
+    return build_wrapper(layer, k, tier=tier, load=load, init_lora=load, method=method,
+                         group_size=group_size, zero_point=zero_point, **kw)
 
 
 def _dequantized(layer, spec):
@@ -180,11 +171,11 @@ def test_quant_spec_validation():
 
 @pytest.mark.parametrize("method,zero_point", VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("tp", [1, 2])
-def test_kernel_vs_dequantized_reference(make_wrapper, tier, method, zero_point, tp):
+def test_kernel_vs_dequantized_reference(build_wrapper, tier, method, zero_point, tp):
     layer, ids, wts, x, go = _layer_and_batch(seed=3)
     spec = QuantSpec(method, 32, zero_point)
     gc.collect()
-    w = _wrapper(make_wrapper, layer, 3, method, zero_point, tier=tier, threadpool_count=tp)
+    w = _wrapper(build_wrapper, layer, 3, method, zero_point, tier=tier, threadpool_count=tp)
     res = sft_step(w, x, ids, wts, go)
     del w
     gc.collect()
@@ -196,7 +187,7 @@ def test_kernel_vs_dequantized_reference(make_wrapper, tier, method, zero_point,
 
 @pytest.mark.parametrize("method,zero_point", VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("case", ["odd", "bf16", "one_expert_top1", "qlen1"])
-def test_kernel_cases(make_wrapper, tier, method, zero_point, case):
+def test_kernel_cases(build_wrapper, tier, method, zero_point, case):
     """Tails (K not a multiple of 8 for the per-row formats), bf16 inputs and
     LoRA, all tokens on one expert, a single token."""
     spec = QuantSpec(method, 16, zero_point)
@@ -214,7 +205,7 @@ def test_kernel_cases(make_wrapper, tier, method, zero_point, case):
     layer = make_layer(E, H, I, r, seed=5, lora_dtype=lora_dtype)
     ids, wts = make_routing(q, E, k, seed=6, kind=kind)
     x, go = make_inputs(q, H, seed=7, dtype=x_dtype)
-    w = _wrapper(make_wrapper, layer, k, method, zero_point, group_size=16, tier=tier)
+    w = _wrapper(build_wrapper, layer, k, method, zero_point, group_size=16, tier=tier)
     res = sft_step(w, x, ids, wts, go)
     del w
     dg, du, dd = _dequantized(layer, spec)
@@ -225,12 +216,12 @@ def test_kernel_cases(make_wrapper, tier, method, zero_point, case):
 
 
 @pytest.mark.parametrize("method,zero_point", VARIANTS, ids=VARIANT_IDS)
-def test_tier_matches_ref(make_wrapper, nonref_tier, method, zero_point):
+def test_tier_matches_ref(build_wrapper, nonref_tier, method, zero_point):
     layer, ids, wts, x, go = _layer_and_batch(H=96, I=160, q=41, seed=9)
-    w = _wrapper(make_wrapper, layer, 3, method, zero_point, tier="ref")
+    w = _wrapper(build_wrapper, layer, 3, method, zero_point, tier="ref")
     res_ref = sft_step(w, x, ids, wts, go)
     del w
-    w = _wrapper(make_wrapper, layer, 3, method, zero_point, tier=nonref_tier)
+    w = _wrapper(build_wrapper, layer, 3, method, zero_point, tier=nonref_tier)
     res = sft_step(w, x, ids, wts, go)
     del w
     ref = (res_ref[0], res_ref[1], res_ref[3], res_ref[2])
@@ -243,9 +234,9 @@ def test_tier_matches_ref(make_wrapper, nonref_tier, method, zero_point):
 # ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method,zero_point", VARIANTS, ids=VARIANT_IDS)
-def test_quantization_error_vs_bf16(make_wrapper, method, zero_point):
+def test_quantization_error_vs_bf16(build_wrapper, method, zero_point):
     layer, ids, wts, x, go = _layer_and_batch(H=128, I=128, q=64, seed=13)
-    w = _wrapper(make_wrapper, layer, 3, method, zero_point)
+    w = _wrapper(build_wrapper, layer, 3, method, zero_point)
     res = sft_step(w, x, ids, wts, go)
     del w
     ref = layer.reference_grads(x, ids, wts, go)
@@ -261,13 +252,13 @@ def test_quantization_error_vs_bf16(make_wrapper, method, zero_point):
 # ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method,zero_point", VARIANTS, ids=VARIANT_IDS)
-def test_packed_load_equals_online_quantization(make_wrapper, method, zero_point):
+def test_packed_load_equals_online_quantization(build_wrapper, method, zero_point):
     """load_packed_weights (the weight-file path) and load_weights_from_tensors
     hold the same bits; a non-identity physical map picks source experts."""
     layer, ids, wts, x, go = _layer_and_batch(seed=17)
     spec = QuantSpec(method, 32, zero_point)
     perm = torch.randperm(layer.E, generator=torch.Generator().manual_seed(1))
-    w = _wrapper(make_wrapper, layer, 3, method, zero_point, load=False)
+    w = _wrapper(build_wrapper, layer, 3, method, zero_point, load=False)
     w.load_weights_from_tensors(layer.gate[perm].contiguous(), layer.up[perm].contiguous(),
                                 layer.down[perm].contiguous(), torch.arange(layer.E))
     w.init_lora_weights(*[layer.loras[n] for n in LORA_NAMES])
@@ -283,14 +274,14 @@ def test_packed_load_equals_online_quantization(make_wrapper, method, zero_point
 
 
 @pytest.mark.parametrize("method", ["AMXBF16_SFT"] + QUANT_METHODS)
-def test_one_packed_copy(make_wrapper, method):
+def test_one_packed_copy(build_wrapper, method):
     """The layer holds exactly the packed bytes of the three projections (no
     transposed or dequantized second copy), and a training step adds no
     weight-sized buffer."""
     E, H, I, k = 8, 256, 128, 2
     layer = make_layer(E, H, I, 4, seed=1)
     spec = QuantSpec(method, 128, True)
-    w = _wrapper(make_wrapper, layer, k, method, group_size=128)
+    w = _wrapper(build_wrapper, layer, k, method, group_size=128)
     packed = E * (2 * spec.nbytes(I, H) + spec.nbytes(H, I))
     assert w.weight_bytes == packed
     ratio = w.weight_bytes / (3 * E * H * I * 2)
@@ -319,10 +310,10 @@ def test_kgroup_shape_rules(make_wrapper):
     del w
 
 
-def test_bad_packed_weights(make_wrapper):
+def test_bad_packed_weights(build_wrapper):
     layer, ids, wts, x, go = _layer_and_batch(seed=21)
     spec = QuantSpec("AMXINT4_KGroup_SFT", 32, True)
-    w = _wrapper(make_wrapper, layer, 3, "AMXINT4_KGroup_SFT", True)
+    w = _wrapper(build_wrapper, layer, 3, "AMXINT4_KGroup_SFT", True)
     good = [quantize(t, spec) for t in (layer.gate, layer.up, layer.down)]
 
     def variant(proj, part, fn):
@@ -358,9 +349,9 @@ def test_bad_packed_weights(make_wrapper):
     del w
 
 
-def test_nan_weight_fails_load_cleanly(make_wrapper):
+def test_nan_weight_fails_load_cleanly(build_wrapper):
     layer, ids, wts, x, go = _layer_and_batch(seed=23)
-    w = _wrapper(make_wrapper, layer, 3, "AMXINT8_SFT", load=False)
+    w = _wrapper(build_wrapper, layer, 3, "AMXINT8_SFT", load=False)
     bad = layer.down.clone()
     bad[5, 3, 9] = float("nan")
     with pytest.raises(ValueError, match=r"expert 5, down_proj row 3: .*NaN or infinite"):
@@ -371,13 +362,13 @@ def test_nan_weight_fails_load_cleanly(make_wrapper):
 
 
 @pytest.mark.parametrize("method", QUANT_METHODS)
-def test_training_reduces_loss(make_wrapper, method):
+def test_training_reduces_loss(build_wrapper, method):
     """A few AdamW steps on a quantized layer fit a target: the LoRA
     gradients computed through the packed weights are usable."""
     E, H, I, r, q, k = 8, 64, 64, 8, 64, 2
     layer = make_layer(E, H, I, r, seed=31)
     params = [layer.loras[n] for n in LORA_NAMES]
-    w = _wrapper(make_wrapper, layer, k, method)
+    w = _wrapper(build_wrapper, layer, k, method)
     ids, wts = make_routing(q, E, k, seed=32)
     x, _ = make_inputs(q, H, seed=33)
     # the target is the layer with its random LoRA; training starts from B = 0
@@ -405,7 +396,7 @@ def test_training_reduces_loss(make_wrapper, method):
 
 @pytest.mark.parametrize("method,zero_point", [("AMXBF16_SFT", True)] + VARIANTS,
                          ids=["AMXBF16_SFT"] + VARIANT_IDS)
-def test_load_weights_from_files(make_wrapper, tmp_path, method, zero_point):
+def test_load_weights_from_files(build_wrapper, tmp_path, method, zero_point):
     """Weight files (written for 10 source experts) load the same bits as
     online quantization; physical expert p takes file expert map[p], with a
     non-identity map; TP=2 reads the same file."""
@@ -423,7 +414,7 @@ def test_load_weights_from_files(make_wrapper, tmp_path, method, zero_point):
     results = []
     for tp in (1, 2):
         gc.collect()
-        w = _wrapper(make_wrapper, layer, 3, method, zero_point, load=False, layer_idx=3,
+        w = _wrapper(build_wrapper, layer, 3, method, zero_point, load=False, layer_idx=3,
                      weight_path=str(tmp_path), threadpool_count=tp)
         w.init_lora_weights(*[layer.loras[n] for n in LORA_NAMES])
         w.load_weights(pmap)
@@ -440,7 +431,7 @@ def test_load_weights_from_files(make_wrapper, tmp_path, method, zero_point):
     assert max(_all_errors(results[1], ref).values()) < SAME_TOL
 
 
-def test_load_weights_errors(make_wrapper, tmp_path):
+def test_load_weights_errors(build_wrapper, tmp_path):
     from ktmoe.weight_files import WeightFileError, write_layer
 
     layer, ids, wts, x, go = _layer_and_batch(seed=43)
@@ -454,13 +445,13 @@ def test_load_weights_errors(make_wrapper, tmp_path):
         (dict(method="AMXINT4_SFT", weight_path=str(tmp_path)), "method mismatch"),
     ]
     for kw, msg in cases:
-        w = _wrapper(make_wrapper, layer, 3, load=False, **kw)
+        w = _wrapper(build_wrapper, layer, 3, load=False, **kw)
         with pytest.raises(RuntimeError, match=msg):
             w.load_weights(torch.arange(layer.E))
         assert not w._weights_loaded
         del w
     assert issubclass(WeightFileError, RuntimeError)
-    w = _wrapper(make_wrapper, layer, 3, "AMXINT8_SFT", load=False, weight_path=str(tmp_path))
+    w = _wrapper(build_wrapper, layer, 3, "AMXINT8_SFT", load=False, weight_path=str(tmp_path))
     with pytest.raises(ValueError, match="physical_to_logical_map shape mismatch"):
         w.load_weights(torch.arange(7))
     with pytest.raises(ValueError, match=r"values must be in \[0, 8\)"):

@@ -48,15 +48,21 @@ typedef struct layer_out {
     float grads[6][E * H * I];
 } layer_out;
 
-static int run_layer(ktmoe_pool *pool, ktmoe_isa isa, const uint16_t *wg, const uint16_t *wu,
-                     const uint16_t *wd, float *const lora[6], const float *x, const int64_t *ids,
-                     const float *rw, const float *gout, layer_out *res) {
+static ktmoe_moe_config small_config(int32_t method) {
     ktmoe_moe_config cfg;
     ktmoe_moe_config_init(&cfg);
+    cfg.method = method;
     cfg.num_experts = E;
     cfg.experts_per_token = K;
     cfg.hidden_size = H;
     cfg.intermediate_size = I;
+    return cfg;
+}
+
+static int run_layer(ktmoe_pool *pool, ktmoe_isa isa, const uint16_t *wg, const uint16_t *wu,
+                     const uint16_t *wd, float *const lora[6], const float *x, const int64_t *ids,
+                     const float *rw, const float *gout, layer_out *res) {
+    ktmoe_moe_config cfg = small_config(KTMOE_METHOD_BF16);
     cfg.lora_rank = R;
     cfg.lora_alpha = 8.0f;
     cfg.isa = isa;
@@ -136,13 +142,7 @@ static void quant_checks(ktmoe_pool *pool, const uint16_t *wg, const uint16_t *w
     int methods[2] = {KTMOE_METHOD_INT8, KTMOE_METHOD_INT4_1};
     for (int mi = 0; mi < 2; mi++) {
         int method = methods[mi];
-        ktmoe_moe_config cfg;
-        ktmoe_moe_config_init(&cfg);
-        cfg.method = method;
-        cfg.num_experts = E;
-        cfg.experts_per_token = K;
-        cfg.hidden_size = H;
-        cfg.intermediate_size = I;
+        ktmoe_moe_config cfg = small_config(method);
         ktmoe_moe *moe = NULL;
         CHECK(ktmoe_moe_create(pool, &cfg, &moe) == KTMOE_OK);
         if (!moe) return;
@@ -179,13 +179,8 @@ static void quant_checks(ktmoe_pool *pool, const uint16_t *wg, const uint16_t *w
     }
 
     /* a caller built against the first, shorter config gets the defaults */
-    ktmoe_moe_config cfg;
-    ktmoe_moe_config_init(&cfg);
+    ktmoe_moe_config cfg = small_config(KTMOE_METHOD_BF16);
     cfg.struct_size = (uint32_t)offsetof(ktmoe_moe_config, group_size);
-    cfg.num_experts = E;
-    cfg.experts_per_token = K;
-    cfg.hidden_size = H;
-    cfg.intermediate_size = I;
     ktmoe_moe *moe = NULL;
     CHECK(ktmoe_moe_create(pool, &cfg, &moe) == KTMOE_OK);
     ktmoe_moe_destroy(moe);
