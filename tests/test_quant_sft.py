@@ -186,15 +186,17 @@ def test_kernel_vs_dequantized_reference(build_wrapper, tier, method, zero_point
 
 
 @pytest.mark.parametrize("method,zero_point", VARIANTS, ids=VARIANT_IDS)
-@pytest.mark.parametrize("case", ["odd", "bf16", "one_expert_top1", "qlen1"])
+@pytest.mark.parametrize("case", ["odd", "odd_tp2", "bf16", "one_expert_top1", "qlen1"])
 def test_kernel_cases(build_wrapper, tier, method, zero_point, case):
-    """Tails (K not a multiple of 8 for the per-row formats), bf16 inputs and
-    LoRA, all tokens on one expert, a single token."""
+    """Tails (K not a multiple of 8 for the per-row formats; with TP=2 the
+    second slice of down_proj starts at an odd 4-bit column), bf16 inputs
+    and LoRA, all tokens on one expert, a single token."""
     spec = QuantSpec(method, 16, zero_point)
-    E, H, I, r, q, k = 6, 48, 80, 3, 23, 2
+    E, H, I, r, q, k = 6, 48, 64, 3, 23, 2
     x_dtype = lora_dtype = F32
     kind = "random"
-    if case == "odd" and not spec.kgroup:
+    tp = 2 if case == "odd_tp2" else 1
+    if case.startswith("odd") and not spec.kgroup:
         H, I = 77, 50
     if case == "bf16":
         x_dtype = lora_dtype = BF16
@@ -205,9 +207,12 @@ def test_kernel_cases(build_wrapper, tier, method, zero_point, case):
     layer = make_layer(E, H, I, r, seed=5, lora_dtype=lora_dtype)
     ids, wts = make_routing(q, E, k, seed=6, kind=kind)
     x, go = make_inputs(q, H, seed=7, dtype=x_dtype)
-    w = _wrapper(build_wrapper, layer, k, method, zero_point, group_size=16, tier=tier)
+    gc.collect()
+    w = _wrapper(build_wrapper, layer, k, method, zero_point, group_size=16, tier=tier,
+                 threadpool_count=tp)
     res = sft_step(w, x, ids, wts, go)
     del w
+    gc.collect()
     dg, du, dd = _dequantized(layer, spec)
     ref = moe_sft_reference_grads(x, ids, wts, dg, du, dd, layer.loras, layer.scaling, go)
     errs = _all_errors(res, ref)
