@@ -3,6 +3,13 @@
 
 Shape: DeepSeek-V2-Lite MoE layer, E=64 experts, top-k=6, H=2048, I=1408,
 LoRA rank r=16, alpha=32, on all three projections (gate, up, down).
+Methods: one (--method, default AMXBF16_SFT) or several in one process
+(--methods all, or a comma list; see the end of this text).  The bf16 base weights
+are built once; each method's layer quantizes them at load
+(load_weights_from_tensors), is timed at every qlen, then closed and dropped
+(gc.collect()) before the next one is built, so one ktmoe layer is alive at a
+time.  Each row reports the resident bytes of the layer's frozen weights
+(``wrapper.weight_bytes``) and their ratio to the bf16 size 3*E*H*I*2.
 One *step* = ``forward_sft(x, ids, weights, save_for_backward=True)`` followed
 by ``backward(grad_output, return_grad_weights=True)``.
 Routing: random distinct top-k experts per token (top-k of random logits) with
@@ -34,21 +41,40 @@ weight, index_add_ into the output), with torch autograd computing the
 gradients of x, of the routing weights and of the six LoRA tensors (base
 weights have requires_grad=False), torch.set_num_threads(--threads). It is
 fed the same values as the ktmoe run (hidden states rounded to --dtype, LoRA
-rounded to --lora-dtype, then computed in fp32), and the relative difference of
-the two outputs is printed as a sanity check.
-"speedup" = torch step time / ktmoe step time.
+rounded to --lora-dtype, bf16 base weights, then computed in fp32), and the
+relative difference of the two outputs is printed as a sanity check (for the
+INT methods it is mostly the quantization error of the weights).  It is
+measured once per qlen, after all ktmoe layers, and shared by every method's
+row.  "speedup" = torch step time / ktmoe step time.  GFLOP/s counts the same
+nominal FLOPs for every method (dequantization work is not counted).
 
 Each measurement: one warm-up iteration, then --repeat timed iterations; the
-median is reported. Peak RSS is resource.getrusage(RUSAGE_SELF).ru_maxrss.
+median is reported.  Before that, each ktmoe layer runs untimed rounds of
+one step at every qlen (largest first) until a round takes almost no page
+faults (warm_up_ktmoe, at most 4 rounds), and once per process the malloc
+threshold is primed (prime_allocator): without it the first method of the
+process was timed while each backward still faulted in fresh pages for its
+returned gradients (~70 ms a step on a 2-core VM) and looked slower.
+Peak RSS is resource.getrusage(RUSAGE_SELF).ru_maxrss.  Each row also gives
+"other load", the CPU other processes used meanwhile (OtherLoad).
 
 Usage:
     python tools/bench_sft.py [--qlens 1,128,512] [--threads N] [--repeat 3]
-        [--method AMXBF16_SFT] [--isa avx2] [--no-torch] [--json out.json]
+        [--method AMXBF16_SFT | --methods all|M1,M2,...] [--group-size 128]
+        [--no-zero-point] [--isa avx2] [--no-torch] [--json out.json]
+
+A --methods item is a method name, optionally with ":zp" or ":nozp" (the
+zero_point option of AMXINT4_KGroup_SFT; without one, zero_point=True unless
+--no-zero-point is given); "all" (ALL_METHODS) is
+AMXBF16_SFT, AMXINT8_SFT, AMXINT4_SFT, AMXINT4_1_SFT, AMXINT4_KGroup_SFT:zp,
+AMXINT4_KGroup_SFT:nozp, AMXINT4_1KGroup_SFT.  K-group methods use
+--group-size (default 128).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -71,6 +97,21 @@ E, K, H, I, R, ALPHA = 64, 6, 2048, 1408, 16, 32.0
 LORA_NAMES = ("gate_lora_a", "gate_lora_b", "up_lora_a", "up_lora_b", "down_lora_a", "down_lora_b")
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+#: what --methods all runs: (method, zero_point); zero_point only matters for
+#: AMXINT4_KGroup_SFT
+ALL_METHODS = (
+    ("AMXBF16_SFT", True),
+    ("AMXINT8_SFT", True),
+    ("AMXINT4_SFT", True),
+    ("AMXINT4_1_SFT", True),
+    ("AMXINT4_KGroup_SFT", True),
+    ("AMXINT4_KGroup_SFT", False),
+    ("AMXINT4_1KGroup_SFT", True),
+)
+
+#: bytes of the frozen weights in bf16 (gate, up, down): the ratio's reference
+BF16_WEIGHT_BYTES = 3 * E * H * I * 2
 
 
 # ---------------------------------------------------------------------------
@@ -286,6 +327,58 @@ def make_batch(q: int, seed: int, dtype: torch.dtype):
 # ---------------------------------------------------------------------------
 
 
+def current_rss_mib():
+    """Resident set size now (Linux /proc), or None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def loadavg1():
+    """1-minute load average (other processes compete for the cores), or None."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
+class OtherLoad:
+    """CPU used by everything but this process while a block runs, in cores
+    (Linux /proc/stat busy + steal time minus this process's own CPU time,
+    divided by the wall time).  ~0 on a quiet machine; 1.0 means another
+    process kept one core busy on average.  None where /proc is missing."""
+
+    @staticmethod
+    def _busy_s():
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        # user nice system idle iowait irq softirq steal (guest is inside user)
+        busy = v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)
+        return busy / os.sysconf("SC_CLK_TCK")
+
+    def __enter__(self):
+        t = os.times()
+        self._b0, self._own0, self._w0 = self._busy_s(), t.user + t.system, time.perf_counter()
+        self.cores = None
+        return self
+
+    def __exit__(self, *exc):
+        b1 = self._busy_s()
+        t = os.times()
+        wall = time.perf_counter() - self._w0
+        if self._b0 is not None and b1 is not None and wall > 0:
+            self.cores = max(0.0, ((b1 - self._b0) - (t.user + t.system - self._own0)) / wall)
+        return False
+
+
 def peak_rss_mib() -> float:
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if sys.platform == "darwin":  # bytes there
@@ -295,6 +388,45 @@ def peak_rss_mib() -> float:
 
 def median_ms(samples):
     return 1e3 * statistics.median(samples)
+
+
+def _faults() -> int:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_minflt + r.ru_majflt
+
+
+def prime_allocator() -> None:
+    """Put glibc's malloc in the state a process reaches after some work.
+
+    backward() returns six fresh LoRA-gradient tensors (~42 MB fp32, 5.8-8 MB
+    each) per call.  In a fresh process these are mmap'ed and page-faulted in
+    anew on every call (~8-13k faults, ~70 ms per backward on a 2-core VM, at
+    qlen 1 as at qlen 512) until malloc's dynamic mmap threshold has grown
+    past their size; that happened only while the *first* layer of the
+    process ran, so whichever method came first looked slower.  Freeing one
+    31 MiB block (below glibc's 32 MiB cap on the dynamic threshold) raises
+    the threshold at once; the grad tensors then come from the heap and are
+    reused without faults, as in every later layer.  No effect elsewhere."""
+    t = torch.empty(31 * 2**20, dtype=torch.uint8)
+    t[::4096] = 1  # touch it, so the block is really mapped
+    del t
+
+
+def warm_up_ktmoe(wrapper, qlens, x_dtype: torch.dtype, max_rounds: int = 4):
+    """Untimed steps, one at every qlen (largest first) per round, until a
+    round takes (almost) no page faults (the first round allocates the
+    layer's caches and scratch); returns [faults per round]."""
+    per_round = []
+    batches = [make_batch(q, seed=q, dtype=x_dtype) for q in sorted(set(qlens), reverse=True)]
+    for _ in range(max_rounds):
+        f0 = _faults()
+        for x, ids, weights, go in batches:
+            wrapper.forward_sft(x, ids, weights, save_for_backward=True)
+            wrapper.backward(go, return_grad_weights=True)
+        per_round.append(_faults() - f0)
+        if len(per_round) > 1 and per_round[-1] <= 256:
+            break
+    return per_round
 
 
 def bench_ktmoe(wrapper, q: int, repeat: int, x_dtype: torch.dtype):
@@ -389,12 +521,61 @@ def parse_qlens(text: str):
     return vals
 
 
+def parse_methods(text: str, default_zero_point: bool):
+    """--methods text -> list of (method, zero_point); names are checked
+    against ktmoe later (importing ktmoe may rebuild it)."""
+    out = []
+    for item in (v.strip() for v in text.split(",")):
+        if not item:
+            continue
+        if item.lower() == "all":
+            out.extend(ALL_METHODS)
+            continue
+        name, _, opt = item.partition(":")
+        if opt not in ("", "zp", "nozp"):
+            raise argparse.ArgumentTypeError(f"bad --methods item {item!r}: suffix must be ':zp' or ':nozp'")
+        out.append((name, default_zero_point if opt == "" else opt == "zp"))
+    if not out:
+        raise argparse.ArgumentTypeError("--methods is empty")
+    return out
+
+
+def describe_method(method: str, group_size: int, zero_point: bool):
+    """(label, format text, QuantSpec) of one method configuration."""
+    from ktmoe.quant import QuantSpec
+
+    spec = QuantSpec(method, group_size, bool(zero_point))
+    spec.check_cols(H, "hidden_size")
+    spec.check_cols(I, "moe_intermediate_size")
+    label = method
+    if spec.kgroup and method == "AMXINT4_KGroup_SFT":
+        label += ":zp" if zero_point else ":nozp"
+    fmt = spec.format + (f"/g{group_size}" if spec.kgroup else "")
+    return label, fmt, spec
+
+
+def print_table(hdr, table, blank_before=()):
+    widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(hdr)]
+    print(" | ".join(h.rjust(w) for h, w in zip(hdr, widths)))
+    print("-+-".join("-" * w for w in widths))
+    for n, r in enumerate(table):
+        if n in blank_before:
+            print("-+-".join("-" * w for w in widths))
+        print(" | ".join(c.rjust(w) for c, w in zip(r, widths)))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--qlens", type=parse_qlens, default=[1, 128, 512], help="comma-separated (default 1,128,512)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads (default os.cpu_count())")
     p.add_argument("--repeat", type=int, default=3, help="timed iterations after one warm-up (median reported)")
-    p.add_argument("--method", default="AMXBF16_SFT")
+    p.add_argument("--method", default=None, help="one SFT method (default AMXBF16_SFT)")
+    p.add_argument("--methods", default=None,
+                   help="'all' or a comma list of methods, each optionally ':zp'/':nozp' "
+                        "(AMXINT4_KGroup_SFT's zero_point); run in this order in one process")
+    p.add_argument("--group-size", type=int, default=128, help="group_size of the K-group methods (default 128)")
+    p.add_argument("--no-zero-point", action="store_true",
+                   help="zero_point=False for AMXINT4_KGroup_SFT given without a suffix")
     p.add_argument("--isa", default=None, help="force a ktmoe tier (ref, avx2, ...); default: best usable")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="hidden states dtype for ktmoe (default bf16)")
     p.add_argument("--lora-dtype", choices=sorted(DTYPES), default="fp32", help="LoRA parameter dtype (default fp32)")
@@ -404,8 +585,27 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads < 1 or args.repeat < 1:
         p.error("--threads and --repeat must be >= 1")
+    if args.method is not None and args.methods is not None:
+        p.error("give --method or --methods, not both")
+    zp_default = not args.no_zero_point
+    try:
+        if args.methods is not None:
+            method_list = parse_methods(args.methods, zp_default)
+        else:
+            method_list = [(args.method or "AMXBF16_SFT", zp_default)]
+    except argparse.ArgumentTypeError as e:
+        p.error(str(e))
 
     import ktmoe
+    from ktmoe.quant import METHOD_FORMATS
+
+    unknown = sorted({m for m, _ in method_list if m not in METHOD_FORMATS})
+    if unknown:
+        p.error(f"unknown method(s) {unknown}; SFT methods: {sorted(METHOD_FORMATS)}")
+    try:
+        variants = [(m, zp) + describe_method(m, args.group_size, zp) for m, zp in method_list]
+    except (TypeError, ValueError) as e:
+        p.error(str(e))
 
     torch.set_num_threads(args.threads)
     info = ktmoe.cpu_info()
@@ -414,90 +614,195 @@ def main(argv=None) -> int:
 
     print("ktmoe SFT benchmark: one step = forward_sft(save_for_backward=True) + backward(return_grad_weights=True)")
     print(f"  layer     : DeepSeek-V2-Lite MoE  E={E} k={K} H={H} I={I} r={R} alpha={ALPHA:g}")
-    print(f"  method    : {args.method}   tier: {args.isa or info.get('selected_tier')} "
+    print(f"  cpu       : {info.get('cpu')}   tier: {args.isa or info.get('selected_tier')} "
           f"(selected_tier={info.get('selected_tier')}, usable={info.get('usable_tiers')})")
+    print("  methods   : " + ", ".join(f"{v[2]} ({v[3]})" for v in variants))
     print(f"  threads   : {args.threads} (cpuinfer_threads, torch.set_num_threads); os.cpu_count()={os.cpu_count()}")
-    print(f"  dtypes    : hidden {args.dtype}, LoRA {args.lora_dtype}, base weights bf16; torch baseline all fp32")
+    print(f"  dtypes    : hidden {args.dtype}, LoRA {args.lora_dtype}, base weights bf16 (quantized at load by "
+          "the INT methods); torch baseline all fp32")
     print(f"  repeat    : {args.repeat} timed iterations after 1 warm-up, median")
     print("  FLOPs     : step = base + lora, base = 2*3*q*k*H*I (fwd) + 2*3*q*k*H*I (bwd: dh, dx_gate, dx_up),")
     print("              lora = 2*3*q*k*r*(H+I)*3 (fwd + bwd input grad + A/B grads); GFLOP/s counts base + lora")
+    print(f"  weights   : bf16 size 3*E*H*I*2 = {BF16_WEIGHT_BYTES / 2**20:.1f} MiB (the 'x bf16' reference)")
 
     peak, peak_note = (None, "skipped (--no-peak)") if args.no_peak else measure_fp32_peak(args.threads)
     peak_txt = f"{peak:.1f} GFLOP/s" if peak else "unknown"
     print(f"  FP32 peak : {peak_txt} ({peak_note})")
+    la = loadavg1()
+    if la is not None:
+        print(f"  load avg  : {la:.2f} (1 min) at start; os.cpu_count()={os.cpu_count()}")
     sys.stdout.flush()
 
-    gate, up, down, loras = make_weights(seed=0)
+    gate, up, down, loras = make_weights(seed=0)  # built once, shared by every method
+    prime_allocator()
     kt_loras = {n: t.to(lora_dtype).contiguous() for n, t in loras.items()}
-    wrapper_kwargs = dict(
-        layer_idx=0,
-        num_experts=E,
-        num_experts_per_tok=K,
-        hidden_size=H,
-        moe_intermediate_size=I,
-        num_gpu_experts=0,
-        cpuinfer_threads=args.threads,
-        threadpool_count=1,
-        weight_path="",
-        chunked_prefill_size=max(args.qlens),
-        method=args.method,
-        mode="sft",
-        lora_rank=R,
-        lora_alpha=ALPHA,
-        max_cache_depth=1,
-    )
-    if args.isa is not None:
-        wrapper_kwargs["isa"] = args.isa
-    wrapper = ktmoe.KTMoEWrapper(**wrapper_kwargs)
-    wrapper.load_weights_from_tensors(gate, up, down, torch.arange(E))
-    wrapper.init_lora_weights(*[kt_loras[n] for n in LORA_NAMES])
+    del loras
+    rss_base = current_rss_mib()
 
     rows = []
+    method_rows = []
     kt_outs = {}
-    for q in args.qlens:
-        fwd, bwd, step, kt_out = bench_ktmoe(wrapper, q, args.repeat, x_dtype)
-        kt_outs[q] = kt_out
-        base, lora = step_flops(q)
-        gflops = (base + lora) / (step * 1e-3) * 1e-9
-        rows.append(dict(qlen=q, kt_fwd_ms=fwd, kt_bwd_ms=bwd, kt_step_ms=step,
-                         flops_base=base, flops_lora=lora, gflops=gflops,
-                         pct_peak=(100.0 * gflops / peak) if peak else None))
+    for method, zp, label, fmt, spec in variants:
+        wrapper_kwargs = dict(
+            layer_idx=0,
+            num_experts=E,
+            num_experts_per_tok=K,
+            hidden_size=H,
+            moe_intermediate_size=I,
+            num_gpu_experts=0,
+            cpuinfer_threads=args.threads,
+            threadpool_count=1,
+            weight_path="",
+            chunked_prefill_size=max(args.qlens),
+            method=method,
+            mode="sft",
+            lora_rank=R,
+            lora_alpha=ALPHA,
+            max_cache_depth=1,
+            group_size=args.group_size,
+            zero_point=zp,
+        )
+        if args.isa is not None:
+            wrapper_kwargs["isa"] = args.isa
+        load_before = loadavg1()
+        print(f"[{label}] loading ({fmt}) ...", end="", flush=True)
+        wrapper = ktmoe.KTMoEWrapper(**wrapper_kwargs)
+        t0 = time.perf_counter()
+        wrapper.load_weights_from_tensors(gate, up, down, torch.arange(E))
+        load_s = time.perf_counter() - t0
+        wrapper.init_lora_weights(*[kt_loras[n] for n in LORA_NAMES])
+        wbytes = int(wrapper.weight_bytes)
+        tier = getattr(wrapper, "isa", None)
+        rss_loaded = current_rss_mib()
+        print(f" {load_s:.1f} s, weights {wbytes / 2**20:.1f} MiB ({wbytes / BF16_WEIGHT_BYTES:.3f}x bf16), "
+              f"tier {tier}; timing qlen " + ",".join(map(str, args.qlens)), flush=True)
+        warm_faults = warm_up_ktmoe(wrapper, args.qlens, x_dtype)
+        print(f"[{label}] warm-up: {len(warm_faults)} round(s) over all qlens, page faults per round "
+              f"{warm_faults}", flush=True)
+        for q in args.qlens:
+            f0 = _faults()
+            with OtherLoad() as other:
+                fwd, bwd, step, kt_out = bench_ktmoe(wrapper, q, args.repeat, x_dtype)
+            row_faults = _faults() - f0
+            kt_outs[(label, q)] = kt_out
+            base, lora = step_flops(q)
+            gflops = (base + lora) / (step * 1e-3) * 1e-9
+            rows.append(dict(method=method, label=label, format=fmt, group_size=args.group_size if spec.kgroup else None,
+                             zero_point=bool(zp) if method == "AMXINT4_KGroup_SFT" else None, isa=tier,
+                             qlen=q, kt_fwd_ms=fwd, kt_bwd_ms=bwd, kt_step_ms=step,
+                             flops_base=base, flops_lora=lora, gflops=gflops,
+                             pct_peak=(100.0 * gflops / peak) if peak else None,
+                             weight_bytes=wbytes, weight_ratio_bf16=wbytes / BF16_WEIGHT_BYTES,
+                             other_load_cores=other.cores, page_faults=row_faults))
+        buffer_bytes = int(getattr(wrapper, "buffer_bytes", 0) or 0)
+        rss_run = current_rss_mib()
+        # one ktmoe layer alive at a time: free it before building the next
+        if hasattr(wrapper, "close"):
+            wrapper.close()
+        del wrapper
+        gc.collect()
+        rss_freed = current_rss_mib()
+        method_rows.append(dict(method=method, label=label, format=fmt, isa=tier, load_s=load_s,
+                                loadavg1_before=load_before, loadavg1_after=loadavg1(),
+                                warmup_rounds=len(warm_faults), warmup_page_faults=warm_faults,
+                                weight_bytes=wbytes, weight_ratio_bf16=wbytes / BF16_WEIGHT_BYTES,
+                                buffer_bytes_after_run=buffer_bytes, rss_mib_before_load=rss_base,
+                                rss_mib_loaded=rss_loaded, rss_mib_after_run=rss_run,
+                                rss_mib_after_free=rss_freed))
     rss_kt = peak_rss_mib()
-    del wrapper
 
+    torch_rows = []
     if not args.no_torch:
+        torch_load_before = loadavg1()
+        print("[PyTorch fp32 loop] timing qlen " + ",".join(map(str, args.qlens)), flush=True)
         model = TorchMoE(gate, up, down, kt_loras)  # same (possibly bf16-rounded) LoRA values
-        for row in rows:
-            tf, tb, ts, t_out = bench_torch(model, row["qlen"], args.repeat, x_dtype)
-            ref = kt_outs[row["qlen"]]
-            err = float(torch.linalg.vector_norm(ref - t_out) / torch.linalg.vector_norm(t_out).clamp_min(1e-30))
-            row.update(torch_fwd_ms=tf, torch_bwd_ms=tb, torch_step_ms=ts, speedup=ts / row["kt_step_ms"],
-                       out_rel_err_vs_torch=err)
+        del gate, up, down
+        gc.collect()
+        for q in args.qlens:
+            with OtherLoad() as other:
+                tf, tb, ts, t_out = bench_torch(model, q, args.repeat, x_dtype)
+            base, lora = step_flops(q)
+            tg = (base + lora) / (ts * 1e-3) * 1e-9
+            torch_rows.append(dict(qlen=q, torch_fwd_ms=tf, torch_bwd_ms=tb, torch_step_ms=ts, gflops=tg,
+                                   pct_peak=(100.0 * tg / peak) if peak else None,
+                                   weight_bytes=2 * BF16_WEIGHT_BYTES, weight_ratio_bf16=2.0,
+                                   other_load_cores=other.cores))
+            tnorm = torch.linalg.vector_norm(t_out).clamp_min(1e-30)
+            for row in rows:
+                if row["qlen"] != q:
+                    continue
+                ref = kt_outs[(row["label"], q)]
+                err = float(torch.linalg.vector_norm(ref - t_out) / tnorm)
+                row.update(torch_fwd_ms=tf, torch_bwd_ms=tb, torch_step_ms=ts, speedup=ts / row["kt_step_ms"],
+                           out_rel_err_vs_torch=err)
         del model
+        for t in torch_rows:
+            t.update(loadavg1_before=torch_load_before, loadavg1_after=loadavg1())
     rss_all = peak_rss_mib()
 
-    hdr = ["qlen", "kt fwd ms", "kt bwd ms", "kt step ms", "GFLOP/s", "% peak", "torch step ms", "speedup"]
+    def fmt_other(v):
+        return f"{v:.2f}" if v is not None else "?"
+
+    # ---- table: per qlen, the torch loop first, then every method ----
+    hdr = ["qlen", "method", "format", "fwd ms", "bwd ms", "step ms", "GFLOP/s", "% peak",
+           "speedup", "weights MiB", "x bf16", "rel err", "other load"]
     table = []
-    for row in rows:
-        table.append([
-            str(row["qlen"]),
-            f"{row['kt_fwd_ms']:.2f}",
-            f"{row['kt_bwd_ms']:.2f}",
-            f"{row['kt_step_ms']:.2f}",
-            f"{row['gflops']:.1f}",
-            f"{row['pct_peak']:.1f}" if row["pct_peak"] is not None else "unknown",
-            f"{row['torch_step_ms']:.2f}" if "torch_step_ms" in row else "-",
-            f"{row['speedup']:.2f}x" if "speedup" in row else "-",
-        ])
-    widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(hdr)]
+    blank_before = []
+    trow = {r["qlen"]: r for r in torch_rows}
+    for q in args.qlens:
+        if table:
+            blank_before.append(len(table))
+        t = trow.get(q)
+        if t is not None:
+            table.append([str(q), "PyTorch fp32 loop", "fp32", f"{t['torch_fwd_ms']:.2f}", f"{t['torch_bwd_ms']:.2f}",
+                          f"{t['torch_step_ms']:.2f}", f"{t['gflops']:.1f}",
+                          f"{t['pct_peak']:.1f}" if t["pct_peak"] is not None else "unknown",
+                          "1.00x", f"{t['weight_bytes'] / 2**20:.0f}", f"{t['weight_ratio_bf16']:.3f}", "-",
+                          fmt_other(t["other_load_cores"])])
+        for row in rows:
+            if row["qlen"] != q:
+                continue
+            table.append([
+                str(q), row["label"], row["format"],
+                f"{row['kt_fwd_ms']:.2f}",
+                f"{row['kt_bwd_ms']:.2f}",
+                f"{row['kt_step_ms']:.2f}",
+                f"{row['gflops']:.1f}",
+                f"{row['pct_peak']:.1f}" if row["pct_peak"] is not None else "unknown",
+                f"{row['speedup']:.2f}x" if "speedup" in row else "-",
+                f"{row['weight_bytes'] / 2**20:.0f}",
+                f"{row['weight_ratio_bf16']:.3f}",
+                f"{row['out_rel_err_vs_torch']:.1e}" if "out_rel_err_vs_torch" in row else "-",
+                fmt_other(row["other_load_cores"]),
+            ])
     print()
-    print(" | ".join(h.rjust(w) for h, w in zip(hdr, widths)))
-    print("-+-".join("-" * w for w in widths))
-    for r in table:
-        print(" | ".join(c.rjust(w) for c, w in zip(r, widths)))
-    if not args.no_torch:
-        print("sanity: ||out_kt - out_torch|| / ||out_torch|| = "
-              + ", ".join(f"{r['out_rel_err_vs_torch']:.2e} (q={r['qlen']})" for r in rows))
+    print_table(hdr, table, blank_before)
+    print("speedup = PyTorch fp32 step ms / ktmoe step ms (same qlen, same run); weights = resident frozen "
+          "weights (wrapper.weight_bytes), x bf16 = / (3*E*H*I*2);")
+    print("rel err = ||out_kt - out_torch|| / ||out_torch|| (torch: bf16 weights in fp32; for the INT methods "
+          "mostly quantization error)")
+    print("other load = cores used by other processes (and VM steal) during that row's timed iterations; "
+          "well above 0 on a machine with --threads cores means the row's times are inflated")
+    print()
+    def fmt_load(a, b):
+        return f"{a:.2f} -> {b:.2f}" if a is not None and b is not None else "?"
+
+    mhdr = ["method", "format", "tier", "load s", "weights MiB", "x bf16", "RSS MiB loaded", "RSS MiB after free",
+            "loadavg(1m)"]
+    mtable = [[m["label"], m["format"], str(m["isa"]), f"{m['load_s']:.1f}", f"{m['weight_bytes'] / 2**20:.1f}",
+               f"{m['weight_ratio_bf16']:.3f}",
+               f"{m['rss_mib_loaded']:.0f}" if m["rss_mib_loaded"] is not None else "?",
+               f"{m['rss_mib_after_free']:.0f}" if m["rss_mib_after_free"] is not None else "?",
+               fmt_load(m["loadavg1_before"], m["loadavg1_after"])]
+              for m in method_rows]
+    print_table(mhdr, mtable)
+    if torch_rows:
+        print(f"PyTorch fp32 loop: loadavg(1m) {fmt_load(torch_rows[0]['loadavg1_before'], torch_rows[0]['loadavg1_after'])}")
+    print(f"(loadavg above ~{args.threads} while this runs means other processes shared the cores: "
+          "timings are then inflated, the torch loop's OpenMP threads suffer most)")
+    if rss_base is not None:
+        print(f"(RSS {rss_base:.0f} MiB before the first load: the shared bf16 weights, "
+              f"{BF16_WEIGHT_BYTES / 2**20:.0f} MiB, and LoRA)")
     print()
     print(f"peak RSS: {rss_kt:.0f} MiB after the ktmoe runs, {rss_all:.0f} MiB at the end"
           + ("" if args.no_torch else " (incl. the fp32 torch baseline)"))
@@ -505,7 +810,9 @@ def main(argv=None) -> int:
     if args.json:
         result = dict(
             shape=dict(E=E, k=K, H=H, I=I, r=R, alpha=ALPHA),
-            method=args.method,
+            method=method_list[0][0] if len(method_list) == 1 else [v[2] for v in variants],
+            methods=[dict(method=v[0], zero_point=v[1], label=v[2], format=v[3]) for v in variants],
+            group_size=args.group_size,
             isa=args.isa,
             cpu_info=info,
             threads=args.threads,
@@ -513,10 +820,14 @@ def main(argv=None) -> int:
             hidden_dtype=args.dtype,
             lora_dtype=args.lora_dtype,
             flops_formula="base=2*3*q*k*H*I (fwd) + 2*3*q*k*H*I (bwd); lora=2*3*q*k*r*(H+I)*3; gflops uses base+lora",
+            bf16_weight_bytes=BF16_WEIGHT_BYTES,
             fp32_peak_gflops=peak,
             fp32_peak_note=peak_note,
+            loadavg1_start=la,
             peak_rss_mib_kt=rss_kt,
             peak_rss_mib_end=rss_all,
+            method_summary=method_rows,
+            torch_rows=torch_rows,
             rows=rows,
         )
         with open(args.json, "w") as f:
