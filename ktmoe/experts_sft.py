@@ -248,7 +248,8 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
         """Routed-experts forward with LoRA.
 
         hidden_states [qlen, H] bf16/fp32 (CPU or CUDA); expert_ids [qlen, k]
-        int64 (int32 accepted); weights [qlen, k] fp32.  Returns [qlen, H] of
+        int64 (int32 accepted; -1 skips a slot: it adds nothing and its
+        routing-weight gradient is 0); weights [qlen, k] fp32.  Returns [qlen, H] of
         the input's dtype on the input's device.  With save_for_backward the
         activations are cached (LIFO, at most max_cache_depth)."""
         if not self._weights_loaded:

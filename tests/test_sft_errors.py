@@ -294,7 +294,7 @@ def _bad_inputs():
         "x-H-1": (x, torch.randn(Q, H - 1)),
         "x-1d": (x, torch.randn(Q * H)),
         "ids-eq-E": (ids, "set", E),
-        "ids-neg": (ids, "set", -1),
+        "ids-neg": (ids, "set", -2),  # -1 is the documented "skip" id
         "ids-huge": (ids, "set", 1 << 40),
         "ids-k+1": (ids, torch.zeros(Q, K + 1, dtype=torch.int64)),
         "ids-q+1": (ids, torch.zeros(Q + 1, K, dtype=torch.int64)),

@@ -485,3 +485,28 @@ def test_larger_layer_default_tier(build_wrapper):
     w = build_wrapper(layer, k)
     res = sft_step(w, x, ids, wts, go)
     check_step(layer, x, ids, wts, go, res, what="default tier, larger layer")
+
+
+def test_skip_expert_id(build_wrapper, tier):
+    """Expert id -1 (KTMOE_SKIP_EXPERT) routes nothing: the result equals the
+    layer with those slots' routing weights set to 0, and their
+    routing-weight gradient is 0."""
+    E, H, I, r, q, k = 8, 40, 24, 4, 13, 3
+    layer, ids, wts, x, go = make_case(E, H, I, r, q, k, seed=21)
+    skipped = ids.clone()
+    skipped[::2, 1] = -1
+    skipped[5, :] = -1  # a token with no expert at all
+    w = build_wrapper(layer, k, tier=tier)
+    out, gi, gl, gw = sft_step(w, x, skipped, wts, go)
+    del w
+    keep = skipped >= 0
+    ref_ids = torch.where(keep, ids, ids[:, :1])  # any valid id: its weight is 0
+    ref_w = torch.where(keep, wts, torch.zeros_like(wts))
+    r_out, r_gx, r_gw, r_gl = layer.reference_grads(x, ref_ids, ref_w, go)
+    assert rel_err(out, r_out) < FP32_TOL
+    assert rel_err(gi, r_gx) < FP32_TOL
+    assert torch.all(gw[~keep] == 0)
+    assert rel_err(gw[keep], r_gw[keep]) < FP32_TOL
+    for n in GRAD_NAMES:
+        assert rel_err(gl[n], r_gl[n]) < FP32_TOL, n
+    assert torch.all(out[5] == 0) and torch.all(gi[5] == 0)

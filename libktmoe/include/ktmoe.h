@@ -284,6 +284,11 @@ KTMOE_API ktmoe_status ktmoe_moe_set_lora(ktmoe_moe *moe, ktmoe_dtype dtype,
                                           const void *down_a,
                                           const void *down_b);
 
+/* An expert id that routes nothing: the slot adds nothing to the output
+ * and its routing-weight gradient is 0 (dropped tokens, experts computed
+ * elsewhere). */
+#define KTMOE_SKIP_EXPERT (-1)
+
 typedef struct ktmoe_forward_args {
     uint32_t struct_size;        /* sizeof(ktmoe_forward_args)            */
     int64_t qlen;                /* tokens                                */
@@ -315,7 +320,8 @@ typedef struct ktmoe_backward_args {
 
 /* Queues a forward.  With save_for_backward the activations are pushed on
  * the layer's LIFO cache (KTMOE_ERR_STATE when it is full).  Expert ids out
- * of [0, E) fail the task with KTMOE_ERR_INVALID_ARGUMENT.  The arguments
+ * of [0, E), other than KTMOE_SKIP_EXPERT, fail the task with
+ * KTMOE_ERR_INVALID_ARGUMENT.  The arguments
  * struct is copied; the arrays it points to are read until sync. */
 KTMOE_API ktmoe_status ktmoe_moe_forward_submit(ktmoe_moe *moe,
                                                 const ktmoe_forward_args *args);

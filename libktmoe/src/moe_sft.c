@@ -634,6 +634,7 @@ static ktmoe_status kt_route(ktmoe_moe *m, kt_cache *c, int64_t qlen, const int6
     memset(off, 0, (size_t)(E + 1) * 8);
     for (int64_t i = 0; i < np; i++) {
         int64_t e = ids[i];
+        if (e == KTMOE_SKIP_EXPERT) continue;
         if (e < 0 || e >= E)
             return kt_error(KTMOE_ERR_INVALID_ARGUMENT,
                             "expert id %lld at [%lld, %lld] is out of range [0, %lld)",
@@ -650,13 +651,17 @@ static ktmoe_status kt_route(ktmoe_moe *m, kt_cache *c, int64_t qlen, const int6
     int64_t *cur = m->cursor.p;
     memcpy(cur, off, (size_t)E * 8);
     for (int64_t i = 0; i < np; i++) {
+        if (ids[i] == KTMOE_SKIP_EXPERT) {
+            pos[i] = -1;
+            continue;
+        }
         int64_t p = cur[ids[i]]++;
         tok[p] = (int32_t)(i / k);
         pw[p] = weights[i];
         pos[i] = (int32_t)p;
     }
     c->qlen = qlen;
-    c->npairs = np;
+    c->npairs = off[E];
     c->nactive = na;
     return KTMOE_OK;
 }
@@ -677,6 +682,7 @@ static void kt_sum_pairs(const ktmoe_moe *m, const kt_cache *c, const float *row
     memset(acc, 0, (size_t)H * 4);
     for (int64_t j = 0; j < k; j++) {
         int64_t p = ((const int32_t *)c->pos.p)[t * k + j];
+        if (p < 0) continue; /* skipped slot */
         float wt = weighted ? ((const float *)c->pw.p)[p] : 1.0f;
         for (int s = 0; s < m->tp; s++) {
             const float *y = rows + s * np * H + p * H;
@@ -1050,8 +1056,8 @@ static void kt_bwd_combine(void *v, const kt_worker_ctx *w, int sub, int64_t t) 
     if (!b->a.grad_weights) return;
     for (int64_t j = 0; j < k; j++) {
         int64_t p = ((int32_t *)c->pos.p)[t * k + j];
-        float dw = 0.0f;
-        for (int64_t x = 0; x < m->tp * b->ntile_i; x++) dw += F(&m->dwp)[x * np + p];
+        float dw = 0.0f; /* a skipped slot's weight does not matter */
+        for (int64_t x = 0; p >= 0 && x < m->tp * b->ntile_i; x++) dw += F(&m->dwp)[x * np + p];
         b->a.grad_weights[t * k + j] = dw;
     }
 }
