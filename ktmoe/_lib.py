@@ -90,6 +90,9 @@ typedef struct ktmoe_moe_config {
     int32_t isa;
     int32_t group_size;
     int32_t zero_point;
+    int32_t proj_method[3];
+    int32_t proj_group_size[3];
+    int32_t proj_zero_point[3];
 } ktmoe_moe_config;
 typedef struct ktmoe_moe ktmoe_moe;
 void ktmoe_moe_config_init(ktmoe_moe_config *config);

@@ -6,8 +6,10 @@ from __future__ import annotations
 from abc import ABC
 from typing import Optional
 
+import torch
+
 from ._cpuinfer import CPUInfer
-from ._validate import check_int
+from ._validate import check_int, cpu_contiguous
 
 
 class _MoEBase:
@@ -48,6 +50,35 @@ class _MoEBase:
         self.chunked_prefill_size = chunked_prefill_size
         self.cpuinfer_threads = cpuinfer_threads
         self.threadpool_count = threadpool_count
+
+    def _check_map(self, physical_to_logical_map_cpu, num_src: int) -> Optional[torch.Tensor]:
+        if physical_to_logical_map_cpu is None:
+            return None
+        m = physical_to_logical_map_cpu
+        if not isinstance(m, torch.Tensor):
+            m = torch.as_tensor(m)
+        if m.dim() != 1 or m.shape[0] != self.num_experts:
+            raise ValueError(
+                f"physical_to_logical_map shape mismatch: expected ({self.num_experts},), got {tuple(m.shape)}"
+            )
+        if m.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise ValueError(f"physical_to_logical_map must hold integers, got {m.dtype}")
+        m = cpu_contiguous(m, torch.int64)
+        if m.numel() and (int(m.min()) < 0 or int(m.max()) >= num_src):
+            raise ValueError(f"physical_to_logical_map values must be in [0, {num_src})")
+        return m
+
+    def _read_weight_files(self, spec):
+        """(num_src_experts, gate, up, down) of layer ``layer_idx`` from the
+        weight files at ``weight_path`` (memory-mapped; WeightFileError, a
+        RuntimeError, on any problem)."""
+        from .weight_files import read_layer
+
+        if not self.weight_path:
+            raise RuntimeError("load_weights() needs weight_path (a weight file or directory); "
+                               "use load_weights_from_tensors() to load tensors")
+        return read_layer(self.weight_path, self.layer_idx, spec, hidden_size=self.hidden_size,
+                          intermediate_size=self.moe_intermediate_size)
 
     def _attach_cpu_infer(self) -> None:
         self.cpu_infer = self._get_cpu_infer(self.cpuinfer_threads, self.threadpool_count)

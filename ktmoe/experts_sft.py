@@ -164,23 +164,6 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
     def load_weights(self, physical_to_logical_map_cpu: torch.Tensor) -> None:
         """Load the frozen expert weights from ``weight_path``."""
 
-    def _check_map(self, physical_to_logical_map_cpu, num_src: int) -> Optional[torch.Tensor]:
-        if physical_to_logical_map_cpu is None:
-            return None
-        m = physical_to_logical_map_cpu
-        if not isinstance(m, torch.Tensor):
-            m = torch.as_tensor(m)
-        if m.dim() != 1 or m.shape[0] != self.num_experts:
-            raise ValueError(
-                f"physical_to_logical_map shape mismatch: expected ({self.num_experts},), got {tuple(m.shape)}"
-            )
-        if m.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-            raise ValueError(f"physical_to_logical_map must hold integers, got {m.dtype}")
-        m = cpu_contiguous(m, torch.int64)
-        if m.numel() and (int(m.min()) < 0 or int(m.max()) >= num_src):
-            raise ValueError(f"physical_to_logical_map values must be in [0, {num_src})")
-        return m
-
     def load_weights_from_tensors(self, gate_proj: torch.Tensor, up_proj: torch.Tensor,
                                   down_proj: torch.Tensor,
                                   physical_to_logical_map_cpu: Optional[torch.Tensor] = None) -> None:

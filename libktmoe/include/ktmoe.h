@@ -226,6 +226,12 @@ typedef struct ktmoe_moe_config {
     int32_t group_size;         /* K-group methods: columns per group    */
     int32_t zero_point;         /* INT4_KGROUP: 1 integer zero point per
                                    group, 0 the fixed offset 8          */
+    /* Per projection (gate, up, down): a method of its own, e.g. for GGUF
+     * files that mix types; -1 (the default) takes method, group_size and
+     * zero_point above. */
+    int32_t proj_method[3];
+    int32_t proj_group_size[3];
+    int32_t proj_zero_point[3];
 } ktmoe_moe_config;
 
 typedef struct ktmoe_moe ktmoe_moe;

@@ -43,6 +43,8 @@ typedef struct kt_proj {
     uint8_t *data;   /* [E][rows][rb bytes]                  */
     float *scale;    /* [E][rows][G] (NULL for bf16)         */
     void *aux;       /* [E][rows][G] min or zero, or NULL    */
+    int fmt;         /* KT_W_*                               */
+    int64_t kgs;     /* K-group size, 0 for one group a row  */
     int64_t rows, cols, ld, rb, G, gs;
 } kt_proj;
 
@@ -76,8 +78,6 @@ struct ktmoe_moe {
     int64_t E, k, H, I, Is, r;
     float scale;
     int max_depth;
-    int method, fmt;     /* ktmoe_method; KT_W_* storage format */
-    int64_t gs;          /* group size (K-group methods), else 0 */
 
     kt_slice *slices;
     int weights_loaded;
@@ -165,14 +165,15 @@ static kt_wmat kt_lora(const ktmoe_moe *m, int which, int64_t off, int64_t ld) {
 static kt_wmat kt_act(const float *p, int64_t ld) { return kt_plain(KT_W_F32, p, ld); }
 
 static size_t kt_aux_size(int fmt) { return fmt == KT_W_I4Z ? 1 : 4; }
+static int kt_has_aux(int fmt) { return fmt == KT_W_I4M || fmt == KT_W_I4Z; }
 
 /* Frozen projection pj of slice s, expert e, from row r0 and column c0. */
 static kt_wmat kt_frozen(const ktmoe_moe *m, int s, int pj, int64_t e, int64_t r0, int64_t c0) {
     const kt_proj *p = &m->slices[s].p[pj];
     int64_t ge = e * p->rows * p->G;
-    kt_wmat w = {m->fmt, p->data + e * p->rows * p->rb, p->ld,
+    kt_wmat w = {p->fmt, p->data + e * p->rows * p->rb, p->ld,
                  p->scale ? p->scale + ge : NULL,
-                 p->aux ? (const void *)((const char *)p->aux + ge * kt_aux_size(m->fmt)) : NULL,
+                 p->aux ? (const void *)((const char *)p->aux + ge * kt_aux_size(p->fmt)) : NULL,
                  p->G, p->gs, 0};
     return kt_wsub(&w, r0, c0);
 }
@@ -206,6 +207,7 @@ KTMOE_API void ktmoe_moe_config_init(ktmoe_moe_config *c) {
     c->isa = KTMOE_ISA_AUTO;
     c->group_size = 128;
     c->zero_point = 1;
+    for (int pj = 0; pj < 3; pj++) c->proj_method[pj] = -1;
 }
 
 KTMOE_API ktmoe_status ktmoe_moe_create(ktmoe_pool *pool, const ktmoe_moe_config *cfg,
@@ -224,9 +226,16 @@ KTMOE_API ktmoe_status ktmoe_moe_create(ktmoe_pool *pool, const ktmoe_moe_config
     ktmoe_moe_config_init(&full);
     memcpy(&full, cfg, cfg->struct_size);
     const ktmoe_moe_config *c = &full;
-    int fmt, kgroup;
-    ktmoe_status st = kt_method_format(c->method, c->group_size, c->zero_point, &fmt, &kgroup);
-    if (st != KTMOE_OK) return st;
+    int fmt[3], kgroup[3];
+    int64_t gsz[3];
+    for (int pj = 0; pj < 3; pj++) {
+        int32_t meth = c->proj_method[pj] >= 0 ? c->proj_method[pj] : c->method;
+        int32_t gs = c->proj_method[pj] >= 0 ? c->proj_group_size[pj] : c->group_size;
+        int32_t zp = c->proj_method[pj] >= 0 ? c->proj_zero_point[pj] : c->zero_point;
+        ktmoe_status st = kt_method_format(meth, gs, zp, &fmt[pj], &kgroup[pj]);
+        if (st != KTMOE_OK) return st;
+        gsz[pj] = kgroup[pj] ? gs : 0;
+    }
     if (c->num_experts <= 0) return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "num_experts must be positive, got %lld", (long long)c->num_experts);
     if (c->hidden_size <= 0) return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "hidden_size must be positive, got %lld", (long long)c->hidden_size);
     if (c->intermediate_size <= 0) return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "moe_intermediate_size must be positive, got %lld", (long long)c->intermediate_size);
@@ -247,20 +256,21 @@ KTMOE_API ktmoe_status ktmoe_moe_create(ktmoe_pool *pool, const ktmoe_moe_config
         return kt_error(KTMOE_ERR_INVALID_ARGUMENT,
                         "intermediate_size (%lld) must be divisible by threadpool_count (%d)",
                         (long long)c->intermediate_size, tp);
-    if (kgroup) {
-        int64_t gs = c->group_size, Is = c->intermediate_size / tp;
-        if (c->hidden_size % gs != 0)
+    for (int pj = 0; pj < 3; pj++) {
+        int64_t gs = gsz[pj], Is = c->intermediate_size / tp;
+        if (!gs) continue;
+        if (pj != PD && c->hidden_size % gs != 0)
             return kt_error(KTMOE_ERR_INVALID_ARGUMENT,
-                            "hidden_size (%lld) must be divisible by group_size (%d)",
-                            (long long)c->hidden_size, c->group_size);
-        if (c->intermediate_size % gs != 0)
+                            "hidden_size (%lld) must be divisible by group_size (%lld)",
+                            (long long)c->hidden_size, (long long)gs);
+        if (pj == PD && c->intermediate_size % gs != 0)
             return kt_error(KTMOE_ERR_INVALID_ARGUMENT,
-                            "moe_intermediate_size (%lld) must be divisible by group_size (%d)",
-                            (long long)c->intermediate_size, c->group_size);
-        if (Is % gs != 0)
+                            "moe_intermediate_size (%lld) must be divisible by group_size (%lld)",
+                            (long long)c->intermediate_size, (long long)gs);
+        if (pj == PD && Is % gs != 0)
             return kt_error(KTMOE_ERR_INVALID_ARGUMENT,
                             "moe_intermediate_size / threadpool_count (%lld) must be divisible by "
-                            "group_size (%d)", (long long)Is, c->group_size);
+                            "group_size (%lld)", (long long)Is, (long long)gs);
     }
     ktmoe_isa isa = c->isa == KTMOE_ISA_AUTO ? ktmoe_isa_selected() : (ktmoe_isa)c->isa;
     if (!ktmoe_isa_name(isa) || isa == KTMOE_ISA_AUTO)
@@ -282,9 +292,6 @@ KTMOE_API ktmoe_status ktmoe_moe_create(ktmoe_pool *pool, const ktmoe_moe_config
     m->r = c->lora_rank;
     m->scale = c->lora_alpha / (float)c->lora_rank;
     m->max_depth = c->max_cache_depth;
-    m->method = c->method;
-    m->fmt = fmt;
-    m->gs = kgroup ? c->group_size : 0;
     pthread_mutex_init(&m->mu, NULL);
     m->slices = calloc((size_t)tp, sizeof(kt_slice));
     m->caches = calloc((size_t)m->max_depth, sizeof(kt_cache));
@@ -299,10 +306,12 @@ KTMOE_API ktmoe_status ktmoe_moe_create(ktmoe_pool *pool, const ktmoe_moe_config
             kt_proj *p = &sl->p[pj];
             p->rows = pj == PD ? m->H : m->Is;
             p->cols = pj == PD ? m->Is : m->H;
-            p->rb = kt_row_bytes(fmt, p->cols);
-            p->ld = kt_fmt_is_int4(fmt) ? p->rb : p->cols;
-            p->G = fmt == KT_W_BF16 ? 0 : (kgroup ? p->cols / m->gs : 1);
-            p->gs = kgroup ? m->gs : p->cols;
+            p->fmt = fmt[pj];
+            p->kgs = gsz[pj];
+            p->rb = kt_row_bytes(p->fmt, p->cols);
+            p->ld = kt_fmt_is_int4(p->fmt) ? p->rb : p->cols;
+            p->G = p->fmt == KT_W_BF16 ? 0 : (p->kgs ? p->cols / p->kgs : 1);
+            p->gs = p->kgs ? p->kgs : p->cols;
         }
     }
     *out = m;
@@ -332,7 +341,7 @@ static void kt_proj_bytes(const ktmoe_moe *m, const kt_proj *p, size_t *data, si
                           size_t *aux) {
     *data = (size_t)(m->E * p->rows * p->rb);
     *scale = p->G ? (size_t)(m->E * p->rows * p->G) * 4 : 0;
-    *aux = (m->fmt == KT_W_I4M || m->fmt == KT_W_I4Z) ? (size_t)(m->E * p->rows * p->G) * kt_aux_size(m->fmt) : 0;
+    *aux = kt_has_aux(p->fmt) ? (size_t)(m->E * p->rows * p->G) * kt_aux_size(p->fmt) : 0;
 }
 
 KTMOE_API int64_t ktmoe_moe_weight_bytes(const ktmoe_moe *m) {
@@ -391,11 +400,11 @@ static void kt_load_fail(kt_load_ctx *c, ktmoe_status st) {
     pthread_mutex_unlock(&c->mu);
 }
 
-/* Columns [c0, c0 + n) of a packed row (data q, groups s/a of `gs` columns,
- * G groups) into a packed destination row. */
-static void kt_copy_cols(const ktmoe_moe *m, const uint8_t *q, const float *s, const void *a,
+/* Columns [c0, c0 + n) of a packed row of projection p's format (data q,
+ * groups s and a) into a packed destination row. */
+static void kt_copy_cols(const kt_proj *p, const uint8_t *q, const float *s, const void *a,
                          int64_t c0, int64_t n, uint8_t *dq, float *ds, void *da) {
-    int fmt = m->fmt;
+    int fmt = p->fmt;
     if (kt_fmt_is_int4(fmt)) {
         if (c0 % 2 == 0) {
             memcpy(dq, q + c0 / 2, (size_t)(n / 2));
@@ -413,7 +422,7 @@ static void kt_copy_cols(const ktmoe_moe *m, const uint8_t *q, const float *s, c
         memcpy(dq, q + c0 * (int64_t)es, (size_t)n * es);
     }
     if (!ds) return;
-    int64_t g0 = m->gs ? c0 / m->gs : 0, ng = m->gs ? n / m->gs : 1;
+    int64_t g0 = p->kgs ? c0 / p->kgs : 0, ng = p->kgs ? n / p->kgs : 1;
     memcpy(ds, s + g0, (size_t)ng * 4);
     if (da) {
         size_t as = kt_aux_size(fmt);
@@ -422,13 +431,13 @@ static void kt_copy_cols(const ktmoe_moe *m, const uint8_t *q, const float *s, c
 }
 
 /* Checks the scales (and zero points) of one packed source row. */
-static ktmoe_status kt_check_groups(const ktmoe_moe *m, const float *s, const void *a, int64_t G) {
+static ktmoe_status kt_check_groups(int fmt, const float *s, const void *a, int64_t G) {
     for (int64_t g = 0; g < G; g++) {
         if (!isfinite(s[g]))
             return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "scale of group %lld is not finite", (long long)g);
-        if (m->fmt == KT_W_I4M && !isfinite(((const float *)a)[g]))
+        if (fmt == KT_W_I4M && !isfinite(((const float *)a)[g]))
             return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "min of group %lld is not finite", (long long)g);
-        if (m->fmt == KT_W_I4Z && ((const uint8_t *)a)[g] > 15)
+        if (fmt == KT_W_I4Z && ((const uint8_t *)a)[g] > 15)
             return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "zero point of group %lld is %d, above 15",
                             (long long)g, ((const uint8_t *)a)[g]);
     }
@@ -446,8 +455,9 @@ static void kt_load_job(void *vctx, const kt_worker_ctx *w, int sub, int64_t t) 
     int pj = (int)(t % 3);
     const kt_proj *p0 = &m->slices[0].p[pj];
     int64_t rows = pj == PD ? m->H : m->I, cols = pj == PD ? m->I : m->H;
-    int64_t rb = kt_row_bytes(m->fmt, cols), G = p0->G ? (m->gs ? cols / m->gs : 1) : 0;
-    size_t as = kt_aux_size(m->fmt), auxb = (m->fmt == KT_W_I4M || m->fmt == KT_W_I4Z) ? as : 0;
+    int fmt = p0->fmt;
+    int64_t kgs = p0->kgs, rb = kt_row_bytes(fmt, cols), G = p0->G ? (kgs ? cols / kgs : 1) : 0;
+    size_t as = kt_aux_size(fmt), auxb = kt_has_aux(fmt) ? as : 0;
     /* scratch: x [cols] f32, q [rb], s [G], a [G] */
     float *x = w->scratch;
     uint8_t *tq = (uint8_t *)(x + cols);
@@ -464,10 +474,10 @@ static void kt_load_job(void *vctx, const kt_worker_ctx *w, int sub, int64_t t) 
             q = (const uint8_t *)pk->qweight + srow * rb;
             if (G) sc = pk->scale + srow * G;
             if (auxb) ax = (const char *)pk->aux + srow * G * (int64_t)as;
-            st = G ? kt_check_groups(m, sc, ax, G) : KTMOE_OK;
+            st = G ? kt_check_groups(fmt, sc, ax, G) : KTMOE_OK;
         } else {
             kt_to_f32(kt_at(c->src[pj], c->src_dtype, srow * cols), c->src_dtype, x, cols);
-            st = kt_quant_row(m->fmt, m->gs ? m->gs : cols, x, cols, tq, G ? ts : NULL, auxb ? ta : NULL);
+            st = kt_quant_row(fmt, kgs ? kgs : cols, x, cols, tq, G ? ts : NULL, auxb ? ta : NULL);
             q = tq;
             sc = ts;
             ax = ta;
@@ -492,7 +502,7 @@ static void kt_load_job(void *vctx, const kt_worker_ctx *w, int sub, int64_t t) 
                 c0 = 0;
             }
             int64_t drow = e * p->rows + lr;
-            kt_copy_cols(m, q, sc, ax, c0, p->cols, p->data + drow * p->rb,
+            kt_copy_cols(p, q, sc, ax, c0, p->cols, p->data + drow * p->rb,
                          p->G ? p->scale + drow * p->G : NULL,
                          auxb ? (char *)p->aux + drow * p->G * (int64_t)as : NULL);
         }
@@ -581,11 +591,12 @@ KTMOE_API ktmoe_status ktmoe_moe_load_packed(ktmoe_moe *m, const ktmoe_packed *g
     if (!m || !gate || !up || !down)
         return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "moe and packed weights must not be NULL");
     const ktmoe_packed *pk[3] = {gate, up, down};
-    int need_scale = m->fmt != KT_W_BF16, need_aux = m->fmt == KT_W_I4M || m->fmt == KT_W_I4Z;
-    for (int pj = 0; pj < 3; pj++)
-        if (!pk[pj]->qweight || (need_scale && !pk[pj]->scale) || (need_aux && !pk[pj]->aux))
+    for (int pj = 0; pj < 3; pj++) {
+        int fmt = m->slices[0].p[pj].fmt;
+        if (!pk[pj]->qweight || (fmt != KT_W_BF16 && !pk[pj]->scale) || (kt_has_aux(fmt) && !pk[pj]->aux))
             return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "%s_proj: a part this method needs is NULL",
                             kt_proj_names[pj]);
+    }
     ktmoe_status st = kt_check_map(m, map, src_experts);
     if (st != KTMOE_OK) return st;
     kt_load_ctx ctx;
