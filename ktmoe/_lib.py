@@ -68,7 +68,9 @@ typedef enum ktmoe_method {
     KTMOE_METHOD_INT4 = 2,
     KTMOE_METHOD_INT4_1 = 3,
     KTMOE_METHOD_INT4_KGROUP = 4,
-    KTMOE_METHOD_INT4_1_KGROUP = 5
+    KTMOE_METHOD_INT4_1_KGROUP = 5,
+    KTMOE_METHOD_INT8_KGROUP = 6,
+    KTMOE_METHOD_FP8 = 7
 } ktmoe_method;
 typedef struct ktmoe_packed_layout {
     int64_t row_bytes;

@@ -18,6 +18,10 @@ int4_kgroup_zp qweight, scale f32 [N, G],   (u - zero[n, g]) * scale[n, g]
                zero uint8 [N, G]
 int4_1_kgroup  qweight, scale, min f32      u * scale[n, g] + min[n, g]
                [N, G]
+int8_kgroup    qweight int8 [N, K],         qweight[n, k] * scale[n, g]
+               scale f32 [N, G]
+fp8_e4m3       qweight uint8 [N, K] (FP8    e4m3(qweight[n, k]) * scale[n, g]
+               E4M3 codes), scale [N, G]
 ============== ============================ ===================================
 
 ``u`` is the 4-bit code of element k: the low nibble (bits 0-3) of byte
@@ -49,14 +53,20 @@ METHOD_FORMATS = {
     "AMXINT4_1KGroup_SFT": "int4_1_kgroup",
 }
 
+#: formats that no SFT method name selects (yet): the inference loaders
+#: (FP8 checkpoints, GGUF Q8_0/Q6_K) name them by these keys
+EXTRA_FORMATS = {"INT8_KGROUP": "int8_kgroup", "FP8": "fp8_e4m3"}
+
 #: format name -> libktmoe ``ktmoe_method`` value
 FORMAT_CODES = {
     "bf16": 0, "int8": 1, "int4": 2, "int4_1": 3, "int4_kgroup": 4, "int4_kgroup_zp": 4,
-    "int4_1_kgroup": 5,
+    "int4_1_kgroup": 5, "int8_kgroup": 6, "fp8_e4m3": 7,
 }
 
-FORMATS = ("bf16", "int8", "int4", "int4_1", "int4_kgroup", "int4_kgroup_zp", "int4_1_kgroup")
-KGROUP_FORMATS = ("int4_kgroup", "int4_kgroup_zp", "int4_1_kgroup")
+FORMATS = ("bf16", "int8", "int4", "int4_1", "int4_kgroup", "int4_kgroup_zp", "int4_1_kgroup",
+           "int8_kgroup", "fp8_e4m3")
+KGROUP_FORMATS = ("int4_kgroup", "int4_kgroup_zp", "int4_1_kgroup", "int8_kgroup", "fp8_e4m3")
+_FORMAT_OF = {**METHOD_FORMATS, **EXTRA_FORMATS}
 INT4_FORMATS = ("int4", "int4_1") + KGROUP_FORMATS
 #: smallest group size, and the multiple every group size must be
 GROUP_SIZE_MULTIPLE = 16
@@ -64,7 +74,8 @@ GROUP_SIZE_MULTIPLE = 16
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """A numeric format: the SFT method plus its K-group options.
+    """A numeric format: the SFT method (or an EXTRA_FORMATS key) plus its
+    K-group options.
 
     ``group_size`` and ``zero_point`` matter only for the K-group methods
     (``AMXINT4_KGroup_SFT``: zero_point selects an integer zero point per
@@ -76,7 +87,7 @@ class QuantSpec:
     zero_point: bool = True
 
     def __post_init__(self):
-        if self.method not in METHOD_FORMATS:
+        if self.method not in _FORMAT_OF:
             raise ValueError(f"Unsupported method: {self.method}. "
                              f"Supported methods: {sorted(METHOD_FORMATS)}")
         if self.kgroup:
@@ -89,14 +100,14 @@ class QuantSpec:
 
     @property
     def format(self) -> str:
-        f = METHOD_FORMATS[self.method]
+        f = _FORMAT_OF[self.method]
         if f == "int4_kgroup" and self.zero_point:
             return "int4_kgroup_zp"
         return f
 
     @property
     def kgroup(self) -> bool:
-        return METHOD_FORMATS[self.method] in KGROUP_FORMATS
+        return _FORMAT_OF[self.method] in KGROUP_FORMATS
 
     @property
     def code(self) -> int:
@@ -130,8 +141,12 @@ class QuantSpec:
         G = self.groups(cols)
         if f == "bf16":
             return {"qweight": ((rows, cols), torch.bfloat16)}
-        out = {"qweight": ((rows, cols), torch.int8) if f == "int8"
-               else ((rows, (cols + 1) // 2), torch.uint8)}
+        if f in ("int8", "int8_kgroup"):
+            out = {"qweight": ((rows, cols), torch.int8)}
+        elif f == "fp8_e4m3":
+            out = {"qweight": ((rows, cols), torch.uint8)}
+        else:
+            out = {"qweight": ((rows, (cols + 1) // 2), torch.uint8)}
         out["scale"] = ((rows, G), torch.float32)
         if "min" in self.parts:
             out["min"] = ((rows, G), torch.float32)
@@ -199,8 +214,10 @@ def dequantize(parts: Dict[str, torch.Tensor], spec: QuantSpec, cols: int,
     q = parts["qweight"]
     if f == "bf16":
         return q.to(dtype)
-    if f == "int8":
+    if f in ("int8", "int8_kgroup"):
         codes = q.to(torch.int16)
+    elif f == "fp8_e4m3":
+        codes = q.view(torch.float8_e4m3fn)
     else:
         codes = unpack_int4(q, cols)
     G = spec.groups(cols)
@@ -217,7 +234,7 @@ def dequantize(parts: Dict[str, torch.Tensor], spec: QuantSpec, cols: int,
         return (c - per_col(parts["zero"])) * scale
     if f in ("int4_1", "int4_1_kgroup"):
         return c * scale + per_col(parts["min"])
-    return c * scale  # int8
+    return c * scale  # int8, int8_kgroup, fp8_e4m3
 
 
 __all__ = ["QuantSpec", "METHOD_FORMATS", "FORMATS", "spec_for", "quantize", "dequantize",

@@ -42,7 +42,19 @@ def quantize_reference(w: torch.Tensor, fmt: str, group_size: int) -> Dict[str, 
     idx = xg.abs().argmax(-1, keepdim=True)
     big = torch.gather(xg, -1, idx)
     one = torch.ones((), dtype=torch.float32)
-    if fmt == "int8":
+    if fmt == "fp8_e4m3":
+        gs = group_size
+        xg = _groups(x, gs)
+        big = torch.gather(xg, -1, xg.abs().argmax(-1, keepdim=True))
+        s = big.abs() / 448.0
+        safe = torch.where(s != 0, s, one)
+        v = torch.where(s != 0, (xg / safe).clamp(-448, 448), torch.zeros_like(xg))
+        q = v.to(torch.float8_e4m3fn).view(torch.uint8)
+        return {"qweight": q.reshape(x.shape).contiguous(), "scale": s.squeeze(-1)}
+    if fmt in ("int8", "int8_kgroup"):
+        if fmt == "int8_kgroup":
+            xg = _groups(x, group_size)
+            big = torch.gather(xg, -1, xg.abs().argmax(-1, keepdim=True))
         s = big.abs() / 127.0
         safe = torch.where(s != 0, s, one)
         q = torch.where(s != 0, torch.round(xg / safe).clamp(-127, 127), torch.zeros_like(xg))

@@ -140,6 +140,27 @@ def test_dequantized_values_within_one_step(method, zero_point):
     assert err.max() > 0  # really quantized
 
 
+@pytest.mark.parametrize("fmt_key", ["INT8_KGROUP", "FP8"])
+@pytest.mark.parametrize("src_dtype", [BF16, F32], ids=["bf16", "fp32"])
+def test_quantizer_extra_formats(fmt_key, src_dtype):
+    """The inference-side formats (GGUF Q8_0-like int8 groups, FP8 E4M3 with
+    group scales) against the same PyTorch reference; FP8 rounding is
+    torch.float8_e4m3fn's (round to nearest even), subnormals included."""
+    spec = QuantSpec(fmt_key, 32)
+    w = _special_rows(12, 96, seed=5)
+    w[6, :32] = torch.logspace(-12, 0, 32)  # down into the FP8 subnormals
+    w = w.to(src_dtype)
+    got = quantize(w, spec)
+    want = quantize_reference(w, spec.format, 32)
+    for part in spec.parts:
+        assert torch.equal(got[part], want[part]), part
+    err = (dequantize(got, spec, 96, torch.float64) - w.to(torch.float64)).abs()
+    rel = {"int8_kgroup": 0.5 / 127, "fp8_e4m3": 1 / 16}[spec.format]
+    bound = rel * got["scale"].repeat_interleave(32, -1).to(torch.float64) * (
+        127 if spec.format == "int8_kgroup" else 448)
+    assert torch.all(err <= bound + 1e-30)
+
+
 def test_quantizer_rejects_non_finite():
     w = torch.randn(4, 64)
     w[2, 5] = float("nan")
@@ -163,6 +184,7 @@ def test_quant_spec_validation():
     assert QuantSpec("AMXINT4_KGroup_SFT", 32, True).format == "int4_kgroup_zp"
     assert QuantSpec("AMXINT4_KGroup_SFT", 32, False).format == "int4_kgroup"
     assert QuantSpec("AMXINT4_1KGroup_SFT", 32, False).format == "int4_1_kgroup"
+    assert QuantSpec("FP8", 128).format == "fp8_e4m3" and QuantSpec("FP8").kgroup
 
 
 # ---------------------------------------------------------------------------
@@ -464,3 +486,34 @@ def test_load_weights_errors(build_wrapper, tmp_path):
     w.load_weights(torch.arange(8).flip(0))
     w.forward_sft(x, ids, wts, save_for_backward=False)
     del w
+
+
+# ---------------------------------------------------------------------------
+# the inference-side formats through a whole layer, forward and backward
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt_key", ["INT8_KGROUP", "FP8"])
+@pytest.mark.parametrize("tp", [1, 2])
+def test_extra_formats_vs_dequantized_reference(build_wrapper, tier, fmt_key, tp):
+    """INT8 K-group and FP8 weights run through the same kernels: checked
+    forward and backward via an SFT method name registered for the test."""
+    name = "TEST_" + fmt_key
+
+    class Extra(ktmoe.NativeSFTMoEWrapper):
+        METHODS = {name: fmt_key}
+
+    ktmoe.register_sft_method(name, Extra)
+    try:
+        layer, ids, wts, x, go = _layer_and_batch(seed=51)
+        gc.collect()
+        w = _wrapper(build_wrapper, layer, 3, name, tier=tier, threadpool_count=tp)
+        assert w.quant_spec.format == QuantSpec(fmt_key).format
+        res = sft_step(w, x, ids, wts, go)
+        del w
+        gc.collect()
+    finally:
+        ktmoe.SFT_METHODS._classes.pop(name, None)
+    dg, du, dd = _dequantized(layer, QuantSpec(fmt_key, 32))
+    ref = moe_sft_reference_grads(x, ids, wts, dg, du, dd, layer.loras, layer.scaling, go)
+    errs = _all_errors(res, ref)
+    assert max(errs.values()) < KERNEL_TOL, errs

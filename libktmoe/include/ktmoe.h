@@ -180,7 +180,12 @@ typedef enum ktmoe_dtype {
  *   INT4, INT4_KGROUP  (u - 8) * scale[r][g]       (zero_point = 0)
  *   INT4_KGROUP        (u - zero[r][g]) * scale[r][g]  (zero_point = 1)
  *   INT4_1, INT4_1_KGROUP  u * scale[r][g] + min[r][g]
- * The K-group methods need cols % group_size == 0 and group_size a
+ *   INT8_KGROUP        q * scale[r][g]
+ *   FP8                e4m3(q) * scale[r][g]  (qweight: uint8 FP8 E4M3
+ *                      codes [rows][cols]; DeepSeek-V3's 128x128 block
+ *                      scale_inv is its per-row scale with group_size 128)
+ * The K-group methods (INT4_KGROUP, INT4_1_KGROUP, INT8_KGROUP, FP8) need
+ * cols % group_size == 0 and group_size a
  * positive multiple of KTMOE_GROUP_SIZE_MULTIPLE. */
 typedef enum ktmoe_method {
     KTMOE_METHOD_BF16 = 0,
@@ -188,7 +193,9 @@ typedef enum ktmoe_method {
     KTMOE_METHOD_INT4 = 2,          /* symmetric, one scale per row        */
     KTMOE_METHOD_INT4_1 = 3,        /* scale + min per row                 */
     KTMOE_METHOD_INT4_KGROUP = 4,   /* scale (+ zero point) per K group    */
-    KTMOE_METHOD_INT4_1_KGROUP = 5  /* scale + min per K group             */
+    KTMOE_METHOD_INT4_1_KGROUP = 5, /* scale + min per K group             */
+    KTMOE_METHOD_INT8_KGROUP = 6,   /* symmetric, scale per K group        */
+    KTMOE_METHOD_FP8 = 7            /* FP8 E4M3, scale per K group         */
 } ktmoe_method;
 
 #define KTMOE_GROUP_SIZE_MULTIPLE 16

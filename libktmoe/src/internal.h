@@ -74,9 +74,10 @@ int kt_numa_node_cpus(int node, int *cpus, int max);
  *   I4S         (u - 8) * scale[r][g]             (u the 4-bit code)
  *   I4Z         (u - zero[r][g]) * scale[r][g]    (zero uint8 in aux)
  *   I4M         u * scale[r][g] + min[r][g]       (min float in aux)
+ *   FP8         e4m3(q) * scale[r][g]             (q an FP8 E4M3 code)
  * 4-bit codes: column c of a row is the low nibble of byte c/2 for even c,
  * the high nibble for odd c. */
-enum { KT_W_F32 = 0, KT_W_BF16, KT_W_I8, KT_W_I4S, KT_W_I4Z, KT_W_I4M };
+enum { KT_W_F32 = 0, KT_W_BF16, KT_W_I8, KT_W_I4S, KT_W_I4Z, KT_W_I4M, KT_W_FP8 };
 
 typedef struct kt_wmat {
     int fmt;
@@ -89,7 +90,21 @@ typedef struct kt_wmat {
     int64_t g0;          /* column of element (0, 0) within its group        */
 } kt_wmat;
 
-static inline int kt_fmt_is_int4(int fmt) { return fmt >= KT_W_I4S; }
+static inline int kt_fmt_is_int4(int fmt) {
+    return fmt == KT_W_I4S || fmt == KT_W_I4Z || fmt == KT_W_I4M;
+}
+
+/* FP8 E4M3 (the "fn" variant: no infinities; S.1111.111 is NaN, which the
+ * loaders reject) to fp32: the 7 magnitude bits shifted into an fp32's
+ * exponent and mantissa fields, rebiased by 2^(127-7).  Exact, subnormals
+ * included. */
+static inline float kt_fp8_to_f32(uint8_t v) {
+    uint32_t bits = (uint32_t)(v & 0x7F) << 20;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    f *= 0x1p120f;
+    return (v & 0x80) ? -f : f;
+}
 
 /* A plain (F32 or BF16) matrix with row stride ld elements. */
 static inline kt_wmat kt_plain(int fmt, const void *data, int64_t ld) {
@@ -104,7 +119,8 @@ static inline kt_wmat kt_wsub(const kt_wmat *w, int64_t r0, int64_t c0) {
     switch (w->fmt) {
     case KT_W_F32: s.data = (const float *)w->data + r0 * w->ld + c0; return s;
     case KT_W_BF16: s.data = (const uint16_t *)w->data + r0 * w->ld + c0; return s;
-    case KT_W_I8: s.data = (const int8_t *)w->data + r0 * w->ld + c0; break;
+    case KT_W_I8:
+    case KT_W_FP8: s.data = (const int8_t *)w->data + r0 * w->ld + c0; break;
     default: s.data = (const uint8_t *)w->data + r0 * w->ld + c0 / 2; break;
     }
     s.scale = w->scale + r0 * w->ldg + c / w->gs;
@@ -124,6 +140,7 @@ static inline float kt_w_at(const kt_wmat *w, int64_t r, int64_t c) {
     int64_t g = (w->g0 + c) / w->gs;
     float s = w->scale[r * w->ldg + g];
     if (w->fmt == KT_W_I8) return (float)((const int8_t *)w->data)[r * w->ld + c] * s;
+    if (w->fmt == KT_W_FP8) return kt_fp8_to_f32(((const uint8_t *)w->data)[r * w->ld + c]) * s;
     uint8_t byte = ((const uint8_t *)w->data)[r * w->ld + c / 2];
     int u = (c & 1) ? byte >> 4 : byte & 15;
     switch (w->fmt) {

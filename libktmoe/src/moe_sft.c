@@ -475,6 +475,10 @@ static void kt_load_job(void *vctx, const kt_worker_ctx *w, int sub, int64_t t) 
             if (G) sc = pk->scale + srow * G;
             if (auxb) ax = (const char *)pk->aux + srow * G * (int64_t)as;
             st = G ? kt_check_groups(fmt, sc, ax, G) : KTMOE_OK;
+            for (int64_t i = 0; fmt == KT_W_FP8 && st == KTMOE_OK && i < cols; i++)
+                if ((q[i] & 0x7F) == 0x7F)
+                    st = kt_error(KTMOE_ERR_INVALID_ARGUMENT, "FP8 code 0x%02x (NaN) at column %lld",
+                                  q[i], (long long)i);
         } else {
             kt_to_f32(kt_at(c->src[pj], c->src_dtype, srow * cols), c->src_dtype, x, cols);
             st = kt_quant_row(fmt, kgs ? kgs : cols, x, cols, tq, G ? ts : NULL, auxb ? ta : NULL);

@@ -11,6 +11,8 @@
  *   I4Z   lo = min(min x, 0), hi = max(max x, 0); s = (hi - lo) / 15;
  *         zero = clamp(rint(-lo / s), 0, 15); u = clamp(rint(x / s) + zero,
  *         0, 15) (s = 0: u = zero = 0).
+ *   FP8   s = max|x| / 448; q = e4m3(clamp(x / s, -448, 448)), rounded to
+ *         nearest even (s = 0: q = 0).
  * docs/quant_formats.md is the user-facing description of the same rules. */
 #include "internal.h"
 
@@ -21,13 +23,30 @@ int64_t kt_row_bytes(int fmt, int64_t K) {
     switch (fmt) {
     case KT_W_F32: return 4 * K;
     case KT_W_BF16: return 2 * K;
-    case KT_W_I8: return K;
+    case KT_W_I8:
+    case KT_W_FP8: return K;
     default: return (K + 1) / 2;
     }
 }
 
 static inline float kt_clampf(float v, float lo, float hi) {
     return v < lo ? lo : (v > hi ? hi : v);
+}
+
+/* fp32 (|x| <= 448, finite) to the nearest FP8 E4M3 code, ties to even. */
+static uint8_t kt_f32_to_fp8(float x) {
+    uint8_t sign = signbit(x) ? 0x80 : 0;
+    float a = fabsf(x);
+    int e;
+    frexpf(a, &e);             /* a in [2^(e-1), 2^e) */
+    int E = KT_MAX(e - 1, -6); /* below 2^-6: the subnormal step 2^-9 */
+    float step = ldexpf(1.0f, E - 3);
+    float r = rintf(a / step) * step; /* exact: a power of two divides */
+    if (r == 0.0f) return sign;
+    if (r < 0x1p-6f) return (uint8_t)(sign | (int)(r / 0x1p-9f));
+    frexpf(r, &e);
+    int m = (int)(ldexpf(r, 1 - e) * 8.0f) - 8; /* r = 2^(e-1) (1 + m/8) */
+    return (uint8_t)(sign | ((e - 1 + 7) << 3) | m);
 }
 
 static void kt_put4(uint8_t *q, int64_t c, int u) {
@@ -64,6 +83,14 @@ ktmoe_status kt_quant_row(int fmt, int64_t gs, const float *x, int64_t K, void *
             float s = fabsf(big) / 127.0f;
             for (int64_t i = 0; i < n; i++)
                 q[i] = s != 0.0f ? (int8_t)kt_clampf(rintf(xs[i] / s), -127.0f, 127.0f) : 0;
+            scale[g] = s;
+            continue;
+        }
+        if (fmt == KT_W_FP8) {
+            uint8_t *q = (uint8_t *)qv + c0;
+            float s = fabsf(big) / 448.0f;
+            for (int64_t i = 0; i < n; i++)
+                q[i] = s != 0.0f ? kt_f32_to_fp8(kt_clampf(xs[i] / s, -448.0f, 448.0f)) : 0;
             scale[g] = s;
             continue;
         }
@@ -104,6 +131,8 @@ ktmoe_status kt_method_format(int32_t method, int32_t group_size, int32_t zero_p
     case KTMOE_METHOD_INT4_1: *fmt = KT_W_I4M; *kgroup = 0; break;
     case KTMOE_METHOD_INT4_KGROUP: *fmt = zero_point ? KT_W_I4Z : KT_W_I4S; *kgroup = 1; break;
     case KTMOE_METHOD_INT4_1_KGROUP: *fmt = KT_W_I4M; *kgroup = 1; break;
+    case KTMOE_METHOD_INT8_KGROUP: *fmt = KT_W_I8; *kgroup = 1; break;
+    case KTMOE_METHOD_FP8: *fmt = KT_W_FP8; *kgroup = 1; break;
     default: return kt_error(KTMOE_ERR_UNSUPPORTED, "method %d is not supported", method);
     }
     if (*kgroup && (group_size <= 0 || group_size % KTMOE_GROUP_SIZE_MULTIPLE != 0))
