@@ -123,6 +123,7 @@ typedef struct ktmoe_forward_args {
     int32_t output_dtype;
     int32_t save_for_backward;
     int32_t use_lora;
+    int32_t int8_activations;
 } ktmoe_forward_args;
 typedef struct ktmoe_backward_args {
     uint32_t struct_size;

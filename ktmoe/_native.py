@@ -132,9 +132,12 @@ class NativeLayer:
 
     # -------------------------------------------------------------- tasks
 
-    def submit_forward(self, x, ids, weights, out, save: bool = False, use_lora: bool = False) -> None:
+    def submit_forward(self, x, ids, weights, out, save: bool = False, use_lora: bool = False,
+                       int8_activations: bool = False) -> None:
         """Queue a forward (returns at once; x, ids, weights and out are read
-        or written until the pool is synced)."""
+        or written until the pool is synced).  ``int8_activations``: the
+        integer kernels where the layer allows them (inference; see
+        ``ktmoe_forward_args`` in ktmoe.h)."""
         a = ffi.new("ktmoe_forward_args *")
         a.struct_size = ffi.sizeof("ktmoe_forward_args")
         a.qlen = x.shape[0]
@@ -146,6 +149,7 @@ class NativeLayer:
         a.output_dtype = c_dtype(out)
         a.save_for_backward = int(save)
         a.use_lora = int(use_lora)
+        a.int8_activations = int(int8_activations)
         with self.cpu_infer._call_lock:
             check(lib.ktmoe_moe_forward_submit(self._moe, a))
 

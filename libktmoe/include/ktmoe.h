@@ -313,6 +313,13 @@ typedef struct ktmoe_forward_args {
     int32_t output_dtype;        /* ktmoe_dtype                           */
     int32_t save_for_backward;   /* push a forward cache for backward     */
     int32_t use_lora;            /* 0: base weights only                  */
+    /* Inference: 1 runs the integer kernels on activations quantized to
+     * int8 per block of 32 (d = max|x| / 127), x and h alike, when the
+     * call has no LoRA and no save_for_backward, every projection is INT8,
+     * INT8_KGROUP or a 4-bit method, and hidden_size, the intermediate
+     * slice and group sizes are multiples of 32; otherwise ignored (fp32
+     * activations).  Faster, at ~0.5% relative error on the output. */
+    int32_t int8_activations;
 } ktmoe_forward_args;
 
 typedef struct ktmoe_backward_args {

@@ -131,6 +131,24 @@ static inline kt_wmat kt_wsub(const kt_wmat *w, int64_t r0, int64_t c0) {
     return s;
 }
 
+/* The integer code of element (r, c) (int8 q, or the 4-bit u) and, through
+ * *off, its group's offset per unit of code: value = code * scale + off. */
+static inline int kt_w_code(const kt_wmat *w, int64_t r, int64_t c) {
+    if (w->fmt == KT_W_I8) return ((const int8_t *)w->data)[r * w->ld + c];
+    uint8_t byte = ((const uint8_t *)w->data)[r * w->ld + c / 2];
+    return (c & 1) ? byte >> 4 : byte & 15;
+}
+
+static inline float kt_w_offset(const kt_wmat *w, int64_t r, int64_t g) {
+    float s = w->scale[r * w->ldg + g];
+    switch (w->fmt) {
+    case KT_W_I4S: return -8.0f * s;
+    case KT_W_I4Z: return -(float)((const uint8_t *)w->aux)[r * w->ldg + g] * s;
+    case KT_W_I4M: return ((const float *)w->aux)[r * w->ldg + g];
+    default: return 0.0f;
+    }
+}
+
 /* Element (r, c) as fp32: the readable definition of every format.  The
  * vector tiers compute exactly these fp32 values (integer offset first,
  * then one multiply; I4M: multiply, then add). */
@@ -163,6 +181,23 @@ int64_t kt_row_bytes(int fmt, int64_t K);
 ktmoe_status kt_method_format(int32_t method, int32_t group_size, int32_t zero_point, int *fmt,
                               int *kgroup);
 
+/* ---- int8 activations (quant.c) --------------------------------------- */
+
+/* The integer kernels (inference forward) take activations quantized per
+ * block of KT_QBLK columns: d = max|x| / 127, q = rint(x / d) (d = 0: q = 0),
+ * and the block sum s = d * sum(q). */
+#define KT_QBLK 32
+
+typedef struct kt_qact {
+    const int8_t *q;   /* codes, row i at q + i * ldq                  */
+    const float *d;    /* block scales, row i at d + i * ldb             */
+    const float *s;    /* block sums, row i at s + i * ldb               */
+    int64_t ldq, ldb;
+} kt_qact;
+
+/* Quantizes x[0..K) (K % KT_QBLK == 0) into q, d[K / KT_QBLK], s[...]. */
+void kt_quant_act(const float *x, int64_t K, int8_t *q, float *d, float *s);
+
 /* ---- kernel tables (dispatch.c, kernels/<tier>/) --------------------- */
 
 /* Dot form:  C[i][j] (+)= sum_k A_i[k] * W(j, k)
@@ -189,10 +224,22 @@ typedef void (*kt_act_fwd_fn)(int64_t n, const float *g, const float *u,
 typedef float (*kt_act_bwd_fn)(int64_t n, const float *dh, float *g, float *u,
                                float w);
 
+/* Integer dot form: C[i][j] = sum_k X_i[k] * W(j, k) with X_i the int8
+ * activation row (aidx ? aidx[i] : i) of x and W of an integer format (I8,
+ * I4S, I4Z, I4M).  Per block b of 32 columns and weight group g:
+ *   C += (d_b * s_g) * sum_k q_k c_k  +  off_g * sum_b
+ * with c the weight code (int8 q, or the 4-bit u) and off_g the group's
+ * offset per unit code sum (0, -8 s, -zero s, min).  K, the group size and
+ * W's column origin are multiples of 32. */
+typedef void (*kt_qdot_fn)(int64_t m, int64_t n, int64_t K, const kt_qact *x,
+                           const int32_t *aidx, const kt_wmat *w, float *c,
+                           int64_t ldc);
+
 typedef struct kt_kernels {
     ktmoe_isa isa;
     kt_dot_fn dot;
     kt_outer_fn outer;
+    kt_qdot_fn qdot;
     kt_act_fwd_fn act_fwd;
     kt_act_bwd_fn act_bwd;
 } kt_kernels;

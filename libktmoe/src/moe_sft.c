@@ -93,6 +93,7 @@ struct ktmoe_moe {
 
     /* scratch reused between calls */
     kt_buf h, y, dO, part, dgus, dbs, whs, dwp, cursor;
+    kt_buf xq, xd, xsum, hq, hd, hsum; /* int8 activations (inference forward) */
 };
 
 enum { LGA, LGB, LUA, LUB, LDA, LDB };
@@ -324,7 +325,8 @@ KTMOE_API void ktmoe_moe_destroy(ktmoe_moe *m) {
     if (m->caches)
         for (int i = 0; i < m->max_depth; i++) kt_cache_free(&m->caches[i]);
     kt_cache_free(&m->nosave);
-    kt_buf *bufs[] = {&m->h, &m->y, &m->dO, &m->part, &m->dgus, &m->dbs, &m->whs, &m->dwp, &m->cursor};
+    kt_buf *bufs[] = {&m->h,  &m->y,  &m->dO,   &m->part, &m->dgus, &m->dbs, &m->whs, &m->dwp,
+                      &m->cursor, &m->xq, &m->xd, &m->xsum, &m->hq, &m->hd, &m->hsum};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) kt_buf_free(bufs[i]);
     pthread_mutex_destroy(&m->mu);
     free(m->slices);
@@ -359,6 +361,7 @@ KTMOE_API int64_t ktmoe_moe_buffer_bytes(const ktmoe_moe *m) {
     if (!m) return 0;
     size_t b = kt_cache_bytes(&m->nosave);
     for (int i = 0; i < m->max_depth; i++) b += kt_cache_bytes(&m->caches[i]);
+    b += m->xq.bytes + m->xd.bytes + m->xsum.bytes + m->hq.bytes + m->hd.bytes + m->hsum.bytes;
     b += m->h.bytes + m->y.bytes + m->dO.bytes + m->part.bytes + m->dgus.bytes +
          m->dbs.bytes + m->whs.bytes + m->dwp.bytes;
     return (int64_t)b;
@@ -714,15 +717,43 @@ typedef struct kt_fwd {
     kt_cache *c;
     ktmoe_forward_args a;
     int lora;
+    int qact; /* the integer kernels on int8 activations */
     int64_t ntile_i, ntile_h;
 } kt_fwd;
+
+/* The int8 activations of x (rows = tokens) or h (rows = slice-major pairs). */
+static kt_qact kt_xact(const ktmoe_moe *m) {
+    kt_qact a = {m->xq.p, F(&m->xd), F(&m->xsum), m->H, m->H / KT_QBLK};
+    return a;
+}
+static kt_qact kt_hact(const ktmoe_moe *m, const kt_cache *c, int s, int64_t o) {
+    int64_t row = s * c->npairs + o, Is = m->Is;
+    kt_qact a = {(const int8_t *)m->hq.p + row * Is, F(&m->hd) + row * (Is / KT_QBLK),
+                 F(&m->hsum) + row * (Is / KT_QBLK), Is, Is / KT_QBLK};
+    return a;
+}
 
 static void kt_fwd_input(void *v, const kt_worker_ctx *w, int sub, int64_t t) {
     KT_UNUSED(w);
     KT_UNUSED(sub);
     kt_fwd *f = v;
-    int64_t H = f->m->H;
-    kt_to_f32(kt_at(f->a.input, f->a.input_dtype, t * H), f->a.input_dtype, F(&f->c->x) + t * H, H);
+    ktmoe_moe *m = f->m;
+    int64_t H = m->H;
+    float *x = F(&f->c->x) + t * H;
+    kt_to_f32(kt_at(f->a.input, f->a.input_dtype, t * H), f->a.input_dtype, x, H);
+    if (f->qact)
+        kt_quant_act(x, H, (int8_t *)m->xq.p + t * H, F(&m->xd) + t * (H / KT_QBLK),
+                     F(&m->xsum) + t * (H / KT_QBLK));
+}
+
+/* F2b (integer path): int8 activations of h, one pair of a slice */
+static void kt_fwd_quant_h(void *v, const kt_worker_ctx *w, int s, int64_t p) {
+    KT_UNUSED(w);
+    kt_fwd *f = v;
+    ktmoe_moe *m = f->m;
+    int64_t Is = m->Is, row = s * f->c->npairs + p;
+    kt_quant_act(F(&m->h) + row * Is, Is, (int8_t *)m->hq.p + row * Is,
+                 F(&m->hd) + row * (Is / KT_QBLK), F(&m->hsum) + row * (Is / KT_QBLK));
 }
 
 /* F1: xs = s [x Ag^T | x Au^T] */
@@ -754,8 +785,14 @@ static void kt_fwd_gate_up(void *v, const kt_worker_ctx *w, int s, int64_t task)
     float *u = F(&c->u) + s * np * Is + o * Is + j0;
     float *h = F(&m->h) + s * np * Is + o * Is + j0;
     kt_wmat wg = kt_frozen(m, s, PG, e, j0, 0), wu = kt_frozen(m, s, PU, e, j0, 0);
-    m->kern->dot(cnt, tn, H, F(&c->x), H, tok, &wg, g, Is, 0);
-    m->kern->dot(cnt, tn, H, F(&c->x), H, tok, &wu, u, Is, 0);
+    if (f->qact) {
+        kt_qact xa = kt_xact(m);
+        m->kern->qdot(cnt, tn, H, &xa, tok, &wg, g, Is);
+        m->kern->qdot(cnt, tn, H, &xa, tok, &wu, u, Is);
+    } else {
+        m->kern->dot(cnt, tn, H, F(&c->x), H, tok, &wg, g, Is, 0);
+        m->kern->dot(cnt, tn, H, F(&c->x), H, tok, &wu, u, Is, 0);
+    }
     if (f->lora) {
         int64_t brow = (e * m->I + m->slices[s].i0 + j0) * r;
         const float *xs = F(&c->xs) + o * 2 * r;
@@ -790,7 +827,12 @@ static void kt_fwd_down(void *v, const kt_worker_ctx *w, int s, int64_t task) {
     const float *h = F(&m->h) + s * np * Is + o * Is;
     float *y = F(&m->y) + s * np * H + o * H + n0;
     kt_wmat wd = kt_frozen(m, s, PD, e, n0, 0);
-    m->kern->dot(cnt, tn, Is, h, Is, NULL, &wd, y, H, 0);
+    if (f->qact) {
+        kt_qact ha = kt_hact(m, c, s, o);
+        m->kern->qdot(cnt, tn, Is, &ha, NULL, &wd, y, H);
+    } else {
+        m->kern->dot(cnt, tn, Is, h, Is, NULL, &wd, y, H, 0);
+    }
     if (f->lora && s == 0) {
         kt_wmat bd = kt_lora(m, LDB, (e * H + n0) * r, r);
         m->kern->dot(cnt, tn, r, F(&c->hs) + o * r, r, NULL, &bd, y, H, 1);
@@ -821,6 +863,31 @@ static ktmoe_status kt_fwd_reserve(ktmoe_moe *m, kt_cache *c, int64_t qlen) {
     return KTMOE_OK;
 }
 
+static ktmoe_status kt_qact_reserve(ktmoe_moe *m, int64_t qlen) {
+    int64_t np = qlen * m->k, nbx = qlen * (m->H / KT_QBLK), nbh = np * (m->I / KT_QBLK);
+    ktmoe_status st;
+    if ((st = kt_buf_reserve(&m->xq, (size_t)(qlen * m->H))) ||
+        (st = kt_buf_reserve(&m->xd, (size_t)nbx * 4)) ||
+        (st = kt_buf_reserve(&m->xsum, (size_t)nbx * 4)) ||
+        (st = kt_buf_reserve(&m->hq, (size_t)(np * m->I))) ||
+        (st = kt_buf_reserve(&m->hd, (size_t)nbh * 4)) ||
+        (st = kt_buf_reserve(&m->hsum, (size_t)nbh * 4)))
+        return st;
+    return KTMOE_OK;
+}
+
+/* Whether the integer kernels can run this layer: integer formats, and K,
+ * slices and groups in whole blocks of KT_QBLK. */
+static int kt_qact_possible(const ktmoe_moe *m) {
+    if (m->H % KT_QBLK || m->Is % KT_QBLK) return 0;
+    for (int pj = 0; pj < 3; pj++) {
+        const kt_proj *p = &m->slices[0].p[pj];
+        if (p->fmt != KT_W_I8 && !kt_fmt_is_int4(p->fmt)) return 0;
+        if (p->kgs % KT_QBLK) return 0;
+    }
+    return 1;
+}
+
 static ktmoe_status kt_forward_run(kt_fwd *f) {
     ktmoe_moe *m = f->m;
     kt_cache *c = f->c;
@@ -828,6 +895,7 @@ static ktmoe_status kt_forward_run(kt_fwd *f) {
     ktmoe_status st = kt_route(m, c, a->qlen, a->expert_ids, a->weights);
     if (st != KTMOE_OK) return st;
     if ((st = kt_fwd_reserve(m, c, a->qlen)) != KTMOE_OK) return st;
+    if (f->qact && (st = kt_qact_reserve(m, a->qlen)) != KTMOE_OK) return st;
     c->use_lora = f->lora;
     int64_t np = c->npairs, r = m->r, tp = m->tp, n[KT_MAX_SUBPOOLS];
     f->ntile_i = (m->Is + KT_TN - 1) / KT_TN;
@@ -837,6 +905,10 @@ static ktmoe_status kt_forward_run(kt_fwd *f) {
     if (f->lora) kt_pool_parallel_all(m->pool, c->nactive, kt_fwd_lora_a, f);
     for (int s = 0; s < tp; s++) n[s] = c->nactive * f->ntile_i;
     kt_pool_parallel(m->pool, n, kt_fwd_gate_up, f);
+    if (f->qact) {
+        for (int s = 0; s < tp; s++) n[s] = np;
+        kt_pool_parallel(m->pool, n, kt_fwd_quant_h, f);
+    }
     if (f->lora) {
         for (int s = 0; s < tp; s++) n[s] = c->nactive;
         kt_pool_parallel(m->pool, n, kt_fwd_down_a, f);
@@ -873,11 +945,17 @@ static ktmoe_status kt_forward_task(void *v) {
     return st;
 }
 
-KTMOE_API ktmoe_status ktmoe_moe_forward_submit(ktmoe_moe *m, const ktmoe_forward_args *a) {
-    if (!m || !a) return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "moe and args must not be NULL");
-    if (a->struct_size < sizeof *a)
+KTMOE_API ktmoe_status ktmoe_moe_forward_submit(ktmoe_moe *m, const ktmoe_forward_args *args) {
+    if (!m || !args) return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "moe and args must not be NULL");
+    /* a caller built against the first, shorter struct gets 0 for the rest */
+    const size_t v1_size = offsetof(ktmoe_forward_args, int8_activations);
+    if (args->struct_size < v1_size || args->struct_size > sizeof *args)
         return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "ktmoe_forward_args.struct_size is %u, expected %zu",
-                        a->struct_size, sizeof *a);
+                        args->struct_size, sizeof *args);
+    ktmoe_forward_args full;
+    memset(&full, 0, sizeof full);
+    memcpy(&full, args, args->struct_size);
+    const ktmoe_forward_args *a = &full;
     if (!m->weights_loaded) return kt_error(KTMOE_ERR_STATE, "Weights not loaded");
     if (a->qlen < 0 || a->qlen * m->k > INT32_MAX)
         return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "qlen %lld out of range", (long long)a->qlen);
@@ -898,6 +976,7 @@ KTMOE_API ktmoe_status ktmoe_moe_forward_submit(ktmoe_moe *m, const ktmoe_forwar
     f->m = m;
     f->a = *a;
     f->lora = lora;
+    f->qact = a->int8_activations && !lora && !a->save_for_backward && kt_qact_possible(m);
     if (a->save_for_backward) {
         pthread_mutex_lock(&m->mu);
         if (m->pending >= m->max_depth) {

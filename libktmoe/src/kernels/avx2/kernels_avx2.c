@@ -308,6 +308,105 @@ static void outer_any_avx2(int64_t m, int64_t n, int64_t K, const float *d, int6
         outer_avx2(1, m, n, K, d, dsi, dsk, didx, w, widx, c, ldc, accum);
 }
 
+/* ---- integer dot form (int8 activations, inference) ----
+ * Per block of 32 columns: vpmaddubsw (unsigned weight codes x signed
+ * activation codes; int8 weights go through the sign trick) and vpmaddwd
+ * give 8 int32 partial sums, converted and scaled by the block's activation
+ * scale into a per-group accumulator; at the end of each weight group the
+ * accumulator is scaled by the group's scale and the offset term
+ * off_g * sum of block sums is added (see kt_qdot_fn). */
+
+/* The 32 codes of the block at column k0 of a row: s8 (I8) or u8 0..15 in
+ * column order (4-bit: low nibbles are the even columns). */
+KT_INLINE __m256i wcodes32(int fmt, const uint8_t *row, int64_t k0) {
+    if (fmt == KT_W_I8) return _mm256_loadu_si256((const __m256i *)(row + k0));
+    __m128i v = _mm_loadu_si128((const __m128i *)(row + k0 / 2));
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+    return _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
+}
+
+#define KT_QMR 4 /* activation rows per pass over a weight row */
+
+/* One weight row j against MR activation rows (MR a constant after
+ * inlining, so the accumulators stay in registers); with MR <= 2 two
+ * accumulators per row alternate between even and odd blocks to hide the
+ * FMA latency. */
+KT_INLINE void qdot_row(const int MR, const int fmt, int64_t nb, const int8_t *const *xq,
+                        const float *const *xd, const float *const *xs, const kt_wmat *w,
+                        int64_t j, float *const *crow) {
+    const int i8 = fmt == KT_W_I8, dual = MR <= 2;
+    const __m256i ones = _mm256_set1_epi16(1);
+    const uint8_t *wrow = (const uint8_t *)w->data + j * w->ld;
+    __m256 tot[KT_QMR], ga[KT_QMR], gb[KT_QMR];
+    float offs[KT_QMR], xsum[KT_QMR];
+    for (int t = 0; t < MR; t++) {
+        tot[t] = ga[t] = gb[t] = _mm256_setzero_ps();
+        offs[t] = xsum[t] = 0.0f;
+    }
+    int64_t g = w->g0 / w->gs;
+    int64_t gend = (g + 1) * w->gs - w->g0; /* column where group g ends */
+    for (int64_t b = 0; b < nb; b++) {
+        int64_t k0 = b * KT_QBLK;
+        __m256i wv = wcodes32(fmt, wrow, k0);
+        __m256i wa = i8 ? _mm256_sign_epi8(wv, wv) : wv;
+        for (int t = 0; t < MR; t++) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[t] + k0));
+            if (i8) xv = _mm256_sign_epi8(xv, wv);
+            __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wa, xv), ones));
+            __m256 d = _mm256_broadcast_ss(xd[t] + b);
+            if (dual && (b & 1))
+                gb[t] = _mm256_fmadd_ps(p, d, gb[t]);
+            else
+                ga[t] = _mm256_fmadd_ps(p, d, ga[t]);
+            if (fmt != KT_W_I8) xsum[t] += xs[t][b];
+        }
+        if (b == nb - 1 || k0 + KT_QBLK >= gend) { /* the group ends */
+            __m256 sv = _mm256_set1_ps(w->scale[j * w->ldg + g]);
+            float off = kt_w_offset(w, j, g);
+            for (int t = 0; t < MR; t++) {
+                __m256 gs = dual ? _mm256_add_ps(ga[t], gb[t]) : ga[t];
+                tot[t] = _mm256_fmadd_ps(gs, sv, tot[t]);
+                ga[t] = gb[t] = _mm256_setzero_ps();
+                offs[t] += off * xsum[t];
+                xsum[t] = 0.0f;
+            }
+            g++;
+            gend += w->gs;
+        }
+    }
+    for (int t = 0; t < MR; t++) crow[t][j] = hsum8(tot[t]) + offs[t];
+}
+
+#define QDOT_CASE(MR, FMT)                                                                 \
+    case (MR) * 8 + (FMT):                                                                  \
+        for (int64_t j = 0; j < n; j++) qdot_row(MR, FMT, nb, xq, xd, xs, w, j, cr);        \
+        break;
+
+static void qdot_avx2(int64_t m, int64_t n, int64_t K, const kt_qact *x, const int32_t *aidx,
+                      const kt_wmat *w, float *c, int64_t ldc) {
+    const int64_t nb = K / KT_QBLK;
+    for (int64_t i0 = 0; i0 < m; i0 += KT_QMR) {
+        int mr = (int)KT_MIN(KT_QMR, m - i0);
+        const int8_t *xq[KT_QMR];
+        const float *xd[KT_QMR], *xs[KT_QMR];
+        float *cr[KT_QMR];
+        for (int t = 0; t < mr; t++) {
+            int64_t row = aidx ? aidx[i0 + t] : i0 + t;
+            xq[t] = x->q + row * x->ldq;
+            xd[t] = x->d + row * x->ldb;
+            xs[t] = x->s + row * x->ldb;
+            cr[t] = c + (i0 + t) * ldc;
+        }
+        /* the 4-bit formats differ only in kt_w_offset: one instance serves them */
+        int f = w->fmt == KT_W_I8 ? KT_W_I8 : KT_W_I4M;
+        switch (mr * 8 + f) {
+            QDOT_CASE(1, KT_W_I8) QDOT_CASE(2, KT_W_I8) QDOT_CASE(3, KT_W_I8) QDOT_CASE(4, KT_W_I8)
+            QDOT_CASE(1, KT_W_I4M) QDOT_CASE(2, KT_W_I4M) QDOT_CASE(3, KT_W_I4M) QDOT_CASE(4, KT_W_I4M)
+        }
+    }
+}
+
 /* ---- activations ---- */
 
 /* exp(x) for x in about [-88, 88]: Cody-Waite range reduction and a degree-5
@@ -374,6 +473,7 @@ const kt_kernels kt_kernels_avx2 = {
     .isa = KTMOE_ISA_AVX2,
     .dot = dot_any_avx2,
     .outer = outer_any_avx2,
+    .qdot = qdot_avx2,
     .act_fwd = act_fwd_avx2,
     .act_bwd = act_bwd_avx2,
 };

@@ -32,6 +32,26 @@ static void outer_ref(int64_t m, int64_t n, int64_t K, const float *d, int64_t d
     }
 }
 
+/* C[i][j] = sum over blocks b of (d_b s_g) sum_k q_k c_k + off_g sum_b */
+static void qdot_ref(int64_t m, int64_t n, int64_t K, const kt_qact *x, const int32_t *aidx,
+                     const kt_wmat *w, float *c, int64_t ldc) {
+    for (int64_t i = 0; i < m; i++) {
+        int64_t row = aidx ? aidx[i] : i;
+        const int8_t *xq = x->q + row * x->ldq;
+        const float *xd = x->d + row * x->ldb, *xs = x->s + row * x->ldb;
+        for (int64_t j = 0; j < n; j++) {
+            float acc = 0.0f;
+            for (int64_t b = 0; b < K / KT_QBLK; b++) {
+                int64_t k0 = b * KT_QBLK, g = (w->g0 + k0) / w->gs;
+                int32_t isum = 0;
+                for (int64_t k = k0; k < k0 + KT_QBLK; k++) isum += xq[k] * kt_w_code(w, j, k);
+                acc += xd[b] * w->scale[j * w->ldg + g] * (float)isum + kt_w_offset(w, j, g) * xs[b];
+            }
+            c[i * ldc + j] = acc;
+        }
+    }
+}
+
 static inline float sigmoid_ref(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 static void act_fwd_ref(int64_t n, const float *g, const float *u, float *h) {
@@ -57,6 +77,7 @@ const kt_kernels kt_kernels_ref = {
     .isa = KTMOE_ISA_REF,
     .dot = dot_ref,
     .outer = outer_ref,
+    .qdot = qdot_ref,
     .act_fwd = act_fwd_ref,
     .act_bwd = act_bwd_ref,
 };
