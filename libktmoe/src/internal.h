@@ -193,10 +193,16 @@ typedef struct kt_qact {
     const float *d;    /* block scales, row i at d + i * ldb             */
     const float *s;    /* block sums, row i at s + i * ldb               */
     int64_t ldq, ldb;
+    int deint;         /* codes of a block stored even columns first      */
 } kt_qact;
 
-/* Quantizes x[0..K) (K % KT_QBLK == 0) into q, d[K / KT_QBLK], s[...]. */
-void kt_quant_act(const float *x, int64_t K, int8_t *q, float *d, float *s);
+/* Position of column k (0..31) of a block in the "even columns first"
+ * order, which matches how 4-bit weights unpack (low nibbles, then high). */
+static inline int kt_deint_pos(int k) { return (k & 1) ? 16 + k / 2 : k / 2; }
+
+/* Quantizes x[0..K) (K % KT_QBLK == 0) into q, d[K / KT_QBLK], s[...],
+ * codes in column order, or even columns first with deint. */
+void kt_quant_act(const float *x, int64_t K, int deint, int8_t *q, float *d, float *s);
 
 /* ---- kernel tables (dispatch.c, kernels/<tier>/) --------------------- */
 

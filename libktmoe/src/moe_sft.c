@@ -721,15 +721,23 @@ typedef struct kt_fwd {
     int64_t ntile_i, ntile_h;
 } kt_fwd;
 
+/* Activations are stored even columns first (the order 4-bit weights
+ * unpack in) when every projection reading them is 4-bit: x feeds gate and
+ * up, h feeds down. */
+static int kt_x_deint(const ktmoe_moe *m) {
+    return kt_fmt_is_int4(m->slices[0].p[PG].fmt) && kt_fmt_is_int4(m->slices[0].p[PU].fmt);
+}
+static int kt_h_deint(const ktmoe_moe *m) { return kt_fmt_is_int4(m->slices[0].p[PD].fmt); }
+
 /* The int8 activations of x (rows = tokens) or h (rows = slice-major pairs). */
 static kt_qact kt_xact(const ktmoe_moe *m) {
-    kt_qact a = {m->xq.p, F(&m->xd), F(&m->xsum), m->H, m->H / KT_QBLK};
+    kt_qact a = {m->xq.p, F(&m->xd), F(&m->xsum), m->H, m->H / KT_QBLK, kt_x_deint(m)};
     return a;
 }
 static kt_qact kt_hact(const ktmoe_moe *m, const kt_cache *c, int s, int64_t o) {
     int64_t row = s * c->npairs + o, Is = m->Is;
     kt_qact a = {(const int8_t *)m->hq.p + row * Is, F(&m->hd) + row * (Is / KT_QBLK),
-                 F(&m->hsum) + row * (Is / KT_QBLK), Is, Is / KT_QBLK};
+                 F(&m->hsum) + row * (Is / KT_QBLK), Is, Is / KT_QBLK, kt_h_deint(m)};
     return a;
 }
 
@@ -742,7 +750,7 @@ static void kt_fwd_input(void *v, const kt_worker_ctx *w, int sub, int64_t t) {
     float *x = F(&f->c->x) + t * H;
     kt_to_f32(kt_at(f->a.input, f->a.input_dtype, t * H), f->a.input_dtype, x, H);
     if (f->qact)
-        kt_quant_act(x, H, (int8_t *)m->xq.p + t * H, F(&m->xd) + t * (H / KT_QBLK),
+        kt_quant_act(x, H, kt_x_deint(m), (int8_t *)m->xq.p + t * H, F(&m->xd) + t * (H / KT_QBLK),
                      F(&m->xsum) + t * (H / KT_QBLK));
 }
 
@@ -752,7 +760,7 @@ static void kt_fwd_quant_h(void *v, const kt_worker_ctx *w, int s, int64_t p) {
     kt_fwd *f = v;
     ktmoe_moe *m = f->m;
     int64_t Is = m->Is, row = s * f->c->npairs + p;
-    kt_quant_act(F(&m->h) + row * Is, Is, (int8_t *)m->hq.p + row * Is,
+    kt_quant_act(F(&m->h) + row * Is, Is, kt_h_deint(m), (int8_t *)m->hq.p + row * Is,
                  F(&m->hd) + row * (Is / KT_QBLK), F(&m->hsum) + row * (Is / KT_QBLK));
 }
 

@@ -119,7 +119,7 @@ ktmoe_status kt_quant_row(int fmt, int64_t gs, const float *x, int64_t K, void *
     return KTMOE_OK;
 }
 
-void kt_quant_act(const float *x, int64_t K, int8_t *q, float *d, float *s) {
+void kt_quant_act(const float *x, int64_t K, int deint, int8_t *q, float *d, float *s) {
     for (int64_t b = 0; b < K / KT_QBLK; b++) {
         const float *xb = x + b * KT_QBLK;
         float amax = 0.0f;
@@ -128,7 +128,7 @@ void kt_quant_act(const float *x, int64_t K, int8_t *q, float *d, float *s) {
         int sum = 0;
         for (int i = 0; i < KT_QBLK; i++) {
             int v = db != 0.0f ? (int)kt_clampf(rintf(xb[i] / db), -127.0f, 127.0f) : 0;
-            q[b * KT_QBLK + i] = (int8_t)v;
+            q[b * KT_QBLK + (deint ? kt_deint_pos(i) : i)] = (int8_t)v;
             sum += v;
         }
         d[b] = db;

@@ -316,10 +316,16 @@ static void outer_any_avx2(int64_t m, int64_t n, int64_t K, const float *d, int6
  * accumulator is scaled by the group's scale and the offset term
  * off_g * sum of block sums is added (see kt_qdot_fn). */
 
-/* The 32 codes of the block at column k0 of a row: s8 (I8) or u8 0..15 in
- * column order (4-bit: low nibbles are the even columns). */
-KT_INLINE __m256i wcodes32(int fmt, const uint8_t *row, int64_t k0) {
+/* The 32 codes of the block at column k0 of a row: s8 (I8), or u8 0..15
+ * (4-bit) in column order, or with deint even columns first: the low
+ * nibbles of the 16 bytes, then the high ones (3 instructions). */
+KT_INLINE __m256i wcodes32(int fmt, int deint, const uint8_t *row, int64_t k0) {
     if (fmt == KT_W_I8) return _mm256_loadu_si256((const __m256i *)(row + k0));
+    if (deint) {
+        __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(row + k0 / 2)));
+        v = _mm256_srlv_epi32(v, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
+        return _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
+    }
     __m128i v = _mm_loadu_si128((const __m128i *)(row + k0 / 2));
     const __m128i m4 = _mm_set1_epi8(0x0F);
     __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
@@ -332,7 +338,7 @@ KT_INLINE __m256i wcodes32(int fmt, const uint8_t *row, int64_t k0) {
  * inlining, so the accumulators stay in registers); with MR <= 2 two
  * accumulators per row alternate between even and odd blocks to hide the
  * FMA latency. */
-KT_INLINE void qdot_row(const int MR, const int fmt, int64_t nb, const int8_t *const *xq,
+KT_INLINE void qdot_row(const int MR, const int fmt, const int deint, int64_t nb, const int8_t *const *xq,
                         const float *const *xd, const float *const *xs, const kt_wmat *w,
                         int64_t j, float *const *crow) {
     const int i8 = fmt == KT_W_I8, dual = MR <= 2;
@@ -348,7 +354,7 @@ KT_INLINE void qdot_row(const int MR, const int fmt, int64_t nb, const int8_t *c
     int64_t gend = (g + 1) * w->gs - w->g0; /* column where group g ends */
     for (int64_t b = 0; b < nb; b++) {
         int64_t k0 = b * KT_QBLK;
-        __m256i wv = wcodes32(fmt, wrow, k0);
+        __m256i wv = wcodes32(fmt, deint, wrow, k0);
         __m256i wa = i8 ? _mm256_sign_epi8(wv, wv) : wv;
         for (int t = 0; t < MR; t++) {
             __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[t] + k0));
@@ -378,9 +384,9 @@ KT_INLINE void qdot_row(const int MR, const int fmt, int64_t nb, const int8_t *c
     for (int t = 0; t < MR; t++) crow[t][j] = hsum8(tot[t]) + offs[t];
 }
 
-#define QDOT_CASE(MR, FMT)                                                                 \
-    case (MR) * 8 + (FMT):                                                                  \
-        for (int64_t j = 0; j < n; j++) qdot_row(MR, FMT, nb, xq, xd, xs, w, j, cr);        \
+#define QDOT_CASE(MR, FMT, DI)                                                             \
+    case (MR) * 32 + (FMT) * 2 + (DI):                                                      \
+        for (int64_t j = 0; j < n; j++) qdot_row(MR, FMT, DI, nb, xq, xd, xs, w, j, cr);    \
         break;
 
 static void qdot_avx2(int64_t m, int64_t n, int64_t K, const kt_qact *x, const int32_t *aidx,
@@ -398,11 +404,13 @@ static void qdot_avx2(int64_t m, int64_t n, int64_t K, const kt_qact *x, const i
             xs[t] = x->s + row * x->ldb;
             cr[t] = c + (i0 + t) * ldc;
         }
-        /* the 4-bit formats differ only in kt_w_offset: one instance serves them */
-        int f = w->fmt == KT_W_I8 ? KT_W_I8 : KT_W_I4M;
-        switch (mr * 8 + f) {
-            QDOT_CASE(1, KT_W_I8) QDOT_CASE(2, KT_W_I8) QDOT_CASE(3, KT_W_I8) QDOT_CASE(4, KT_W_I8)
-            QDOT_CASE(1, KT_W_I4M) QDOT_CASE(2, KT_W_I4M) QDOT_CASE(3, KT_W_I4M) QDOT_CASE(4, KT_W_I4M)
+        /* the 4-bit formats differ only in kt_w_offset: one instance serves
+         * them; int8 weights read activations in column order only */
+        int f = w->fmt == KT_W_I8 ? KT_W_I8 : KT_W_I4M, di = f != KT_W_I8 && x->deint;
+        switch (mr * 32 + f * 2 + di) {
+            QDOT_CASE(1, KT_W_I8, 0) QDOT_CASE(2, KT_W_I8, 0) QDOT_CASE(3, KT_W_I8, 0) QDOT_CASE(4, KT_W_I8, 0)
+            QDOT_CASE(1, KT_W_I4M, 0) QDOT_CASE(2, KT_W_I4M, 0) QDOT_CASE(3, KT_W_I4M, 0) QDOT_CASE(4, KT_W_I4M, 0)
+            QDOT_CASE(1, KT_W_I4M, 1) QDOT_CASE(2, KT_W_I4M, 1) QDOT_CASE(3, KT_W_I4M, 1) QDOT_CASE(4, KT_W_I4M, 1)
         }
     }
 }
