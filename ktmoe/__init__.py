@@ -26,6 +26,7 @@ from .experts import (
 )
 from .experts_base import BaseMoEWrapper
 from .experts_sft import BaseSFTMoEWrapper, KExpertsSFTBuffer
+from .inference import KExpertsCPUBuffer, NativeMoEWrapper
 from .sft_backends import NativeSFTMoEWrapper
 
 __version__ = "0.1.0"
@@ -53,7 +54,8 @@ def get_library() -> str:
 
 __all__ = [
     "KTMoEWrapper", "BaseMoEWrapper", "BaseSFTMoEWrapper", "KExpertsSFTBuffer",
-    "NativeSFTMoEWrapper", "CPUInfer", "SFT_METHODS", "INFERENCE_METHODS",
+    "NativeSFTMoEWrapper", "NativeMoEWrapper", "KExpertsCPUBuffer", "CPUInfer",
+    "SFT_METHODS", "INFERENCE_METHODS",
     "register_sft_method", "register_inference_method", "split_threads",
     "cpu_info", "get_include", "get_library", "__version__",
 ]

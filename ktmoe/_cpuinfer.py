@@ -47,6 +47,7 @@ class CPUInfer:
         self.cpuinfer_threads = cpuinfer_threads
         self.threadpool_count = threadpool_count
         self._call_lock = threading.RLock()
+        self._failures = 0
 
     @property
     def handle(self):
@@ -86,8 +87,20 @@ class CPUInfer:
         with cls._lock:
             return cls._instance_ref() if cls._instance_ref is not None else None
 
+    @property
+    def failures(self) -> int:
+        """How many syncs raised so far.  The queue reports the first error
+        of all tasks since the last sync to whoever syncs; a caller with a
+        task pending compares this count before and after to learn that a
+        failure it did not see may have been its own."""
+        return self._failures
+
     def sync(self) -> None:
-        check(lib.ktmoe_pool_sync(self._pool))
+        try:
+            check(lib.ktmoe_pool_sync(self._pool))
+        except Exception:
+            self._failures += 1
+            raise
 
     def __repr__(self) -> str:
         return (f"CPUInfer(cpuinfer_threads={self.cpuinfer_threads}, "

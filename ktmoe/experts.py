@@ -50,7 +50,11 @@ def register_sft_method(name: str, cls: Type[BaseSFTMoEWrapper]) -> None:
 
 def register_inference_method(name: str, cls: Optional[Type[BaseMoEWrapper]]) -> None:
     """Make ``KTMoEWrapper(..., mode="inference", method=name)`` build ``cls``
-    (None: a known method whose backend is not available yet)."""
+    (None: a known method whose backend is not available yet).
+    ``cls(method=name, isa=..., group_size=..., zero_point=..., cpu_save=...,
+    max_deferred_experts_per_token=..., **base_kwargs)``."""
+    if cls is not None and not (isinstance(cls, type) and issubclass(cls, BaseMoEWrapper)):
+        raise TypeError("an inference method class must subclass BaseMoEWrapper")
     INFERENCE_METHODS.register(name, cls)
 
 
@@ -84,6 +88,7 @@ class KTMoEWrapper:
         group_size: int = 128,
         zero_point: bool = True,
         isa: Optional[str] = None,
+        int8_activations: Optional[bool] = None,
     ):
         if mode not in ("inference", "sft"):
             raise ValueError(f"Unknown mode: '{mode}'. Must be 'inference' or 'sft'.")
@@ -122,17 +127,23 @@ class KTMoEWrapper:
             _MoEBase._validate_base_config(num_experts, hidden_size, moe_intermediate_size,
                                            num_experts_per_tok)
             raise NotImplementedError(f"inference method '{method}' is not implemented yet")
-        return impl(method=method, cpu_save=cpu_save,
-                    max_deferred_experts_per_token=max_deferred_experts_per_token, **base_kwargs)
+        extra = {} if int8_activations is None else {"int8_activations": int8_activations}
+        return impl(method=method, isa=isa, group_size=group_size, zero_point=zero_point,
+                    cpu_save=cpu_save, max_deferred_experts_per_token=max_deferred_experts_per_token,
+                    **extra, **base_kwargs)
 
 
 def _register_builtin() -> None:
+    from .inference import NativeMoEWrapper
     from .sft_backends import NativeSFTMoEWrapper
 
     for name in NativeSFTMoEWrapper.METHODS:
         register_sft_method(name, NativeSFTMoEWrapper)
-    for name in ("AMXINT4", "AMXINT8", "RAWINT4", "FP8", "LLAMAFILE", "MOE_INT4", "MOE_INT8"):
+    # RAWINT4, FP8, LLAMAFILE: known names, backends not available yet
+    for name in ("RAWINT4", "FP8", "LLAMAFILE"):
         register_inference_method(name, None)
+    for name in NativeMoEWrapper.SPECS:  # AMXINT4, AMXINT8, MOE_INT4, MOE_INT8
+        register_inference_method(name, NativeMoEWrapper)
 
 
 _register_builtin()
