@@ -134,16 +134,15 @@ class KTMoEWrapper:
 
 
 def _register_builtin() -> None:
-    from .inference import NativeMoEWrapper
+    from .inference import CheckpointMoEWrapper, LlamafileMoEWrapper, NativeMoEWrapper
     from .sft_backends import NativeSFTMoEWrapper
 
     for name in NativeSFTMoEWrapper.METHODS:
         register_sft_method(name, NativeSFTMoEWrapper)
-    # RAWINT4, FP8, LLAMAFILE: known names, backends not available yet
-    for name in ("RAWINT4", "FP8", "LLAMAFILE"):
-        register_inference_method(name, None)
-    for name in NativeMoEWrapper.SPECS:  # AMXINT4, AMXINT8, MOE_INT4, MOE_INT8
-        register_inference_method(name, NativeMoEWrapper)
+    # AMXINT4, AMXINT8, MOE_INT4, MOE_INT8; RAWINT4, FP8; LLAMAFILE
+    for cls in (NativeMoEWrapper, CheckpointMoEWrapper, LlamafileMoEWrapper):
+        for name in cls.SPECS:
+            register_inference_method(name, cls)
 
 
 _register_builtin()

@@ -618,3 +618,80 @@ class NativeMoEWrapper(BaseMoEWrapper):
 
 
 __all__ = ["NativeMoEWrapper", "KExpertsCPUBuffer"]
+
+
+# ------------------------------------------- checkpoint-format methods
+
+class CheckpointMoEWrapper(NativeMoEWrapper):
+    """RAWINT4 and FP8 (the spec's NativeMoEWrapper): experts in a
+    checkpoint's own quantized layout, re-laid out exactly into ktmoe's
+    packed format (docs/inference_formats.md) — no dequantized copy.
+
+    ``load_weights_from_tensors(gate, up, down, map)`` takes per projection
+    either a dict of the checkpoint's tensors stacked over experts, or a list
+    of such dicts (one per expert):
+
+    * RAWINT4 (compressed-tensors pack-quantized, symmetric int4, group 32):
+      ``weight_packed`` int32 [N, K/8], ``weight_scale`` [N, K/32], optional
+      ``weight_shape``;
+    * FP8 (DeepSeek-V3): ``weight`` float8_e4m3fn [N, K], ``weight_scale_inv``
+      float32 [ceil(N/128), ceil(K/128)].
+
+    Plain bf16/fp32 tensors are accepted too and quantized online into the
+    same format.  ``load_weights()`` reads ktmoe weight files of that format
+    (``ktmoe.loaders.rawint4_spec()`` / ``fp8_spec()``)."""
+
+    SPECS: ClassVar[Dict[str, SpecBuilder]] = {
+        "RAWINT4": lambda gs, zp: _loaders().rawint4_spec(),
+        "FP8": lambda gs, zp: _loaders().fp8_spec(),
+    }
+
+    def load_weights_from_tensors(self, gate_proj, up_proj, down_proj,
+                                  physical_to_logical_map_cpu: Optional[torch.Tensor] = None) -> None:
+        projs = (gate_proj, up_proj, down_proj)
+        if all(isinstance(t, torch.Tensor) for t in projs):
+            return super().load_weights_from_tensors(*projs, physical_to_logical_map_cpu)
+        converted = [_loaders().checkpoint_to_parts(self.method, t, name=n)
+                     for t, n in zip(projs, ("gate_proj", "up_proj", "down_proj"))]
+        specs = tuple(spec for spec, _ in converted)
+        with self._lock:
+            self._begin_load()
+            self._weights_loaded = False
+            self._ensure_layer(specs)
+            self._load_packed(*(parts for _, parts in converted), physical_to_logical_map_cpu)
+            self._weights_loaded = True
+
+
+class LlamafileMoEWrapper(NativeMoEWrapper):
+    """LLAMAFILE (the spec's LlamafileMoEWrapper): the routed experts of a
+    GGUF file (``weight_path``: a .gguf file or a folder of split files),
+    read with the ``gguf`` package and laid out exactly for Q8_0, Q4_0, Q4_1,
+    Q4_K, Q6_K and BF16; F16/F32 round to bf16; other types are dequantized
+    and re-quantized to int8 groups of 32 (docs/inference_formats.md).  The
+    projections may differ in type (Q4_K_M); the layer takes each one's
+    format."""
+
+    SPECS: ClassVar[Dict[str, SpecBuilder]] = {"LLAMAFILE": lambda gs, zp: None}
+
+    def _load_from_files(self, physical_to_logical_map_cpu) -> None:
+        from .gguf import open_gguf
+
+        if not self.weight_path:
+            raise RuntimeError("LLAMAFILE: load_weights() needs weight_path (a .gguf file or a folder)")
+        model = open_gguf(self.weight_path)
+        info = model.layer_info(
+            self.layer_idx, hidden_size=self.hidden_size, intermediate_size=self.moe_intermediate_size,
+            num_experts=self.num_experts if physical_to_logical_map_cpu is None else None)
+        self._ensure_layer(info.specs)
+        num_src, _, parts = model.read_layer(self.layer_idx)
+        self._load_packed(*parts, physical_to_logical_map_cpu, num_src)
+
+    def load_weights_from_tensors(self, *args, **kwargs) -> None:
+        raise RuntimeError("LLAMAFILE loads GGUF files: set weight_path and call load_weights(); "
+                           "for bf16 tensors use method MOE_INT8 or MOE_INT4")
+
+
+def _loaders():
+    from . import loaders
+
+    return loaders

@@ -628,3 +628,83 @@ def test_cuda_inputs(make_inf, layer, x_dtype):
     assert cpu_out.device.type == "cpu" and torch.equal(cpu_out, want)
     saved.submit_forward(xc, idc, wtc, stream)
     assert torch.equal(saved.sync_forward(), want)
+
+
+# ------------------------------------------- RAWINT4, FP8, LLAMAFILE methods
+
+def _ckpt_wrapper(make_inf, method, **over):
+    kw = dict(num_experts=E, hidden_size=H, moe_intermediate_size=I)
+    kw.update(over)
+    return make_inf(method, None, **kw)
+
+
+def test_rawint4_from_checkpoint_tensors(make_inf):
+    """compressed-tensors int4 (weight_packed/weight_scale per projection,
+    stacked or per-expert dicts) through the factory; the output equals the
+    reference on the exact values int * scale."""
+    from ktmoe.loaders import pack_rawint4
+
+    gen = torch.Generator().manual_seed(3)
+    src, dq = [], []
+    for N, Kc in ((I, H), (I, H), (H, I)):
+        vals = torch.randint(-8, 8, (E, N, Kc), generator=gen, dtype=torch.int8)
+        scales = (torch.rand(E, N, Kc // 32, generator=gen) / (4 * math.sqrt(Kc))).to(BF16)
+        packed, sc = pack_rawint4(vals, scales)
+        src.append({"weight_packed": packed, "weight_scale": sc})
+        dq.append(vals.double() * sc.double().repeat_interleave(32, -1))
+    w = _ckpt_wrapper(make_inf, "RAWINT4")
+    assert type(w).__name__ == "CheckpointMoEWrapper"
+    w.load_weights_from_tensors(src[0], src[1], [{k: v[e] for k, v in src[2].items()} for e in range(E)])
+    x, ids, wts = batch()
+    assert rel_err(w.forward(x, ids, wts), reference(x, ids, wts, *dq)) < KERNEL_TOL
+
+
+def test_fp8_from_checkpoint_tensors(make_inf):
+    """DeepSeek-V3 FP8 (E4M3 + 128x128 block scale_inv); a non-identity map."""
+    Hf, If = 128, 256
+    gen = torch.Generator().manual_seed(4)
+    src, dq = [], []
+    for N, Kc in ((If, Hf), (If, Hf), (Hf, If)):
+        wt = (torch.randn(E, N, Kc, generator=gen) / math.sqrt(Kc)).to(torch.float8_e4m3fn)
+        sinv = torch.rand(E, (N + 127) // 128, Kc // 128, generator=gen) + 0.5
+        src.append({"weight": wt, "weight_scale_inv": sinv})
+        dq.append(wt.double() * sinv.double().repeat_interleave(128, -2)[:, :N].repeat_interleave(128, -1))
+    pmap = torch.arange(E).flip(0)
+    w = _ckpt_wrapper(make_inf, "FP8", hidden_size=Hf, moe_intermediate_size=If)
+    w.load_weights_from_tensors(*src, pmap)
+    x, ids, wts = batch(h=Hf)
+    want = reference(x, ids, wts, *[t[pmap] for t in dq])
+    assert rel_err(w.forward(x, ids, wts), want) < KERNEL_TOL
+    bad = dict(src[0])
+    bad["weight"] = bad["weight"].clone()
+    bad["weight"].view(torch.uint8)[1, 2, 3] = 0x7F
+    with pytest.raises(ValueError, match="NaN"):
+        w.load_weights_from_tensors(bad, src[1], src[2])
+
+
+def test_llamafile_gguf_mixed_types(make_inf, tmp_path):
+    """A GGUF layer with Q4_K gate/up and Q6_K down (llama.cpp's Q4_K_M mix),
+    read by load_weights(); the output equals the reference on gguf-py's own
+    dequantization."""
+    pytest.importorskip("gguf")
+    import numpy as np
+    from test_gguf import layer_tensors, reference as gguf_reference, write_gguf
+
+    Hg, Ig = 256, 256
+    path = write_gguf(tmp_path / "m.gguf",
+                      layer_tensors(2, ("Q4_K", "Q4_K", "Q6_K"), E, Hg, Ig, np.random.default_rng(0)))
+    w = _ckpt_wrapper(make_inf, "LLAMAFILE", hidden_size=Hg, moe_intermediate_size=Ig,
+                      weight_path=path, layer_idx=2)
+    assert w.quant_specs is None  # the format comes with the file
+    w.load_weights()
+    assert [s.format for s in w.quant_specs] == ["int4_1_kgroup", "int4_1_kgroup", "int8_kgroup"]
+    dq = [torch.from_numpy(gguf_reference(path, f"blk.2.ffn_{p}_exps.weight")).double()
+          for p in ("gate", "up", "down")]
+    x, ids, wts = batch(h=Hg)
+    assert rel_err(w.forward(x, ids, wts), reference(x, ids, wts, *dq)) < KERNEL_TOL
+    with pytest.raises(RuntimeError, match="LLAMAFILE loads GGUF files"):
+        w.load_weights_from_tensors(*dq)
+    w2 = _ckpt_wrapper(make_inf, "LLAMAFILE", hidden_size=Hg, moe_intermediate_size=Ig,
+                       weight_path=path, layer_idx=5)
+    with pytest.raises((ValueError, RuntimeError), match="5"):
+        w2.load_weights()

@@ -127,10 +127,15 @@ def test_inference_wrapper_refuses_sft_methods():
     for name in ("forward_sft", "backward", "init_lora_weights", "update_lora_weights"):
         with pytest.raises(RuntimeError, match="not available in inference mode"):
             getattr(d, name)()
-    with pytest.raises(NotImplementedError, match="not implemented yet"):
-        KTMoEWrapper(**_kw(mode="inference", method="FP8"))
-    with pytest.raises(ValueError, match="num_experts must be positive"):
-        KTMoEWrapper(**_kw(mode="inference", method="FP8", num_experts=0))
+    # a registered name without a backend
+    ktmoe.register_inference_method("TEST_NO_BACKEND", None)
+    try:
+        with pytest.raises(NotImplementedError, match="not implemented yet"):
+            KTMoEWrapper(**_kw(mode="inference", method="TEST_NO_BACKEND"))
+        with pytest.raises(ValueError, match="num_experts must be positive"):
+            KTMoEWrapper(**_kw(mode="inference", method="TEST_NO_BACKEND", num_experts=0))
+    finally:
+        ktmoe.INFERENCE_METHODS._classes.pop("TEST_NO_BACKEND", None)
     del d
     _release()
 
