@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from typing import ClassVar, Dict, Optional, Tuple
+from typing import ClassVar, Dict, Optional
 
 import torch
 
 from ._validate import check_int, check_rows, check_tensor, cpu_contiguous
-from .experts_base import _MoEBase
+from .experts_base import _IO_DTYPES, _MoEBase
 
 LORA_NAMES = ("gate_lora_a", "gate_lora_b", "up_lora_a", "up_lora_b", "down_lora_a", "down_lora_b")
 GRAD_NAMES = tuple("grad_" + n for n in LORA_NAMES)
-_IO_DTYPES = (torch.bfloat16, torch.float32)
 
 
 class KExpertsSFTBuffer:
@@ -173,25 +172,8 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
         fp32, rounded to bf16).  Physical expert p takes source expert
         ``physical_to_logical_map_cpu[p]`` (identity when None).  The tensors
         are not kept: free them after the call to hold one copy."""
-        I, H = self.moe_intermediate_size, self.hidden_size
-        for n, t in (("gate_proj", gate_proj), ("up_proj", up_proj), ("down_proj", down_proj)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{n} must be a torch.Tensor, got {type(t).__name__}")
-            if t.dim() != 3:
-                raise ValueError(f"{n} shape mismatch: expected 3 dims [E, ., .], got {tuple(t.shape)}")
-            if t.dtype not in _IO_DTYPES:
-                raise ValueError(f"{n} must be bfloat16 or float32, got {t.dtype}")
-        E_src = gate_proj.shape[0]
-        check_tensor(gate_proj, "gate_proj", (E_src, I, H))
-        check_tensor(up_proj, "up_proj", (E_src, I, H))
-        check_tensor(down_proj, "down_proj", (E_src, H, I))
-        if physical_to_logical_map_cpu is None and E_src != self.num_experts:
-            raise ValueError(
-                f"gate_proj shape mismatch: expected {self.num_experts} experts, got {E_src}"
-            )
-        pmap = self._check_map(physical_to_logical_map_cpu, E_src)
-        dtype = gate_proj.dtype if gate_proj.dtype == up_proj.dtype == down_proj.dtype else torch.float32
-        g, u, d = (cpu_contiguous(t, dtype) for t in (gate_proj, up_proj, down_proj))
+        g, u, d, pmap, E_src = self._check_weight_tensors(gate_proj, up_proj, down_proj,
+                                                          physical_to_logical_map_cpu)
         with self._lock:
             self._weights_loaded = False  # a failed load leaves the layer unloaded
             self._backend_load_tensors(g, u, d, pmap, E_src)

@@ -73,11 +73,8 @@ class NativeSFTMoEWrapper(BaseSFTMoEWrapper):
         """Load experts already packed in this method's format: each of gate,
         up, down is a dict of parts (``ktmoe.quant.quantize`` output, or read
         from a weight file) stacked over the source experts."""
-        packed = self._layer.check_packed(gate, up, down, num_src_experts)
-        E_src = packed[0]["qweight"].shape[0]
-        if physical_to_logical_map_cpu is None and E_src != self.num_experts:
-            raise ValueError(f"gate_proj shape mismatch: expected {self.num_experts} experts, got {E_src}")
-        pmap = self._check_map(physical_to_logical_map_cpu, E_src)
+        packed, pmap, E_src = self._check_packed_weights(self._layer, gate, up, down,
+                                                         physical_to_logical_map_cpu, num_src_experts)
         with self._lock:
             self._weights_loaded = False  # a failed load leaves the layer unloaded
             self._layer.load_packed(packed, pmap, E_src)
