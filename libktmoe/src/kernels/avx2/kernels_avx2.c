@@ -334,51 +334,56 @@ KT_INLINE __m256i wcodes32(int fmt, int deint, const uint8_t *row, int64_t k0) {
 
 #define KT_QMR 4 /* activation rows per pass over a weight row */
 
-/* One weight row j against MR activation rows (MR a constant after
- * inlining, so the accumulators stay in registers); with MR <= 2 two
- * accumulators per row alternate between even and odd blocks to hide the
- * FMA latency. */
-KT_INLINE void qdot_row(const int MR, const int fmt, const int deint, int64_t nb, const int8_t *const *xq,
-                        const float *const *xd, const float *const *xs, const kt_wmat *w,
-                        int64_t j, float *const *crow) {
-    const int i8 = fmt == KT_W_I8, dual = MR <= 2;
+#define KT_QMAXG 2048 /* groups a row may span: K / KT_QBLK at most */
+
+/* One block (32 columns) of one weight row against MR activation rows,
+ * accumulated into acc[t] with the block's activation scale. */
+KT_INLINE void qdot_block(const int MR, const int fmt, const int deint, const uint8_t *wrow,
+                          int64_t b, const int8_t *const *xq, const float *const *xd,
+                          __m256 *acc) {
+    const int i8 = fmt == KT_W_I8;
     const __m256i ones = _mm256_set1_epi16(1);
+    int64_t k0 = b * KT_QBLK;
+    __m256i wv = wcodes32(fmt, deint, wrow, k0);
+    __m256i wa = i8 ? _mm256_sign_epi8(wv, wv) : wv;
+    for (int t = 0; t < MR; t++) {
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[t] + k0));
+        if (i8) xv = _mm256_sign_epi8(xv, wv);
+        __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xv), ones);
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(xd[t] + b), acc[t]);
+    }
+}
+
+/* One weight row j against MR activation rows (MR a constant after
+ * inlining, so the accumulators stay in registers).  Blocks go two at a
+ * time into two accumulators (to hide the FMA latency); the offset term
+ * uses gsum[t][gi], the sum of row t's block sums over group gi, computed
+ * once per call since it does not depend on the weight row. */
+KT_INLINE void qdot_row(const int MR, const int fmt, const int deint, int64_t nb,
+                        const int8_t *const *xq, const float *const *xd,
+                        float (*gsum)[KT_QMAXG], const kt_wmat *w, int64_t j, float *const *crow) {
     const uint8_t *wrow = (const uint8_t *)w->data + j * w->ld;
     __m256 tot[KT_QMR], ga[KT_QMR], gb[KT_QMR];
-    float offs[KT_QMR], xsum[KT_QMR];
+    float offs[KT_QMR];
     for (int t = 0; t < MR; t++) {
         tot[t] = ga[t] = gb[t] = _mm256_setzero_ps();
-        offs[t] = xsum[t] = 0.0f;
+        offs[t] = 0.0f;
     }
-    int64_t g = w->g0 / w->gs;
-    int64_t gend = (g + 1) * w->gs - w->g0; /* column where group g ends */
-    for (int64_t b = 0; b < nb; b++) {
-        int64_t k0 = b * KT_QBLK;
-        __m256i wv = wcodes32(fmt, deint, wrow, k0);
-        __m256i wa = i8 ? _mm256_sign_epi8(wv, wv) : wv;
-        for (int t = 0; t < MR; t++) {
-            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[t] + k0));
-            if (i8) xv = _mm256_sign_epi8(xv, wv);
-            __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wa, xv), ones));
-            __m256 d = _mm256_broadcast_ss(xd[t] + b);
-            if (dual && (b & 1))
-                gb[t] = _mm256_fmadd_ps(p, d, gb[t]);
-            else
-                ga[t] = _mm256_fmadd_ps(p, d, ga[t]);
-            if (fmt != KT_W_I8) xsum[t] += xs[t][b];
+    int64_t g = w->g0 / w->gs, gi = 0;
+    int64_t gend = w->gs - w->g0 % w->gs; /* column where the current group ends */
+    for (int64_t b = 0; b < nb; gi++, g++, gend += w->gs) {
+        int64_t bend = KT_MIN(nb, gend / KT_QBLK);
+        for (; b + 2 <= bend; b += 2) {
+            qdot_block(MR, fmt, deint, wrow, b, xq, xd, ga);
+            qdot_block(MR, fmt, deint, wrow, b + 1, xq, xd, gb);
         }
-        if (b == nb - 1 || k0 + KT_QBLK >= gend) { /* the group ends */
-            __m256 sv = _mm256_set1_ps(w->scale[j * w->ldg + g]);
-            float off = kt_w_offset(w, j, g);
-            for (int t = 0; t < MR; t++) {
-                __m256 gs = dual ? _mm256_add_ps(ga[t], gb[t]) : ga[t];
-                tot[t] = _mm256_fmadd_ps(gs, sv, tot[t]);
-                ga[t] = gb[t] = _mm256_setzero_ps();
-                offs[t] += off * xsum[t];
-                xsum[t] = 0.0f;
-            }
-            g++;
-            gend += w->gs;
+        if (b < bend) qdot_block(MR, fmt, deint, wrow, b++, xq, xd, ga);
+        __m256 sv = _mm256_set1_ps(w->scale[j * w->ldg + g]);
+        float off = fmt == KT_W_I8 ? 0.0f : kt_w_offset(w, j, g);
+        for (int t = 0; t < MR; t++) {
+            tot[t] = _mm256_fmadd_ps(_mm256_add_ps(ga[t], gb[t]), sv, tot[t]);
+            ga[t] = gb[t] = _mm256_setzero_ps();
+            offs[t] += off * gsum[t][gi];
         }
     }
     for (int t = 0; t < MR; t++) crow[t][j] = hsum8(tot[t]) + offs[t];
@@ -386,23 +391,35 @@ KT_INLINE void qdot_row(const int MR, const int fmt, const int deint, int64_t nb
 
 #define QDOT_CASE(MR, FMT, DI)                                                             \
     case (MR) * 32 + (FMT) * 2 + (DI):                                                      \
-        for (int64_t j = 0; j < n; j++) qdot_row(MR, FMT, DI, nb, xq, xd, xs, w, j, cr);    \
+        for (int64_t j = 0; j < n; j++) qdot_row(MR, FMT, DI, nb, xq, xd, gsum, w, j, cr);  \
         break;
 
 static void qdot_avx2(int64_t m, int64_t n, int64_t K, const kt_qact *x, const int32_t *aidx,
                       const kt_wmat *w, float *c, int64_t ldc) {
     const int64_t nb = K / KT_QBLK;
+    float gsum[KT_QMR][KT_QMAXG];
     for (int64_t i0 = 0; i0 < m; i0 += KT_QMR) {
         int mr = (int)KT_MIN(KT_QMR, m - i0);
         const int8_t *xq[KT_QMR];
-        const float *xd[KT_QMR], *xs[KT_QMR];
+        const float *xd[KT_QMR];
         float *cr[KT_QMR];
         for (int t = 0; t < mr; t++) {
             int64_t row = aidx ? aidx[i0 + t] : i0 + t;
             xq[t] = x->q + row * x->ldq;
             xd[t] = x->d + row * x->ldb;
-            xs[t] = x->s + row * x->ldb;
             cr[t] = c + (i0 + t) * ldc;
+            /* row t's block sums, summed per weight group */
+            const float *xs = x->s + row * x->ldb;
+            int64_t gi = 0, gend = w->gs - w->g0 % w->gs;
+            float acc = 0.0f;
+            for (int64_t b = 0; b < nb && w->fmt != KT_W_I8; b++) {
+                acc += xs[b];
+                if (b == nb - 1 || (b + 1) * KT_QBLK >= gend) {
+                    gsum[t][gi++] = acc;
+                    acc = 0.0f;
+                    gend += w->gs;
+                }
+            }
         }
         /* the 4-bit formats differ only in kt_w_offset: one instance serves
          * them; int8 weights read activations in column order only */
