@@ -54,3 +54,9 @@ def check_rows(t, name: str, ncols: int, dtypes) -> int:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise ValueError(f"{name} must have dtype {names}, got {str(t.dtype).replace('torch.', '')}")
     return t.shape[0]
+
+
+def staging_tensor(shape, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized CPU tensor for staging CUDA data: pinned when CUDA is
+    available, so copies to and from the GPU can be asynchronous."""
+    return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=torch.cuda.is_available())

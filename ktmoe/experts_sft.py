@@ -9,7 +9,7 @@ from typing import ClassVar, Dict, Optional
 
 import torch
 
-from ._validate import check_int, check_rows, check_tensor, cpu_contiguous
+from ._validate import check_int, check_rows, check_tensor, cpu_contiguous, staging_tensor
 from .experts_base import _IO_DTYPES, _MoEBase
 
 LORA_NAMES = ("gate_lora_a", "gate_lora_b", "up_lora_a", "up_lora_b", "down_lora_a", "down_lora_b")
@@ -33,11 +33,8 @@ class KExpertsSFTBuffer:
         self.hidden_size = hidden_size
         self.num_experts_per_tok = num_experts_per_tok
         self.dtype = dtype
-        pin = torch.cuda.is_available()
         q, h, k = self.capacity, hidden_size, num_experts_per_tok
-
-        def buf(shape, dt):
-            return torch.empty(shape, dtype=dt, device="cpu", pin_memory=pin)
+        buf = staging_tensor
 
         self.input_cpu = buf((q, h), dtype)
         self.expert_ids_cpu = buf((q, k), torch.int64)

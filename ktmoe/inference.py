@@ -34,7 +34,7 @@ import torch
 
 from ._lib import isa_from_name
 from ._native import NativeLayer
-from ._validate import check_rows, cpu_contiguous
+from ._validate import check_rows, cpu_contiguous, staging_tensor
 from .experts_base import _IO_DTYPES, BaseMoEWrapper
 from .quant import QuantSpec
 
@@ -66,11 +66,8 @@ class KExpertsCPUBuffer:
         self.hidden_size = hidden_size
         self.num_experts_per_tok = num_experts_per_tok
         self.dtype = dtype
-        pin = torch.cuda.is_available()
         q, h, k = self.capacity, hidden_size, num_experts_per_tok
-
-        def buf(shape, dt):
-            return torch.empty(shape, dtype=dt, device="cpu", pin_memory=pin)
+        buf = staging_tensor
 
         self.input = buf((q, h), dtype)
         self.expert_ids = buf((q, k), torch.int64)

@@ -21,7 +21,6 @@ weights (relative error < 2e-5).
 
 from __future__ import annotations
 
-import gc
 import os
 
 import numpy as np
@@ -113,23 +112,12 @@ def reference(path, name):
     return np.array(gguf.quants.dequantize(np.asarray(t.data), t.tensor_type))  # writable copy
 
 
-def run_layer(specs, parts, E, H, I, tier, k=2, q=16, seed=0):
-    from ktmoe._native import NativeLayer
+def run_layer(specs, parts, E, H, I, tier):
+    """Relative error of a NativeLayer forward of the parts against the
+    float64 reference on their dequantized values."""
+    from test_loaders import run_layer as forward
 
-    cpu = ktmoe.CPUInfer.get(2, 1)
-    layer = NativeLayer(cpu, num_experts=E, experts_per_token=k, hidden_size=H,
-                        intermediate_size=I, specs=specs, isa=tier)
-    layer.load_packed(layer.check_packed(*parts), None, E)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(q, H, generator=g)
-    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(q)])
-    wts = torch.rand(q, k, generator=g)
-    out = torch.empty(q, H)
-    layer.submit_forward(x, ids, wts, out)
-    cpu.sync()
-    layer.close()
-    del layer, cpu
-    gc.collect()
+    x, ids, wts, out = forward(specs, parts, E, H, I, tier)
     dq = [dequantize(p, s, K) for p, s, K in zip(parts, specs, (H, H, I))]
     ref = moe_sft_reference(x, ids, wts, *dq, None, 1.0)
     assert ref.abs().max() > 0
