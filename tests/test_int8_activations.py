@@ -1,5 +1,7 @@
 """The integer inference kernels: int8 activations (per block of 32) against
-integer-format weights.
+integer-format weights, in each activation layout (column order for int8
+weights; per block, or per pair of blocks where K and the groups are
+multiples of 64, for 4-bit weights).
 
 The reference emulates the same activation quantization in PyTorch
 (x and h are quantized exactly as docs/inference.md states), then runs the
@@ -29,7 +31,8 @@ ACT_QUANT_TOL = 0.03
 
 SPECS = [("AMXINT8_SFT", 128, True), ("AMXINT4_SFT", 128, True), ("AMXINT4_1_SFT", 128, True),
          ("AMXINT4_KGroup_SFT", 32, True), ("AMXINT4_KGroup_SFT", 64, False),
-         ("AMXINT4_1KGroup_SFT", 32, True), ("INT8_KGROUP", 32, True)]
+         ("AMXINT4_1KGroup_SFT", 32, True), ("AMXINT4_1KGroup_SFT", 64, True),
+         ("INT8_KGROUP", 32, True)]
 SPEC_IDS = [f"{m}-g{g}-zp{int(z)}" for m, g, z in SPECS]
 
 

@@ -193,15 +193,25 @@ typedef struct kt_qact {
     const float *d;    /* block scales, row i at d + i * ldb             */
     const float *s;    /* block sums, row i at s + i * ldb               */
     int64_t ldq, ldb;
-    int deint;         /* codes of a block stored even columns first      */
+    int deint;         /* layout of the codes: see kt_act_pos              */
 } kt_qact;
 
-/* Position of column k (0..31) of a block in the "even columns first"
- * order, which matches how 4-bit weights unpack (low nibbles, then high). */
-static inline int kt_deint_pos(int k) { return (k & 1) ? 16 + k / 2 : k / 2; }
+/* Position of column c of a row in activation layout `deint`, the order
+ * 4-bit weight codes unpack in (low nibbles = even columns, then high):
+ *   0  column order (int8 weights)
+ *   1  per block of 32: the 16 even columns, then the 16 odd ones
+ *   2  per pair of blocks (64 columns): the even columns of both blocks,
+ *      then the odd ones (K and the group size multiples of 64). */
+static inline int64_t kt_act_pos(int deint, int64_t c) {
+    int64_t k = c % KT_QBLK, half = (k & 1) ? KT_QBLK / 2 : 0;
+    if (deint == 0) return c;
+    if (deint == 1) return c - k + half + k / 2;
+    int64_t r = c % (2 * KT_QBLK), blk = r / KT_QBLK;
+    return c - r + 2 * half + blk * (KT_QBLK / 2) + k / 2;
+}
 
-/* Quantizes x[0..K) (K % KT_QBLK == 0) into q, d[K / KT_QBLK], s[...],
- * codes in column order, or even columns first with deint. */
+/* Quantizes x[0..K) (K % KT_QBLK == 0) into q (in layout deint),
+ * d[K / KT_QBLK] and s[...]. */
 void kt_quant_act(const float *x, int64_t K, int deint, int8_t *q, float *d, float *s);
 
 /* ---- kernel tables (dispatch.c, kernels/<tier>/) --------------------- */

@@ -721,13 +721,21 @@ typedef struct kt_fwd {
     int64_t ntile_i, ntile_h;
 } kt_fwd;
 
-/* Activations are stored even columns first (the order 4-bit weights
- * unpack in) when every projection reading them is 4-bit: x feeds gate and
- * up, h feeds down. */
-static int kt_x_deint(const ktmoe_moe *m) {
-    return kt_fmt_is_int4(m->slices[0].p[PG].fmt) && kt_fmt_is_int4(m->slices[0].p[PU].fmt);
+/* The activation layout (kt_act_pos) for projections pj0..pj1 reading K
+ * columns: the order 4-bit weights unpack in when they all are 4-bit, by
+ * pairs of blocks where K and their groups allow.  x feeds gate and up, h
+ * feeds down. */
+static int kt_act_layout(const ktmoe_moe *m, int pj0, int pj1, int64_t K) {
+    int pairs = K % (2 * KT_QBLK) == 0;
+    for (int pj = pj0; pj <= pj1; pj++) {
+        const kt_proj *p = &m->slices[0].p[pj];
+        if (!kt_fmt_is_int4(p->fmt)) return 0;
+        if (p->kgs % (2 * KT_QBLK)) pairs = 0;
+    }
+    return pairs ? 2 : 1;
 }
-static int kt_h_deint(const ktmoe_moe *m) { return kt_fmt_is_int4(m->slices[0].p[PD].fmt); }
+static int kt_x_deint(const ktmoe_moe *m) { return kt_act_layout(m, PG, PU, m->H); }
+static int kt_h_deint(const ktmoe_moe *m) { return kt_act_layout(m, PD, PD, m->Is); }
 
 /* The int8 activations of x (rows = tokens) or h (rows = slice-major pairs). */
 static kt_qact kt_xact(const ktmoe_moe *m) {

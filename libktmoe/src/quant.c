@@ -128,7 +128,7 @@ void kt_quant_act(const float *x, int64_t K, int deint, int8_t *q, float *d, flo
         int sum = 0;
         for (int i = 0; i < KT_QBLK; i++) {
             int v = db != 0.0f ? (int)kt_clampf(rintf(xb[i] / db), -127.0f, 127.0f) : 0;
-            q[b * KT_QBLK + (deint ? kt_deint_pos(i) : i)] = (int8_t)v;
+            q[kt_act_pos(deint, b * KT_QBLK + i)] = (int8_t)v;
             sum += v;
         }
         d[b] = db;

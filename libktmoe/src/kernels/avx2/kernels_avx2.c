@@ -354,6 +354,27 @@ KT_INLINE void qdot_block(const int MR, const int fmt, const int deint, const ui
     }
 }
 
+/* Blocks b and b+1 of a 4-bit weight row against MR activation rows in
+ * layout 2 (kt_act_pos): 32 bytes of codes give the even columns of both
+ * blocks (low nibbles) and the odd ones (high nibbles) with no shuffle;
+ * one vpmaddwd and one FMA serve both blocks, lanes 0-3 holding block b and
+ * lanes 4-7 block b+1. */
+KT_INLINE void qdot_pair(const int MR, const uint8_t *wrow, int64_t b, const int8_t *const *xq,
+                         const float *const *xd, __m256 *acc) {
+    const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0F);
+    __m256i v = _mm256_loadu_si256((const __m256i *)(wrow + b * (KT_QBLK / 2)));
+    __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    for (int t = 0; t < MR; t++) {
+        const int8_t *x = xq[t] + b * KT_QBLK;
+        __m256i pe = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)x));
+        __m256i po = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + KT_QBLK)));
+        __m256i p = _mm256_madd_epi16(_mm256_add_epi16(pe, po), ones);
+        __m256 d = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(xd[t] + b)),
+                                        _mm_broadcast_ss(xd[t] + b + 1), 1);
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[t]);
+    }
+}
+
 /* One weight row j against MR activation rows (MR a constant after
  * inlining, so the accumulators stay in registers).  Blocks go two at a
  * time into two accumulators (to hide the FMA latency); the offset term
@@ -373,11 +394,22 @@ KT_INLINE void qdot_row(const int MR, const int fmt, const int deint, int64_t nb
     int64_t gend = w->gs - w->g0 % w->gs; /* column where the current group ends */
     for (int64_t b = 0; b < nb; gi++, g++, gend += w->gs) {
         int64_t bend = KT_MIN(nb, gend / KT_QBLK);
-        for (; b + 2 <= bend; b += 2) {
-            qdot_block(MR, fmt, deint, wrow, b, xq, xd, ga);
-            qdot_block(MR, fmt, deint, wrow, b + 1, xq, xd, gb);
+        if (deint == 2) { /* groups hold whole pairs of blocks */
+            for (; b + 4 <= bend; b += 4) {
+                qdot_pair(MR, wrow, b, xq, xd, ga);
+                qdot_pair(MR, wrow, b + 2, xq, xd, gb);
+            }
+            if (b < bend) {
+                qdot_pair(MR, wrow, b, xq, xd, ga);
+                b += 2;
+            }
+        } else {
+            for (; b + 2 <= bend; b += 2) {
+                qdot_block(MR, fmt, deint, wrow, b, xq, xd, ga);
+                qdot_block(MR, fmt, deint, wrow, b + 1, xq, xd, gb);
+            }
+            if (b < bend) qdot_block(MR, fmt, deint, wrow, b++, xq, xd, ga);
         }
-        if (b < bend) qdot_block(MR, fmt, deint, wrow, b++, xq, xd, ga);
         __m256 sv = _mm256_set1_ps(w->scale[j * w->ldg + g]);
         float off = fmt == KT_W_I8 ? 0.0f : kt_w_offset(w, j, g);
         for (int t = 0; t < MR; t++) {
@@ -390,7 +422,7 @@ KT_INLINE void qdot_row(const int MR, const int fmt, const int deint, int64_t nb
 }
 
 #define QDOT_CASE(MR, FMT, DI)                                                             \
-    case (MR) * 32 + (FMT) * 2 + (DI):                                                      \
+    case (MR) * 32 + (FMT) * 4 + (DI):                                                      \
         for (int64_t j = 0; j < n; j++) qdot_row(MR, FMT, DI, nb, xq, xd, gsum, w, j, cr);  \
         break;
 
@@ -423,11 +455,12 @@ static void qdot_avx2(int64_t m, int64_t n, int64_t K, const kt_qact *x, const i
         }
         /* the 4-bit formats differ only in kt_w_offset: one instance serves
          * them; int8 weights read activations in column order only */
-        int f = w->fmt == KT_W_I8 ? KT_W_I8 : KT_W_I4M, di = f != KT_W_I8 && x->deint;
-        switch (mr * 32 + f * 2 + di) {
+        int f = w->fmt == KT_W_I8 ? KT_W_I8 : KT_W_I4M, di = f != KT_W_I8 ? x->deint : 0;
+        switch (mr * 32 + f * 4 + di) {
             QDOT_CASE(1, KT_W_I8, 0) QDOT_CASE(2, KT_W_I8, 0) QDOT_CASE(3, KT_W_I8, 0) QDOT_CASE(4, KT_W_I8, 0)
             QDOT_CASE(1, KT_W_I4M, 0) QDOT_CASE(2, KT_W_I4M, 0) QDOT_CASE(3, KT_W_I4M, 0) QDOT_CASE(4, KT_W_I4M, 0)
             QDOT_CASE(1, KT_W_I4M, 1) QDOT_CASE(2, KT_W_I4M, 1) QDOT_CASE(3, KT_W_I4M, 1) QDOT_CASE(4, KT_W_I4M, 1)
+            QDOT_CASE(1, KT_W_I4M, 2) QDOT_CASE(2, KT_W_I4M, 2) QDOT_CASE(3, KT_W_I4M, 2) QDOT_CASE(4, KT_W_I4M, 2)
         }
     }
 }

@@ -45,7 +45,7 @@ static void qdot_ref(int64_t m, int64_t n, int64_t K, const kt_qact *x, const in
                 int64_t k0 = b * KT_QBLK, g = (w->g0 + k0) / w->gs;
                 int32_t isum = 0;
                 for (int k = 0; k < KT_QBLK; k++)
-                    isum += xq[k0 + (x->deint ? kt_deint_pos(k) : k)] * kt_w_code(w, j, k0 + k);
+                    isum += xq[kt_act_pos(x->deint, k0 + k)] * kt_w_code(w, j, k0 + k);
                 acc += xd[b] * w->scale[j * w->ldg + g] * (float)isum + kt_w_offset(w, j, g) * xs[b];
             }
             c[i * ldc + j] = acc;
