@@ -846,6 +846,10 @@ def main(argv=None) -> int:
     sys.stdout.flush()
 
     # ---- machine references, same run, same threads (again at the end) ----
+    for name, mib in (("--bw-mib", args.bw_mib), ("--row-bw-mib", args.row_bw_mib)):
+        if llc and mib and mib * MiB < 8 * llc:
+            print(f"  WARNING: {name} {mib} MiB is less than 8x the LLC ({llc // MiB} MiB): the bandwidth "
+                  "measured partly comes from the cache")
     probe = ReadBandwidthProbe()
     fma = FmaProbe() if not args.no_peak and _cpu_fma_ok() else None
     refs = measure_references(probe, args.threads, args.bw_mib, not args.no_peak)
@@ -1086,14 +1090,20 @@ def main(argv=None) -> int:
                               fx(r["vs_torch_bf16"]), fx(r["vs_torch_fp32"]),
                               f(r["rel_err"], ".1e"), f(r["other_load_cores"], ".2f", "?")])
         print_table(hdr, table, blanks)
-        print("ms = median forward; hot ms = the same call repeated, no flush; idle ms = flush, then "
-              f"{args.idle_ms:g} ms asleep before each call (20 calls);")
-        print("empty ms = a call with every slot -1 (after a flush); experts = distinct experts per call (mean);")
+        print("ms = median forward (flush, untimed wake call, timed call); hot ms = the same call repeated, "
+              "no flush;" + (f" idle ms = flush, then {args.idle_ms:g} ms asleep, no wake call (20 calls);"
+                             if args.idle_ms > 0 else ""))
+        print("empty ms = a call with every slot -1 (flush, wake call, timed); experts = distinct experts per call "
+              "(mean);")
         print("MB read = their packed bytes (weight_bytes / E each; torch: bf16/fp32); GB/s = median of bytes/time;")
-        print(f"BW now = DRAM read GB/s of the C loop ({args.row_bw_mib} MiB, best of 5) just before the row; "
-              f"% now = GB/s / BW now; % ref = GB/s / {f(bw, '.2f')} (the run's reference);")
-        print("FMA now = FP32 FMA GFLOP/s of bench_sft's peak kernel (5 x 20 ms) just before the row: well below "
-              f"{f(peak, '.0f', 'the peak')} means the vCPUs were slowed from outside (host SMT siblings, neighbours);")
+        if args.row_bw_mib:
+            print(f"BW now = DRAM read GB/s of the C loop ({args.row_bw_mib} MiB, best of 5) just before the row; "
+                  "% now = GB/s / BW now;")
+        print(f"% ref = GB/s / {f(bw, '.2f')} GB/s (the run's reference);")
+        if fma is not None:
+            print("FMA now = FP32 FMA GFLOP/s of bench_sft's peak kernel (5 x 20 ms) just before the row: well below "
+                  f"{f(peak, '.0f', 'the peak')} means the vCPUs were slowed from outside (host SMT siblings, "
+                  "neighbours);")
         print("vs bf16/fp32 = PyTorch bf16/fp32 ms / this row's ms; rel err = vs float64 on the dequantized weights "
               f"(qlen {decode_q[0]}); other load = cores used by other processes meanwhile")
     # ---- prefill table ----
@@ -1132,7 +1142,7 @@ def main(argv=None) -> int:
 
     # ---- the target ----
     target = []
-    if 1 in decode_q and bw:
+    if 1 in decode_q and bw and any(m in INT4_METHODS for m in methods):
         print(f"target: qlen-1 INT4 forward >= {TARGET_FRACTION:.0%} of the measured DRAM read bandwidth "
               "(judged on % now; % ref: against the larger of the start and end measurements)")
         for r in rows:
