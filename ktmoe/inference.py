@@ -151,9 +151,6 @@ class _Submission:
                 "apart); the result is discarded")
 
 
-def _sync_pool(cpu_infer) -> None:
-    cpu_infer.sync()
-
 
 def _stream_ctx(cuda_stream, device: torch.device):
     """Run the copies of a CUDA tensor on ``cuda_stream`` (a torch.cuda.Stream
@@ -425,7 +422,7 @@ class NativeMoEWrapper(BaseMoEWrapper):
         except BaseException:
             if queued:
                 try:
-                    _sync_pool(self.cpu_infer)
+                    self.cpu_infer.sync()
                 except Exception:
                     pass
             raise
@@ -465,7 +462,7 @@ class NativeMoEWrapper(BaseMoEWrapper):
                 out = torch.empty((q, H), dtype=dtype)
                 if q:
                     self._queue(x, ids, wts, out)
-                    _sync_pool(self.cpu_infer)
+                    self.cpu_infer.sync()
                 return out
             # a CUDA input: staged chunk by chunk through one bounded buffer
             out = torch.empty((q, H), dtype=dtype, device=out_device)
@@ -485,7 +482,7 @@ class NativeMoEWrapper(BaseMoEWrapper):
                         wts.copy_(topk_weights[a:b])
                         o = out[a:b] if out_device.type == "cpu" else buf.output[:n]
                         self._queue(x, ids, wts, o)
-                        _sync_pool(self.cpu_infer)
+                        self.cpu_infer.sync()
                         if out_device.type != "cpu":
                             out[a:b].copy_(o)
             finally:
@@ -591,7 +588,7 @@ class NativeMoEWrapper(BaseMoEWrapper):
             self._drain()
             if self._layer is not None:
                 try:
-                    _sync_pool(self.cpu_infer)
+                    self.cpu_infer.sync()
                 except Exception:
                     pass
                 self._layer.close()

@@ -58,6 +58,16 @@ static inline uint16_t kt_f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
+/* dst[0..n) = src[0..n) of dtype (ktmoe_dtype: f32 or bf16) as fp32. */
+static inline void kt_to_f32(const void *src, int dtype, float *dst, int64_t n) {
+    if (dtype == KTMOE_DTYPE_F32) {
+        memcpy(dst, src, (size_t)n * sizeof(float));
+    } else {
+        const uint16_t *s = src;
+        for (int64_t i = 0; i < n; i++) dst[i] = kt_bf16_to_f32(s[i]);
+    }
+}
+
 /* ---- CPU features (cpu.c) ------------------------------------------- */
 
 uint32_t kt_cpu_features(void);

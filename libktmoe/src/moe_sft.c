@@ -121,15 +121,6 @@ static size_t kt_cache_bytes(const kt_cache *c) {
 
 static inline float *F(const kt_buf *b) { return (float *)b->p; }
 
-static void kt_to_f32(const void *src, int dtype, float *dst, int64_t n) {
-    if (dtype == KTMOE_DTYPE_F32) {
-        memcpy(dst, src, (size_t)n * sizeof(float));
-    } else {
-        const uint16_t *s = src;
-        for (int64_t i = 0; i < n; i++) dst[i] = kt_bf16_to_f32(s[i]);
-    }
-}
-
 /* dst[rows][cols] (leading dim ldd, of dtype) (+)= src[rows][cols] (lds). */
 static void kt_store(void *dst, int dtype, int64_t ldd, const float *src,
                      int64_t lds, int64_t rows, int64_t cols, int accum) {

@@ -187,12 +187,8 @@ typedef struct kt_qjob {
 
 static ktmoe_status kt_quant_rows(const kt_qjob *j, int64_t r0, int64_t r1, float *x) {
     for (int64_t r = r0; r < r1; r++) {
-        if (j->src_dtype == KTMOE_DTYPE_F32) {
-            memcpy(x, (const float *)j->src + r * j->K, (size_t)j->K * 4);
-        } else {
-            const uint16_t *s = (const uint16_t *)j->src + r * j->K;
-            for (int64_t c = 0; c < j->K; c++) x[c] = kt_bf16_to_f32(s[c]);
-        }
+        size_t es = j->src_dtype == KTMOE_DTYPE_F32 ? 4 : 2;
+        kt_to_f32((const char *)j->src + (size_t)(r * j->K) * es, j->src_dtype, x, j->K);
         void *aux = j->aux == NULL ? NULL
                     : j->fmt == KT_W_I4Z ? (void *)((uint8_t *)j->aux + r * j->G)
                                          : (void *)((float *)j->aux + r * j->G);
