@@ -106,12 +106,21 @@ def test_integer_kernels_vs_emulated_reference(cpu_infer, tier, method, gs, zp, 
     assert 1e-4 < err < ACT_QUANT_TOL, err  # the activations really are int8
 
 
-def test_mixed_formats_and_skipped_slots(cpu_infer, tier):
-    """Per-projection formats (GGUF Q4_K_M style: 4-bit gate/up, int8 down)
-    and skipped expert slots."""
-    E, k, H, I, q = 8, 3, 96, 64, 9
-    specs = (QuantSpec("AMXINT4_1KGroup_SFT", 32), QuantSpec("AMXINT4_1KGroup_SFT", 32),
-             QuantSpec("INT8_KGROUP", 32))
+MIXED = {
+    # GGUF Q4_K_M style: 4-bit gate/up, int8 down; groups of 32 (one block)
+    "q4km-g32": (96, ("AMXINT4_1KGroup_SFT", 32), ("AMXINT4_1KGroup_SFT", 32), ("INT8_KGROUP", 32)),
+    # 4-bit gate next to int8 up: x in column order for a 4-bit matrix;
+    # K and groups multiples of 64 (two blocks a step where a tier can)
+    "int4-int8-g64": (128, ("AMXINT4_SFT", 0), ("AMXINT8_SFT", 0), ("AMXINT4_KGroup_SFT", 64)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MIXED))
+def test_mixed_formats_and_skipped_slots(cpu_infer, tier, case):
+    """Per-projection formats and skipped expert slots."""
+    H, *proj = MIXED[case]
+    E, k, I, q = 8, 3, 64, 9
+    specs = tuple(QuantSpec(name, gs) if gs else QuantSpec(name) for name, gs in proj)
     parts, deq = _weights(E, H, I, specs, seed=3)
     ids, wts = make_routing(q, E, k, seed=4)
     ids[::3, 1] = -1

@@ -22,6 +22,11 @@ const kt_kernels *kt_kernels_get(ktmoe_isa isa) {
 #if defined(KTMOE_HAVE_AVX2)
     case KTMOE_ISA_AVX2: return &kt_kernels_avx2;
 #endif
+#if defined(KTMOE_HAVE_AVX512)
+    case KTMOE_ISA_AVX512:
+        return (kt_cpu_features() & KTMOE_CPU_AVX512_VNNI) ? &kt_kernels_avx512_vnni
+                                                           : &kt_kernels_avx512;
+#endif
     default: return NULL;
     }
 }

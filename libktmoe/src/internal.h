@@ -272,9 +272,19 @@ typedef struct kt_kernels {
 
 const kt_kernels *kt_kernels_get(ktmoe_isa isa); /* NULL if not compiled */
 extern const kt_kernels kt_kernels_ref;
-#if defined(KTMOE_HAVE_AVX2)
 extern const kt_kernels kt_kernels_avx2;
-#endif
+extern const kt_kernels kt_kernels_avx512;      /* without AVX512-VNNI */
+extern const kt_kernels kt_kernels_avx512_vnni;
+/* The avx2 tier's kernels, which the avx512 tables share. */
+void kt_dot_avx2(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
+                 const int32_t *aidx, const kt_wmat *w, float *c, int64_t ldc, int accum);
+void kt_outer_avx2(int64_t m, int64_t n, int64_t K, const float *d, int64_t dsi, int64_t dsk,
+                   const int32_t *didx, const kt_wmat *w, const int32_t *widx, float *c,
+                   int64_t ldc, int accum);
+void kt_qdot_avx2(int64_t m, int64_t n, int64_t K, const kt_qact *x, const int32_t *aidx,
+                  const kt_wmat *w, float *c, int64_t ldc);
+void kt_act_fwd_avx2(int64_t n, const float *g, const float *u, float *h);
+float kt_act_bwd_avx2(int64_t n, const float *dh, float *g, float *u, float w);
 
 /* ---- pool (pool.c) --------------------------------------------------- */
 

@@ -13,10 +13,9 @@
  * of the fp32 sums. */
 #include "../../internal.h"
 
-#include <immintrin.h>
-#include <math.h>
+#include "../ymm_common.h"
 
-#define KT_INLINE static inline __attribute__((always_inline))
+#include <math.h>
 
 /* ---- loads ---- */
 
@@ -27,13 +26,6 @@ KT_INLINE __m256 ld8_bf16(const uint16_t *p) {
 
 KT_INLINE __m256 ld8_w(const void *w, int bf16, int64_t i) {
     return bf16 ? ld8_bf16((const uint16_t *)w + i) : _mm256_loadu_ps((const float *)w + i);
-}
-
-KT_INLINE float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
 }
 
 /* ---- dequantization ---- */
@@ -181,7 +173,7 @@ KT_INLINE void dot_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const f
         }
     }
 }
-static void dot_any_avx2(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
+void kt_dot_avx2(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
                          const int32_t *aidx, const kt_wmat *w, float *c, int64_t ldc,
                          int accum) {
     if (w->fmt == KT_W_F32)
@@ -299,7 +291,7 @@ KT_INLINE void outer_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const
     }
 }
 
-static void outer_any_avx2(int64_t m, int64_t n, int64_t K, const float *d, int64_t dsi,
+void kt_outer_avx2(int64_t m, int64_t n, int64_t K, const float *d, int64_t dsi,
                            int64_t dsk, const int32_t *didx, const kt_wmat *w,
                            const int32_t *widx, float *c, int64_t ldc, int accum) {
     if (w->fmt == KT_W_F32)
@@ -308,162 +300,11 @@ static void outer_any_avx2(int64_t m, int64_t n, int64_t K, const float *d, int6
         outer_avx2(1, m, n, K, d, dsi, dsk, didx, w, widx, c, ldc, accum);
 }
 
-/* ---- integer dot form (int8 activations, inference) ----
- * Per block of 32 columns: vpmaddubsw (unsigned weight codes x signed
- * activation codes; int8 weights go through the sign trick) and vpmaddwd
- * give 8 int32 partial sums, converted and scaled by the block's activation
- * scale into a per-group accumulator; at the end of each weight group the
- * accumulator is scaled by the group's scale and the offset term
- * off_g * sum of block sums is added (see kt_qdot_fn). */
+/* ---- integer dot form (int8 activations, inference): qdot_ymm.h ---- */
 
-/* The 32 codes of the block at column k0 of a row: s8 (I8), or u8 0..15
- * (4-bit) in column order, or with deint even columns first: the low
- * nibbles of the 16 bytes, then the high ones (3 instructions). */
-KT_INLINE __m256i wcodes32(int fmt, int deint, const uint8_t *row, int64_t k0) {
-    if (fmt == KT_W_I8) return _mm256_loadu_si256((const __m256i *)(row + k0));
-    if (deint) {
-        __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(row + k0 / 2)));
-        v = _mm256_srlv_epi32(v, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
-        return _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
-    }
-    __m128i v = _mm_loadu_si128((const __m128i *)(row + k0 / 2));
-    const __m128i m4 = _mm_set1_epi8(0x0F);
-    __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
-    return _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
-}
-
-#define KT_QMR 4 /* activation rows per pass over a weight row */
-
-#define KT_QMAXG 2048 /* groups a row may span: K / KT_QBLK at most */
-
-/* One block (32 columns) of one weight row against MR activation rows,
- * accumulated into acc[t] with the block's activation scale. */
-KT_INLINE void qdot_block(const int MR, const int fmt, const int deint, const uint8_t *wrow,
-                          int64_t b, const int8_t *const *xq, const float *const *xd,
-                          __m256 *acc) {
-    const int i8 = fmt == KT_W_I8;
-    const __m256i ones = _mm256_set1_epi16(1);
-    int64_t k0 = b * KT_QBLK;
-    __m256i wv = wcodes32(fmt, deint, wrow, k0);
-    __m256i wa = i8 ? _mm256_sign_epi8(wv, wv) : wv;
-    for (int t = 0; t < MR; t++) {
-        __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[t] + k0));
-        if (i8) xv = _mm256_sign_epi8(xv, wv);
-        __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xv), ones);
-        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(xd[t] + b), acc[t]);
-    }
-}
-
-/* Blocks b and b+1 of a 4-bit weight row against MR activation rows in
- * layout 2 (kt_act_pos): 32 bytes of codes give the even columns of both
- * blocks (low nibbles) and the odd ones (high nibbles) with no shuffle;
- * one vpmaddwd and one FMA serve both blocks, lanes 0-3 holding block b and
- * lanes 4-7 block b+1. */
-KT_INLINE void qdot_pair(const int MR, const uint8_t *wrow, int64_t b, const int8_t *const *xq,
-                         const float *const *xd, __m256 *acc) {
-    const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0F);
-    __m256i v = _mm256_loadu_si256((const __m256i *)(wrow + b * (KT_QBLK / 2)));
-    __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-    for (int t = 0; t < MR; t++) {
-        const int8_t *x = xq[t] + b * KT_QBLK;
-        __m256i pe = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)x));
-        __m256i po = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + KT_QBLK)));
-        __m256i p = _mm256_madd_epi16(_mm256_add_epi16(pe, po), ones);
-        __m256 d = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(xd[t] + b)),
-                                        _mm_broadcast_ss(xd[t] + b + 1), 1);
-        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[t]);
-    }
-}
-
-/* One weight row j against MR activation rows (MR a constant after
- * inlining, so the accumulators stay in registers).  Blocks go two at a
- * time into two accumulators (to hide the FMA latency); the offset term
- * uses gsum[t][gi], the sum of row t's block sums over group gi, computed
- * once per call since it does not depend on the weight row. */
-KT_INLINE void qdot_row(const int MR, const int fmt, const int deint, int64_t nb,
-                        const int8_t *const *xq, const float *const *xd,
-                        float (*gsum)[KT_QMAXG], const kt_wmat *w, int64_t j, float *const *crow) {
-    const uint8_t *wrow = (const uint8_t *)w->data + j * w->ld;
-    __m256 tot[KT_QMR], ga[KT_QMR], gb[KT_QMR];
-    float offs[KT_QMR];
-    for (int t = 0; t < MR; t++) {
-        tot[t] = ga[t] = gb[t] = _mm256_setzero_ps();
-        offs[t] = 0.0f;
-    }
-    int64_t g = w->g0 / w->gs, gi = 0;
-    int64_t gend = w->gs - w->g0 % w->gs; /* column where the current group ends */
-    for (int64_t b = 0; b < nb; gi++, g++, gend += w->gs) {
-        int64_t bend = KT_MIN(nb, gend / KT_QBLK);
-        if (deint == 2) { /* groups hold whole pairs of blocks */
-            for (; b + 4 <= bend; b += 4) {
-                qdot_pair(MR, wrow, b, xq, xd, ga);
-                qdot_pair(MR, wrow, b + 2, xq, xd, gb);
-            }
-            if (b < bend) {
-                qdot_pair(MR, wrow, b, xq, xd, ga);
-                b += 2;
-            }
-        } else {
-            for (; b + 2 <= bend; b += 2) {
-                qdot_block(MR, fmt, deint, wrow, b, xq, xd, ga);
-                qdot_block(MR, fmt, deint, wrow, b + 1, xq, xd, gb);
-            }
-            if (b < bend) qdot_block(MR, fmt, deint, wrow, b++, xq, xd, ga);
-        }
-        __m256 sv = _mm256_set1_ps(w->scale[j * w->ldg + g]);
-        float off = fmt == KT_W_I8 ? 0.0f : kt_w_offset(w, j, g);
-        for (int t = 0; t < MR; t++) {
-            tot[t] = _mm256_fmadd_ps(_mm256_add_ps(ga[t], gb[t]), sv, tot[t]);
-            ga[t] = gb[t] = _mm256_setzero_ps();
-            offs[t] += off * gsum[t][gi];
-        }
-    }
-    for (int t = 0; t < MR; t++) crow[t][j] = hsum8(tot[t]) + offs[t];
-}
-
-#define QDOT_CASE(MR, FMT, DI)                                                             \
-    case (MR) * 32 + (FMT) * 4 + (DI):                                                      \
-        for (int64_t j = 0; j < n; j++) qdot_row(MR, FMT, DI, nb, xq, xd, gsum, w, j, cr);  \
-        break;
-
-static void qdot_avx2(int64_t m, int64_t n, int64_t K, const kt_qact *x, const int32_t *aidx,
-                      const kt_wmat *w, float *c, int64_t ldc) {
-    const int64_t nb = K / KT_QBLK;
-    float gsum[KT_QMR][KT_QMAXG];
-    for (int64_t i0 = 0; i0 < m; i0 += KT_QMR) {
-        int mr = (int)KT_MIN(KT_QMR, m - i0);
-        const int8_t *xq[KT_QMR];
-        const float *xd[KT_QMR];
-        float *cr[KT_QMR];
-        for (int t = 0; t < mr; t++) {
-            int64_t row = aidx ? aidx[i0 + t] : i0 + t;
-            xq[t] = x->q + row * x->ldq;
-            xd[t] = x->d + row * x->ldb;
-            cr[t] = c + (i0 + t) * ldc;
-            /* row t's block sums, summed per weight group */
-            const float *xs = x->s + row * x->ldb;
-            int64_t gi = 0, gend = w->gs - w->g0 % w->gs;
-            float acc = 0.0f;
-            for (int64_t b = 0; b < nb && w->fmt != KT_W_I8; b++) {
-                acc += xs[b];
-                if (b == nb - 1 || (b + 1) * KT_QBLK >= gend) {
-                    gsum[t][gi++] = acc;
-                    acc = 0.0f;
-                    gend += w->gs;
-                }
-            }
-        }
-        /* the 4-bit formats differ only in kt_w_offset: one instance serves
-         * them; int8 weights read activations in column order only */
-        int f = w->fmt == KT_W_I8 ? KT_W_I8 : KT_W_I4M, di = f != KT_W_I8 ? x->deint : 0;
-        switch (mr * 32 + f * 4 + di) {
-            QDOT_CASE(1, KT_W_I8, 0) QDOT_CASE(2, KT_W_I8, 0) QDOT_CASE(3, KT_W_I8, 0) QDOT_CASE(4, KT_W_I8, 0)
-            QDOT_CASE(1, KT_W_I4M, 0) QDOT_CASE(2, KT_W_I4M, 0) QDOT_CASE(3, KT_W_I4M, 0) QDOT_CASE(4, KT_W_I4M, 0)
-            QDOT_CASE(1, KT_W_I4M, 1) QDOT_CASE(2, KT_W_I4M, 1) QDOT_CASE(3, KT_W_I4M, 1) QDOT_CASE(4, KT_W_I4M, 1)
-            QDOT_CASE(1, KT_W_I4M, 2) QDOT_CASE(2, KT_W_I4M, 2) QDOT_CASE(3, KT_W_I4M, 2) QDOT_CASE(4, KT_W_I4M, 2)
-        }
-    }
-}
+#define KT_VNNI 0
+#define KT_QDOT_NAME kt_qdot_avx2
+#include "../qdot_ymm.h"
 
 /* ---- activations ---- */
 
@@ -493,7 +334,7 @@ KT_INLINE __m256 sigmoid8(__m256 g) {
 
 static inline float sigmoid1(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-static void act_fwd_avx2(int64_t n, const float *g, const float *u, float *h) {
+void kt_act_fwd_avx2(int64_t n, const float *g, const float *u, float *h) {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
         __m256 gv = _mm256_loadu_ps(g + i);
@@ -503,7 +344,7 @@ static void act_fwd_avx2(int64_t n, const float *g, const float *u, float *h) {
     for (; i < n; i++) h[i] = g[i] * sigmoid1(g[i]) * u[i];
 }
 
-static float act_bwd_avx2(int64_t n, const float *dh, float *g, float *u, float w) {
+float kt_act_bwd_avx2(int64_t n, const float *dh, float *g, float *u, float w) {
     __m256 dotv = _mm256_setzero_ps(), wv = _mm256_set1_ps(w), one = _mm256_set1_ps(1.0f);
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
@@ -529,9 +370,9 @@ static float act_bwd_avx2(int64_t n, const float *dh, float *g, float *u, float 
 
 const kt_kernels kt_kernels_avx2 = {
     .isa = KTMOE_ISA_AVX2,
-    .dot = dot_any_avx2,
-    .outer = outer_any_avx2,
-    .qdot = qdot_avx2,
-    .act_fwd = act_fwd_avx2,
-    .act_bwd = act_bwd_avx2,
+    .dot = kt_dot_avx2,
+    .outer = kt_outer_avx2,
+    .qdot = kt_qdot_avx2,
+    .act_fwd = kt_act_fwd_avx2,
+    .act_bwd = kt_act_bwd_avx2,
 };
