@@ -104,6 +104,26 @@ KT_INLINE void qdot_row(const int MR, const int fmt, const int deint, int64_t nb
     }
     int64_t g = w->g0 / w->gs, gi = 0;
     int64_t gend = w->gs - w->g0 % w->gs; /* column where the current group ends */
+    if (deint == 2 && w->gs == 4 * KT_QBLK && w->g0 % w->gs == 0) {
+        /* groups of 128 columns (the usual K-group size): two pairs a
+         * group, no bounds to compute */
+        const float *sc = w->scale + j * w->ldg + g;
+        for (int64_t b = 0; b < nb; b += 4, gi++) {
+            qdot_pair(MR, wrow, b, xq, xd, ga);
+            qdot_pair(MR, wrow, b + 2, xq, xd, gb);
+            __m256 sv = _mm256_broadcast_ss(sc + gi);
+            for (int t = 0; t < MR; t++) {
+                tot[t] = _mm256_fmadd_ps(_mm256_add_ps(ga[t], gb[t]), sv, tot[t]);
+                ga[t] = gb[t] = _mm256_setzero_ps();
+            }
+        }
+        for (int64_t i = 0; i < gi; i++) {
+            float off = kt_w_offset(w, j, g + i);
+            for (int t = 0; t < MR; t++) offs[t] += off * gsum[t][i];
+        }
+        for (int t = 0; t < MR; t++) crow[t][j] = hsum8(tot[t]) + offs[t];
+        return;
+    }
     for (int64_t b = 0; b < nb; gi++, g++, gend += w->gs) {
         int64_t bend = KT_MIN(nb, gend / KT_QBLK);
         if (deint == 2) { /* groups hold whole pairs of blocks */
