@@ -143,6 +143,25 @@ def _scale(cfg, key: str, rank: int) -> float:
     return alpha / math.sqrt(rank) if cfg.use_rslora else alpha / rank
 
 
+# ------------------------------------------------------------------ PEFT
+
+def get_kt_peft_model(model, peft_config, adapter_name: str = "default", **kwargs):
+    """``peft.get_peft_model`` for a wrapped model: PEFT LoRA on the modules
+    ``peft_config`` targets (attention, shared experts, ...), with the KT
+    experts' LoRA kept trainable (PEFT freezes every parameter it did not
+    create, which would silently freeze them)."""
+    peft = _peft()
+    layers = _layer_paths(model)
+    if getattr(peft_config, "target_parameters", None):
+        raise KTAMXConfigError("target_parameters must be empty: the routed experts' LoRA is held by the "
+                               "KT wrapper (lora_params)")
+    pm = peft.get_peft_model(model, peft_config, adapter_name=adapter_name, **kwargs)
+    for w in layers.values():
+        for p in w.lora_params.values():
+            p.requires_grad_(True)
+    return pm
+
+
 # ------------------------------------------------------------------- save
 
 def kt_adapter_state_dict(model, adapter_name: str = "default") -> Tuple[Dict[str, torch.Tensor], object, dict]:

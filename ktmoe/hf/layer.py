@@ -206,13 +206,17 @@ class KTMoEFunction(torch.autograd.Function):
                 tracker.stats["uncached"] += 1
         ctx.kt = kt
         ctx.n_lora = len(lora_params)
+        # the parameter objects themselves (saved tensors may come back as
+        # detached aliases, e.g. from a checkpoint recompute)
+        ctx.lora_params = lora_params
         ctx.save_for_backward(hidden_states, topk_ids, topk_weights, ticket_t, *lora_params)
         return out
 
     @staticmethod
     def backward(ctx, grad_output):
         # unpacking may run a checkpoint recompute (which caches a forward)
-        x, ids, w, ticket_t, *loras = ctx.saved_tensors
+        x, ids, w, ticket_t, *_ = ctx.saved_tensors  # the LoRA ones: version-checked only
+        loras = ctx.lora_params
         kt = ctx.kt
         tracker = _tracker(kt)
         ticket = int(ticket_t.reshape(-1)[0])
