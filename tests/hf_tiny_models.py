@@ -14,7 +14,8 @@ COMMON = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_key_valu
               max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
               pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
-#: model_type -> extra config keywords (on top of COMMON)
+#: case name -> extra config keywords (on top of COMMON); the case name is the
+#: model type unless the keywords say otherwise ("model_type")
 CONFIGS = {
     "qwen2_moe": dict(num_hidden_layers=3, num_experts=8, num_experts_per_tok=2,
                       moe_intermediate_size=16, intermediate_size=48,
@@ -31,6 +32,11 @@ CONFIGS = {
                         qk_rope_head_dim=4, v_head_dim=8, qk_nope_head_dim=8, head_dim=4,
                         topk_method="group_limited_greedy", n_group=4, topk_group=2,
                         routed_scaling_factor=1.5),
+    "deepseek_v2_greedy": dict(model_type="deepseek_v2", num_hidden_layers=2, num_key_value_heads=4,
+                               n_routed_experts=6, num_experts_per_tok=2, moe_intermediate_size=16,
+                               intermediate_size=48, n_shared_experts=2, first_k_dense_replace=0,
+                               kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=4, v_head_dim=8,
+                               qk_nope_head_dim=8, head_dim=4, topk_method="greedy", routed_scaling_factor=1.0),
     "deepseek_v3": dict(num_hidden_layers=3, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=3,
                         moe_intermediate_size=16, intermediate_size=48, n_shared_experts=1,
                         first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24,
@@ -54,12 +60,13 @@ CONFIGS = {
 ARCHS = tuple(CONFIGS)
 
 
-def tiny_config(model_type: str, **overrides):
+def tiny_config(case: str, **overrides):
     from transformers import AutoConfig
 
     kw = dict(COMMON)
-    kw.update(CONFIGS[model_type])
+    kw.update(CONFIGS[case])
     kw.update(overrides)
+    model_type = kw.pop("model_type", case)
     return AutoConfig.for_model(model_type, **kw)
 
 
@@ -73,13 +80,13 @@ def bf16_round_experts_(model) -> None:
                 p.copy_(p.to(torch.bfloat16).to(p.dtype))
 
 
-def tiny_model(model_type: str, seed: int = 0, dtype=torch.float32, experts_implementation="eager",
+def tiny_model(case: str, seed: int = 0, dtype=torch.float32, experts_implementation="eager",
                **overrides):
-    """A tiny random ``AutoModelForCausalLM`` of ``model_type`` (eval mode,
-    expert weights bf16-representable)."""
+    """A tiny random ``AutoModelForCausalLM`` for ``case`` (a key of CONFIGS;
+    eval mode, expert weights bf16-representable)."""
     from transformers import AutoModelForCausalLM
 
-    cfg = tiny_config(model_type, **overrides)
+    cfg = tiny_config(case, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype,
                                              experts_implementation=experts_implementation)

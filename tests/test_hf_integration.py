@@ -8,10 +8,10 @@ AMXBF16_SFT method stores them in bf16; the kernels compute in fp32), so the
 two sides differ only by fp32 summation order.  Tolerances (relative L2 error
 against the reference):
 
-* logits, loss, router logits: 2e-5 (measured <= 1e-6),
+* logits, loss, router logits: 2e-5 (measured <= 5.2e-7),
 * gradients (input embeddings, router weights, attention / shared-expert
-  LoRA, every expert LoRA factor): 1e-4 (measured <= 2e-5; a gradient is the
-  difference of larger terms, so it loses a few more bits).
+  LoRA, every expert LoRA factor): 1e-4 (measured <= 3.2e-6; a gradient is a
+  sum of larger terms of both signs, so it keeps fewer exact bits).
 """
 
 from __future__ import annotations
@@ -91,10 +91,14 @@ def peft_reference(model_type, seed=0, scale=0.3):
                      target_parameters=list(EXPERT_TARGET_PARAMETERS), lora_dropout=0.0,
                      rank_pattern={"experts.gate_up_proj": 2 * R}, alpha_pattern={"experts.gate_up_proj": 2 * ALPHA})
     pm = get_peft_model(base, cfg)
-    E = pm.get_base_model().config.num_experts if hasattr(pm.get_base_model().config, "num_experts") else None
-    for n, p in pm.named_parameters():
-        if n.endswith("experts.base_layer.lora_A.default.weight") and E:
+    params = dict(pm.named_parameters())
+    checked = 0
+    for n, p in params.items():
+        if n.endswith("experts.base_layer.lora_A.default.weight"):
+            E = params[n.replace("lora_A.default.weight", "base_layer.gate_up_proj")].shape[0]
             assert p.shape[0] == E * 2 * R   # the rank pattern took effect
+            checked += 1
+    assert checked
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for n, p in pm.named_parameters():
@@ -283,6 +287,21 @@ def test_wrap_structure_and_freed_weights(model_type):
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad])
     opt_ids = {id(p) for grp in opt.param_groups for p in grp["params"]}
     assert all(id(p) in opt_ids for w in wrappers for p in w.lora_params.values())
+
+
+@pytest.mark.parametrize("case,overrides,want", [
+    ("qwen3_moe", dict(num_hidden_layers=4, decoder_sparse_step=2), [1, 3]),
+    ("qwen2_moe", dict(num_hidden_layers=4, mlp_only_layers=[0, 2]), [1, 3]),
+    ("deepseek_v3", dict(num_hidden_layers=4, first_k_dense_replace=2), [2, 3]),
+])
+def test_dense_layers_are_skipped(case, overrides, want):
+    m = tiny_model(case, **overrides)
+    dense = {i: l.mlp for i, l in enumerate(m.model.layers) if i not in want}
+    ws = wrap_moe_layers_with_kt_wrapper(m, **KT)
+    assert [w.layer_idx for w in ws] == want
+    assert all(m.model.layers[i].mlp is blk and not hasattr(blk, "experts") for i, blk in dense.items())
+    with torch.no_grad():
+        assert torch.isfinite(m(torch.tensor([[3, 4, 5, 6]])).logits).all()
 
 
 def test_model_args_and_errors():

@@ -33,7 +33,7 @@ import torch
 from ..experts_sft import LORA_NAMES
 from .errors import KTAMXConfigError, KTAMXNotAvailableError
 from .layer import KTMoELayerWrapper
-from .wrap import get_base_model, kt_wrappers
+from .wrap import get_base_model
 
 #: PEFT ``target_parameters`` of the routed experts
 EXPERT_TARGET_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")

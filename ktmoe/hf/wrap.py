@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import gc
+import importlib.util
 import os
 import weakref
 from dataclasses import dataclass
@@ -211,10 +212,8 @@ def wrap_moe_layers_with_kt_wrapper(model, model_args=None, finetuning_args=None
                            max_cache_depth=max_cache_depth, weight_path=weight_path, lora_dtype=lora_dtype,
                            chunked_prefill_size=chunked_prefill_size, group_size=group_size,
                            zero_point=zero_point, isa=isa)
-    try:
-        import transformers  # noqa: F401
-    except ImportError as e:  # pragma: no cover
-        raise KTAMXNotAvailableError("wrap_moe_layers_with_kt_wrapper needs transformers >= 5") from e
+    if importlib.util.find_spec("transformers") is None:  # pragma: no cover
+        raise KTAMXNotAvailableError("wrap_moe_layers_with_kt_wrapper needs transformers >= 5")
 
     base = get_base_model(model)
     config = getattr(base, "config", None)
