@@ -9,6 +9,9 @@ backward and LoRA gradients) through the ``KTMoEWrapper`` factory::
                      num_gpu_experts=0, cpuinfer_threads=8, threadpool_count=1,
                      weight_path="", chunked_prefill_size=4096,
                      method="AMXBF16_SFT", mode="sft", lora_rank=16, lora_alpha=32)
+
+For a whole Hugging Face MoE model, ``ktmoe.hf.wrap_moe_layers_with_kt_wrapper``
+puts every routed-expert block on these kernels (see ``ktmoe.hf``).
 """
 
 from __future__ import annotations
@@ -52,10 +55,27 @@ def get_library() -> str:
     return str(_lib.LIBRARY_PATH)
 
 
+#: the Hugging Face integration (ktmoe.hf), importable from here; loaded on
+#: first use so that ``import ktmoe`` does not depend on it
+_HF_NAMES = (
+    "wrap_moe_layers_with_kt_wrapper", "KTMoELayerWrapper", "KTMoEFunction",
+    "save_kt_adapter", "load_kt_adapter", "get_kt_peft_model",
+)
+
+
+def __getattr__(name):
+    if name in _HF_NAMES:
+        from . import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'ktmoe' has no attribute {name!r}")
+
+
 __all__ = [
     "KTMoEWrapper", "BaseMoEWrapper", "BaseSFTMoEWrapper", "KExpertsSFTBuffer",
     "NativeSFTMoEWrapper", "NativeMoEWrapper", "KExpertsCPUBuffer", "CPUInfer",
     "SFT_METHODS", "INFERENCE_METHODS",
     "register_sft_method", "register_inference_method", "split_threads",
     "cpu_info", "get_include", "get_library", "__version__",
+    *_HF_NAMES,
 ]

@@ -328,6 +328,45 @@ def test_model_args_and_errors():
         other(torch.tensor([[3, 4, 5]]))
 
 
+def test_spec_helpers(tmp_path):
+    from types import SimpleNamespace
+
+    from hf_tiny_models import tiny_config
+
+    from ktmoe.hf import filter_attention_modules, load_kt_model
+
+    assert filter_attention_modules("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj") == \
+        ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert filter_attention_modules(["q_proj", "w1", "w2", "w3"]) == ["q_proj"]
+    m = load_kt_model(tiny_config("olmoe"), SimpleNamespace(kt_num_threads=2, kt_max_cache_depth=2),
+                      SimpleNamespace(lora_rank=3, lora_alpha=6.0), dtype=torch.float32)
+    assert len(m._kt_wrappers) == 2 and m._kt_wrappers[0].kt_wrapper.lora_rank == 3
+    assert set(m._kt_moe_lora_params[1]) == set(LORA)
+    with torch.no_grad():
+        assert torch.isfinite(m(torch.tensor([[3, 4, 5]])).logits).all()
+
+
+def test_weight_path_files_match_tensors(tmp_path):
+    """kt_weight_path: experts read from converted weight files (the model's
+    tensors are dropped without being copied) give the same result as
+    loading the same method from the model's tensors."""
+    from ktmoe.convert import convert_checkpoint
+    from ktmoe.quant import QuantSpec
+
+    src = tmp_path / "ckpt"
+    tiny_model("qwen3_moe").save_pretrained(str(src))
+    convert_checkpoint(src, tmp_path / "w", QuantSpec("AMXINT8_SFT", 128, True))
+    a = tiny_model("qwen3_moe")
+    wrap_moe_layers_with_kt_wrapper(a, method="AMXINT8_SFT", weight_path=str(tmp_path / "w"), **KT)
+    b = tiny_model("qwen3_moe")
+    wrap_moe_layers_with_kt_wrapper(b, method="AMXINT8_SFT", **KT)
+    assert freed_expert_bytes(a) == freed_expert_bytes(b) > 0
+    assert not hasattr(a.model.layers[0].mlp.experts, "gate_up_proj")
+    ids = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert rel_err(a(ids).logits, b(ids).logits) <= 1e-6
+
+
 def test_unsupported_architectures():
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -387,14 +387,15 @@ class KTMoELayerWrapper(nn.Module):
         with torch.no_grad():
             for n in LORA_NAMES:
                 p = lora[n]
-                t = fn(p.data)
-                if t.dtype not in (torch.float32, torch.bfloat16):
-                    t = t.to(p.dtype)
-                t = t.to("cpu").contiguous()
+                # what fn does to a tensor of this dtype, found on an empty one:
+                # only a dtype change is taken, the data stay on the CPU
+                probe = fn(torch.empty(0, dtype=p.dtype))
+                dtype = probe.dtype if probe.dtype in (torch.float32, torch.bfloat16) else p.dtype
+                t = p.data.to(dtype).contiguous()
                 if t.data_ptr() != p.data.data_ptr() or t.dtype != p.dtype:
                     p.data = t
                     if p.grad is not None:
-                        p.grad = p.grad.to("cpu", t.dtype).contiguous()
+                        p.grad = p.grad.to(dtype).contiguous()
         return self
 
     def train(self, mode: bool = True):

@@ -177,6 +177,17 @@ def _check_block(model_type: str, idx: int, block: nn.Module, spec) -> nn.Module
     return experts
 
 
+def _return_freed_memory() -> None:
+    """Hand the freed expert tensors' pages back to the OS (glibc keeps
+    freed heap memory otherwise; RSS would not show the saving)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def wrap_moe_layers_with_kt_wrapper(model, model_args=None, finetuning_args=None, *,
                                     method: Optional[str] = None, cpuinfer_threads: Optional[int] = None,
                                     threadpool_count: Optional[int] = None, lora_rank: Optional[int] = None,
@@ -281,6 +292,7 @@ def wrap_moe_layers_with_kt_wrapper(model, model_args=None, finetuning_args=None
         layer.mlp = wrapper
         wrappers.append(wrapper)
     gc.collect()
+    _return_freed_memory()
 
     base.set_experts_implementation(EXPERTS_IMPLEMENTATION)
     if getattr(base.config, "_experts_implementation", None) != EXPERTS_IMPLEMENTATION:
