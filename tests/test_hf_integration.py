@@ -639,6 +639,38 @@ def test_gradient_accumulation_into_grad():
             assert rel_err(p.grad, 2 * one[f"model.layers.{w.layer_idx}.mlp.lora_params.{n}"]) <= 1e-6
 
 
+def test_frozen_expert_lora():
+    """Experts' LoRA frozen, gradients still flowing (e.g. training attention
+    only): no .grad is made for the frozen factors, the input gradient is the
+    same, and the kernel's unwanted LoRA gradients go to one reused buffer."""
+    m = tiny_model("olmoe")
+    wrap_moe_layers_with_kt_wrapper(m, **KT)
+    with torch.no_grad():
+        for w in kt_wrappers(m):
+            w.lora_params["down_lora_b"].normal_(0, 0.1)
+    ids = torch.randint(3, 96, (2, 6), generator=torch.Generator().manual_seed(8))
+
+    def input_grad():
+        emb = m.get_input_embeddings()(ids).detach().requires_grad_(True)
+        m(inputs_embeds=emb, labels=ids).loss.backward()
+        return emb.grad
+
+    want = input_grad()
+    for w in kt_wrappers(m):
+        for p in w.lora_params.values():
+            p.requires_grad_(False)
+            p.grad = None
+    got = input_grad()
+    assert rel_err(got, want) <= 1e-7
+    from ktmoe.hf.layer import _tracker
+
+    bufs = [_tracker(w.kt_wrapper).scratch for w in kt_wrappers(m)]
+    assert all(b is not None for b in bufs)
+    input_grad()
+    assert all(_tracker(w.kt_wrapper).scratch is b for w, b in zip(kt_wrappers(m), bufs))
+    assert all(p.grad is None for w in kt_wrappers(m) for p in w.lora_params.values())
+
+
 def test_training_reduces_loss():
     m = tiny_model("deepseek_v3")
     wrap_moe_layers_with_kt_wrapper(m, **KT)

@@ -69,20 +69,28 @@ class _CacheTracker:
         self.entries: list = []
         self.stats: Dict[str, int] = dict(cached=0, uncached=0, recomputed=0, evicted=0)
         self.warned = False
+        self.scratch: Optional[Dict[str, torch.Tensor]] = None
 
     def _consistent(self, kt) -> bool:
         # entries made by direct forward_sft() calls are not ours to pop
         return bool(self.entries) and self.entries[-1][2] == kt._cache_depth
+
+    def scratch_grads(self, kt) -> Dict[str, torch.Tensor]:
+        """LoRA-gradient buffers for backwards whose LoRA gradients are not
+        wanted (the kernel always computes them): allocated once per layer and
+        LoRA dtype, reused."""
+        dtype = kt.gate_lora_a.dtype
+        if self.scratch is None or self.scratch["grad_gate_lora_a"].dtype != dtype:
+            shapes = kt._lora_shapes()
+            self.scratch = {g: torch.empty(shapes[n], dtype=dtype) for g, n in zip(GRAD_NAMES, LORA_NAMES)}
+        return self.scratch
 
     def _drop_newest(self, kt) -> None:
         """Pop the newest cache without using it: a backward of zeros into
         scratch gradients (costs one backward; only needed when a forward's
         cache can no longer be used)."""
         qlen = kt._cache_qlens[-1]
-        shapes = kt._lora_shapes()
-        dtype = kt.gate_lora_a.dtype
-        scratch = {g: torch.empty(shapes[n], dtype=dtype) for g, n in zip(GRAD_NAMES, LORA_NAMES)}
-        kt.backward(torch.zeros(qlen, kt.hidden_size, dtype=torch.float32), grad_loras_out=scratch)
+        kt.backward(torch.zeros(qlen, kt.hidden_size, dtype=torch.float32), grad_loras_out=self.scratch_grads(kt))
         self.entries.pop()
         self.stats["evicted"] += 1
 
@@ -235,9 +243,12 @@ class KTMoEFunction(torch.autograd.Function):
                             "call backward() for them first or raise max_cache_depth")
                     kt.forward_sft(x, ids, w, save_for_backward=True)
                     tracker.stats["recomputed"] += 1
-                out, fixups = _grad_targets(loras) if want_lora else (None, [])
+                if want_lora:
+                    out, fixups = _grad_targets(loras)
+                else:
+                    out, fixups = tracker.scratch_grads(kt), []
                 grad_input, _, grad_w = kt.backward(grad_output.contiguous(), return_grad_weights=True,
-                                                    grad_loras_out=out, accumulate=out is not None)
+                                                    grad_loras_out=out, accumulate=want_lora)
             except KTAMXBackwardError:
                 raise
             except RuntimeError as e:
