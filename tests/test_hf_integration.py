@@ -465,6 +465,22 @@ def test_adapter_save_load_roundtrip(model_type, use_peft, tmp_path):
     fresh.eval()
     with torch.no_grad():
         assert rel_err(fresh(ids).logits, want) <= 1e-6
+    if use_peft == "after":
+        # (c) resume into a wrapped model that already has the PEFT adapter
+        again = tiny_model(model_type)
+        randomize_router_bias_(again, 7)
+        wrap_moe_layers_with_kt_wrapper(again, **KT)
+        again = get_kt_peft_model(again, pcfg)
+        same = load_kt_adapter(again, str(tmp_path))
+        assert same is again
+        src = dict(m.named_parameters())
+        for n, p in again.named_parameters():
+            if "lora_" in n:
+                assert torch.equal(p, src[n]), n
+                assert p.requires_grad, n
+        again.eval()
+        with torch.no_grad():
+            assert rel_err(again(ids).logits, want) <= 1e-6
 
 
 def test_load_rejects_adapter_without_experts(tmp_path):
