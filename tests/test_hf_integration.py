@@ -333,7 +333,7 @@ def test_spec_helpers(tmp_path):
 
     from hf_tiny_models import tiny_config
 
-    from ktmoe.hf import filter_attention_modules, load_kt_model
+    from ktmoe.hf import filter_attention_modules, init_cpu_infer, load_kt_model
 
     assert filter_attention_modules("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj") == \
         ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -344,6 +344,8 @@ def test_spec_helpers(tmp_path):
     assert set(m._kt_moe_lora_params[1]) == set(LORA)
     with torch.no_grad():
         assert torch.isfinite(m(torch.tensor([[3, 4, 5]])).logits).all()
+    # the pool the layers share (spec 004 §2.2)
+    assert init_cpu_infer(SimpleNamespace(kt_num_threads=2, kt_tp_enabled=False)) is m._kt_cpu_infer
 
 
 def test_weight_path_files_match_tensors(tmp_path):
@@ -510,7 +512,7 @@ def test_gradient_checkpointing_same_gradients(mode, tmp_path):
     ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(2))
     plain = _grads_of(m, ids)
     before = [w.cache_stats for w in kt_wrappers(m)]
-    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": mode == "reentrant"})
+    m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": mode == "reentrant"})
     m.enable_input_require_grads()
     assert m.get_base_model().model.layers[1].gradient_checkpointing
     ckpt = _grads_of(m, ids)
