@@ -22,12 +22,18 @@ int8_kgroup    qweight int8 [N, K],         qweight[n, k] * scale[n, g]
                scale f32 [N, G]
 fp8_e4m3       qweight uint8 [N, K] (FP8    e4m3(qweight[n, k]) * scale[n, g]
                E4M3 codes), scale [N, G]
+mxfp4          qweight uint8 [N, ceil(K/2)] e2m1(u) * scale[n, g]
+               (FP4 E2M1 codes), scale f32
+               [N, K/32] (powers of two)
 ============== ============================ ===================================
 
 ``u`` is the 4-bit code of element k: the low nibble (bits 0-3) of byte
 ``k // 2`` for even k, the high nibble for odd k; with odd K the last high
 nibble of a row is padding (0).  ``g = k // group_size`` and
 ``G = K // group_size``; the K-group formats need ``K % group_size == 0``.
+``e2m1(u)``: OCP MX FP4, bit 3 of u the sign, magnitudes (u & 7) -> 0, 0.5,
+1, 1.5, 2, 3, 4, 6; its groups are always 32 columns (an MX checkpoint's
+E8M0 scale byte b is the float 2^(b - 127)).
 ``docs/quant_formats.md`` gives the quantization rules.
 
 :func:`quantize` runs libktmoe's quantizer (the same code that
@@ -51,6 +57,8 @@ METHOD_FORMATS = {
     "AMXINT4_1_SFT": "int4_1",
     "AMXINT4_KGroup_SFT": "int4_kgroup",
     "AMXINT4_1KGroup_SFT": "int4_1_kgroup",
+    "AMXFP8_SFT": "fp8_e4m3",
+    "MXFP4_SFT": "mxfp4",
 }
 
 #: formats that no SFT method name selects (yet): the inference loaders
@@ -60,12 +68,17 @@ EXTRA_FORMATS = {"INT8_KGROUP": "int8_kgroup", "FP8": "fp8_e4m3"}
 #: format name -> libktmoe ``ktmoe_method`` value
 FORMAT_CODES = {
     "bf16": 0, "int8": 1, "int4": 2, "int4_1": 3, "int4_kgroup": 4, "int4_kgroup_zp": 4,
-    "int4_1_kgroup": 5, "int8_kgroup": 6, "fp8_e4m3": 7,
+    "int4_1_kgroup": 5, "int8_kgroup": 6, "fp8_e4m3": 7, "mxfp4": 8,
 }
 
 FORMATS = ("bf16", "int8", "int4", "int4_1", "int4_kgroup", "int4_kgroup_zp", "int4_1_kgroup",
-           "int8_kgroup", "fp8_e4m3")
-KGROUP_FORMATS = ("int4_kgroup", "int4_kgroup_zp", "int4_1_kgroup", "int8_kgroup", "fp8_e4m3")
+           "int8_kgroup", "fp8_e4m3", "mxfp4")
+KGROUP_FORMATS = ("int4_kgroup", "int4_kgroup_zp", "int4_1_kgroup", "int8_kgroup", "fp8_e4m3",
+                  "mxfp4")
+#: formats whose group size is fixed (group_size is ignored for them)
+FIXED_GROUP_SIZE = {"mxfp4": 32}
+#: FP4 E2M1 magnitudes of the codes 0..7 (bit 3 is the sign)
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 _FORMAT_OF = {**METHOD_FORMATS, **EXTRA_FORMATS}
 INT4_FORMATS = ("int4", "int4_1") + KGROUP_FORMATS
 #: smallest group size, and the multiple every group size must be
@@ -80,7 +93,8 @@ class QuantSpec:
     ``group_size`` and ``zero_point`` matter only for the K-group methods
     (``AMXINT4_KGroup_SFT``: zero_point selects an integer zero point per
     group instead of the fixed offset 8; ``AMXINT4_1KGroup_SFT`` always stores
-    a float min per group, so zero_point has no effect there)."""
+    a float min per group, so zero_point has no effect there).  ``MXFP4_SFT``
+    always has groups of 32 (the MX format's): its group_size is set to 32."""
 
     method: str
     group_size: int = 128
@@ -90,6 +104,9 @@ class QuantSpec:
         if self.method not in _FORMAT_OF:
             raise ValueError(f"Unsupported method: {self.method}. "
                              f"Supported methods: {sorted(METHOD_FORMATS)}")
+        fixed = FIXED_GROUP_SIZE.get(_FORMAT_OF[self.method])
+        if fixed is not None:
+            object.__setattr__(self, "group_size", fixed)
         if self.kgroup:
             gs = self.group_size
             if isinstance(gs, bool) or not isinstance(gs, int):
@@ -218,6 +235,10 @@ def dequantize(parts: Dict[str, torch.Tensor], spec: QuantSpec, cols: int,
         codes = q.to(torch.int16)
     elif f == "fp8_e4m3":
         codes = q.view(torch.float8_e4m3fn)
+    elif f == "mxfp4":
+        u = unpack_int4(q, cols).long()
+        mag = torch.tensor(E2M1_VALUES, dtype=dtype)[u & 7]
+        codes = torch.where((u & 8) != 0, -mag, mag)
     else:
         codes = unpack_int4(q, cols)
     G = spec.groups(cols)
@@ -234,7 +255,7 @@ def dequantize(parts: Dict[str, torch.Tensor], spec: QuantSpec, cols: int,
         return (c - per_col(parts["zero"])) * scale
     if f in ("int4_1", "int4_1_kgroup"):
         return c * scale + per_col(parts["min"])
-    return c * scale  # int8, int8_kgroup, fp8_e4m3
+    return c * scale  # int8, int8_kgroup, fp8_e4m3, mxfp4
 
 
 __all__ = ["QuantSpec", "METHOD_FORMATS", "FORMATS", "spec_for", "quantize", "dequantize",

@@ -51,6 +51,23 @@ def quantize_reference(w: torch.Tensor, fmt: str, group_size: int) -> Dict[str, 
         v = torch.where(s != 0, (xg / safe).clamp(-448, 448), torch.zeros_like(xg))
         q = v.to(torch.float8_e4m3fn).view(torch.uint8)
         return {"qweight": q.reshape(x.shape).contiguous(), "scale": s.squeeze(-1)}
+    if fmt == "mxfp4":
+        xg = _groups(x, 32)
+        amax = xg.abs().amax(-1, keepdim=True)
+        _, E = torch.frexp(amax)  # amax = m 2^E, m in [0.5, 1)
+        e = torch.where(amax > 0, (E - 3).clamp(-127, 127), torch.full_like(E, -127))
+        s = torch.ldexp(torch.ones_like(amax), e)
+        v = xg / s
+        # the nearest of the 16 E2M1 values; among equally near ones an even
+        # code, and +0 (code 0) rather than -0 (code 8)
+        grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+        grid = torch.cat([grid, -grid])
+        dist = (v.unsqueeze(-1) - grid).abs()
+        code = torch.arange(16)
+        near = dist == dist.amin(-1, keepdim=True)
+        rank = (code % 2) * 2 + (code == 8)
+        u = torch.where(near, rank, torch.full_like(rank, 99)).argmin(-1)
+        return {"qweight": _pack4(u.reshape(x.shape)), "scale": s.squeeze(-1)}
     if fmt in ("int8", "int8_kgroup"):
         if fmt == "int8_kgroup":
             xg = _groups(x, group_size)

@@ -37,11 +37,11 @@ from reference import (  # noqa: E402
 
 F32, BF16 = torch.float32, torch.bfloat16
 QUANT_METHODS = ["AMXINT8_SFT", "AMXINT4_SFT", "AMXINT4_1_SFT", "AMXINT4_KGroup_SFT",
-                 "AMXINT4_1KGroup_SFT"]
+                 "AMXINT4_1KGroup_SFT", "AMXFP8_SFT", "MXFP4_SFT"]
 # (method, zero_point): the two INT4 K-group variants are distinct formats
 VARIANTS = [("AMXINT8_SFT", True), ("AMXINT4_SFT", True), ("AMXINT4_1_SFT", True),
             ("AMXINT4_KGroup_SFT", True), ("AMXINT4_KGroup_SFT", False),
-            ("AMXINT4_1KGroup_SFT", True)]
+            ("AMXINT4_1KGroup_SFT", True), ("AMXFP8_SFT", True), ("MXFP4_SFT", True)]
 VARIANT_IDS = [f"{m}-zp{int(z)}" for m, z in VARIANTS]
 
 # kernel vs float64 on the same dequantized weights: fp32 accumulation only
@@ -53,7 +53,7 @@ SAME_TOL = 1e-4         # tier vs tier, TP=2 vs TP=1: summation order only
 # quantization error vs the bf16 layer on gaussian weights (relative norm
 # error of the output and of every gradient; docs/quant_formats.md has the
 # measured values: INT8 ~1%, INT4 formats 10-17%)
-QUANT_TOL = {"AMXINT8_SFT": 0.03}
+QUANT_TOL = {"AMXINT8_SFT": 0.03, "AMXFP8_SFT": 0.06}
 INT4_QUANT_TOL = 0.3
 
 
@@ -136,6 +136,10 @@ def test_dequantized_values_within_one_step(method, zero_point):
     # extreme opposite to the largest magnitude by up to one step, and the
     # zero point's rounding shifts the grid by up to half a step
     bound = 0.5 if spec.format in ("int8", "int4_1", "int4_1_kgroup") else 1.0
+    if spec.format == "fp8_e4m3":  # 3 mantissa bits: half a step is 1/16 of the value's binade
+        step = torch.maximum(w.abs().to(torch.float64) / 8, step * 2.0 ** -9)
+    if spec.format == "mxfp4":  # grid steps up to 2 scales; beyond 6 scales it saturates
+        bound = 2.0
     assert torch.all(err <= bound * step * (1 + 1e-5) + 1e-30)
     assert err.max() > 0  # really quantized
 
@@ -220,6 +224,8 @@ def test_kernel_cases(build_wrapper, tier, method, zero_point, case):
     tp = 2 if case == "odd_tp2" else 1
     if case.startswith("odd") and not spec.kgroup:
         H, I = 77, 50
+    if spec.kgroup and H % spec.group_size:  # a fixed group size (MXFP4: 32)
+        H = 64
     if case == "bf16":
         x_dtype = lora_dtype = BF16
     if case == "one_expert_top1":
@@ -312,7 +318,9 @@ def test_one_packed_copy(build_wrapper, method):
     packed = E * (2 * spec.nbytes(I, H) + spec.nbytes(H, I))
     assert w.weight_bytes == packed
     ratio = w.weight_bytes / (3 * E * H * I * 2)
-    expect = {"AMXBF16_SFT": (1.0, 1.0), "AMXINT8_SFT": (0.5, 0.52)}.get(method, (0.25, 0.3))
+    # FP8: 1 byte + an fp32 scale per 128; MXFP4: 4 bits + an fp32 scale per 32
+    expect = {"AMXBF16_SFT": (1.0, 1.0), "AMXINT8_SFT": (0.5, 0.52), "AMXFP8_SFT": (0.5, 0.52),
+              "MXFP4_SFT": (0.3125, 0.3125)}.get(method, (0.25, 0.3))
     assert expect[0] <= ratio <= expect[1], ratio
     ids, wts = make_routing(1, E, k, seed=2)
     x, go = make_inputs(1, H, seed=3)

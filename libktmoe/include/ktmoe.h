@@ -184,7 +184,11 @@ typedef enum ktmoe_dtype {
  *   FP8                e4m3(q) * scale[r][g]  (qweight: uint8 FP8 E4M3
  *                      codes [rows][cols]; DeepSeek-V3's 128x128 block
  *                      scale_inv is its per-row scale with group_size 128)
- * The K-group methods (INT4_KGROUP, INT4_1_KGROUP, INT8_KGROUP, FP8) need
+ *   MXFP4              e2m1(u) * scale[r][g]  (OCP MX FP4: u a 4-bit E2M1
+ *                      code, sign bit 3, magnitudes 0 .5 1 1.5 2 3 4 6, in
+ *                      the 4-bit layout; group_size KTMOE_MXFP4_GROUP_SIZE;
+ *                      an E8M0 scale byte b is the float 2^(b - 127))
+ * The K-group methods (INT4_KGROUP, INT4_1_KGROUP, INT8_KGROUP, FP8, MXFP4) need
  * cols % group_size == 0 and group_size a
  * positive multiple of KTMOE_GROUP_SIZE_MULTIPLE. */
 typedef enum ktmoe_method {
@@ -195,8 +199,11 @@ typedef enum ktmoe_method {
     KTMOE_METHOD_INT4_KGROUP = 4,   /* scale (+ zero point) per K group    */
     KTMOE_METHOD_INT4_1_KGROUP = 5, /* scale + min per K group             */
     KTMOE_METHOD_INT8_KGROUP = 6,   /* symmetric, scale per K group        */
-    KTMOE_METHOD_FP8 = 7            /* FP8 E4M3, scale per K group         */
+    KTMOE_METHOD_FP8 = 7,           /* FP8 E4M3, scale per K group         */
+    KTMOE_METHOD_MXFP4 = 8          /* FP4 E2M1, power-of-two scale per 32 */
 } ktmoe_method;
+
+#define KTMOE_MXFP4_GROUP_SIZE 32
 
 #define KTMOE_GROUP_SIZE_MULTIPLE 16
 

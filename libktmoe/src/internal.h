@@ -85,9 +85,11 @@ int kt_numa_node_cpus(int node, int *cpus, int max);
  *   I4Z         (u - zero[r][g]) * scale[r][g]    (zero uint8 in aux)
  *   I4M         u * scale[r][g] + min[r][g]       (min float in aux)
  *   FP8         e4m3(q) * scale[r][g]             (q an FP8 E4M3 code)
+ *   MXFP4       e2m1(u) * scale[r][g]             (u a 4-bit FP4 E2M1 code;
+ *               OCP MX: groups of 32, scale a power of two)
  * 4-bit codes: column c of a row is the low nibble of byte c/2 for even c,
  * the high nibble for odd c. */
-enum { KT_W_F32 = 0, KT_W_BF16, KT_W_I8, KT_W_I4S, KT_W_I4Z, KT_W_I4M, KT_W_FP8 };
+enum { KT_W_F32 = 0, KT_W_BF16, KT_W_I8, KT_W_I4S, KT_W_I4Z, KT_W_I4M, KT_W_FP8, KT_W_MXFP4 };
 
 typedef struct kt_wmat {
     int fmt;
@@ -100,8 +102,19 @@ typedef struct kt_wmat {
     int64_t g0;          /* column of element (0, 0) within its group        */
 } kt_wmat;
 
+/* The 4-bit integer formats (the integer kernels' 4-bit codes). */
 static inline int kt_fmt_is_int4(int fmt) {
     return fmt == KT_W_I4S || fmt == KT_W_I4Z || fmt == KT_W_I4M;
+}
+
+/* Formats stored as two 4-bit codes a byte. */
+static inline int kt_fmt_is_4bit(int fmt) { return kt_fmt_is_int4(fmt) || fmt == KT_W_MXFP4; }
+
+/* FP4 E2M1 (OCP MX): bit 3 the sign, then 2 exponent bits and 1 mantissa
+ * bit; magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6. */
+static inline float kt_e2m1_to_f32(int u) {
+    static const float mag[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+    return (u & 8) ? -mag[u & 7] : mag[u & 7];
 }
 
 /* FP8 E4M3 (the "fn" variant: no infinities; S.1111.111 is NaN, which the
@@ -172,6 +185,7 @@ static inline float kt_w_at(const kt_wmat *w, int64_t r, int64_t c) {
     uint8_t byte = ((const uint8_t *)w->data)[r * w->ld + c / 2];
     int u = (c & 1) ? byte >> 4 : byte & 15;
     switch (w->fmt) {
+    case KT_W_MXFP4: return kt_e2m1_to_f32(u) * s;
     case KT_W_I4S: return (float)(u - 8) * s;
     case KT_W_I4Z: return (float)(u - ((const uint8_t *)w->aux)[r * w->ldg + g]) * s;
     default: return (float)u * s + ((const float *)w->aux)[r * w->ldg + g];

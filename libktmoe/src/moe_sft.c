@@ -301,7 +301,7 @@ KTMOE_API ktmoe_status ktmoe_moe_create(ktmoe_pool *pool, const ktmoe_moe_config
             p->fmt = fmt[pj];
             p->kgs = gsz[pj];
             p->rb = kt_row_bytes(p->fmt, p->cols);
-            p->ld = kt_fmt_is_int4(p->fmt) ? p->rb : p->cols;
+            p->ld = kt_fmt_is_4bit(p->fmt) ? p->rb : p->cols;
             p->G = p->fmt == KT_W_BF16 ? 0 : (p->kgs ? p->cols / p->kgs : 1);
             p->gs = p->kgs ? p->kgs : p->cols;
         }
@@ -399,7 +399,7 @@ static void kt_load_fail(kt_load_ctx *c, ktmoe_status st) {
 static void kt_copy_cols(const kt_proj *p, const uint8_t *q, const float *s, const void *a,
                          int64_t c0, int64_t n, uint8_t *dq, float *ds, void *da) {
     int fmt = p->fmt;
-    if (kt_fmt_is_int4(fmt)) {
+    if (kt_fmt_is_4bit(fmt)) {
         if (c0 % 2 == 0) {
             memcpy(dq, q + c0 / 2, (size_t)(n / 2));
             if (n % 2) dq[n / 2] = q[(c0 + n - 1) / 2] & 0x0F;

@@ -13,6 +13,10 @@
  *         0, 15) (s = 0: u = zero = 0).
  *   FP8   s = max|x| / 448; q = e4m3(clamp(x / s, -448, 448)), rounded to
  *         nearest even (s = 0: q = 0).
+ *   MXFP4 (OCP MX, groups of 32) s = 2^(floor(log2(max|x|)) - 2), the
+ *         exponent clamped to [-127, 127] (max|x| = 0: s = 2^-127);
+ *         u = e2m1(x / s), the nearest of +-{0, .5, 1, 1.5, 2, 3, 4, 6}
+ *         (ties to an even code, beyond 6: 6); -0 is stored as 0.
  * docs/quant_formats.md is the user-facing description of the same rules. */
 #include "internal.h"
 
@@ -47,6 +51,14 @@ static uint8_t kt_f32_to_fp8(float x) {
     frexpf(r, &e);
     int m = (int)(ldexpf(r, 1 - e) * 8.0f) - 8; /* r = 2^(e-1) (1 + m/8) */
     return (uint8_t)(sign | ((e - 1 + 7) << 3) | m);
+}
+
+/* fp32 to the nearest FP4 E2M1 code (ties to the even code, saturating). */
+static int kt_f32_to_e2m1(float x) {
+    float a = fabsf(x);
+    int u = a <= 0.25f ? 0 : a < 0.75f ? 1 : a <= 1.25f ? 2 : a < 1.75f ? 3
+          : a <= 2.5f ? 4 : a < 3.5f ? 5 : a <= 5.0f ? 6 : 7;
+    return (u && x < 0.0f) ? u | 8 : u;
 }
 
 static void kt_put4(uint8_t *q, int64_t c, int u) {
@@ -96,7 +108,15 @@ ktmoe_status kt_quant_row(int fmt, int64_t gs, const float *x, int64_t K, void *
         }
         uint8_t *q = qv;
         float s;
-        if (fmt == KT_W_I4S) {
+        if (fmt == KT_W_MXFP4) {
+            int e = -127;
+            if (fabsf(big) > 0.0f) {
+                frexpf(fabsf(big), &e); /* |big| in [2^(e-1), 2^e) */
+                e = KT_MAX(KT_MIN(e - 1 - 2, 127), -127);
+            }
+            s = ldexpf(1.0f, e);
+            for (int64_t i = 0; i < n; i++) kt_put4(q, c0 + i, kt_f32_to_e2m1(xs[i] / s));
+        } else if (fmt == KT_W_I4S) {
             s = big / -8.0f;
             for (int64_t i = 0; i < n; i++)
                 kt_put4(q, c0 + i, s != 0.0f ? (int)kt_clampf(rintf(xs[i] / s) + 8.0f, 0.0f, 15.0f) : 8);
@@ -150,6 +170,13 @@ ktmoe_status kt_method_format(int32_t method, int32_t group_size, int32_t zero_p
     case KTMOE_METHOD_INT4_1_KGROUP: *fmt = KT_W_I4M; *kgroup = 1; break;
     case KTMOE_METHOD_INT8_KGROUP: *fmt = KT_W_I8; *kgroup = 1; break;
     case KTMOE_METHOD_FP8: *fmt = KT_W_FP8; *kgroup = 1; break;
+    case KTMOE_METHOD_MXFP4:
+        *fmt = KT_W_MXFP4;
+        *kgroup = 1;
+        if (group_size != KTMOE_MXFP4_GROUP_SIZE)
+            return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "MXFP4 has groups of %d columns, got group_size %d",
+                            KTMOE_MXFP4_GROUP_SIZE, group_size);
+        break;
     default: return kt_error(KTMOE_ERR_UNSUPPORTED, "method %d is not supported", method);
     }
     if (*kgroup && (group_size <= 0 || group_size % KTMOE_GROUP_SIZE_MULTIPLE != 0))

@@ -69,6 +69,12 @@ KT_INLINE __m256 deq8(int fmt, const uint8_t *row, int64_t c, const deq_grp *d) 
         return _mm256_mul_ps(_mm256_or_ps(f, _mm256_castsi256_ps(sgn)), d->s);
     }
     __m256i u = nib8(row + c / 2);
+    if (fmt == KT_W_MXFP4) { /* magnitude from the 3 low bits, then the sign bit */
+        const __m256 mag = _mm256_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f);
+        __m256 v = _mm256_permutevar8x32_ps(mag, u);
+        __m256i sgn = _mm256_slli_epi32(_mm256_and_si256(u, _mm256_set1_epi32(8)), 28);
+        return _mm256_mul_ps(_mm256_xor_ps(v, _mm256_castsi256_ps(sgn)), d->s);
+    }
     if (fmt == KT_W_I4M) return _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(u), d->s), d->mn);
     return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(u, d->z)), d->s);
 }
