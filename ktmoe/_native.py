@@ -163,9 +163,11 @@ class NativeLayer:
         a.grad_input = ptr(grad_input)
         a.grad_input_dtype = c_dtype(grad_input)
         a.grad_weights = ptr(grad_weights, "float *")
+        # None: that gradient is not computed (all None: frozen experts)
         a.grad_gate_a, a.grad_gate_b, a.grad_up_a, a.grad_up_b, a.grad_down_a, a.grad_down_b = (
-            ptr(t) for t in grads)
-        a.grad_lora_dtype = c_dtype(grads[0])
+            ffi.NULL if t is None else ptr(t) for t in grads)
+        given = [t for t in grads if t is not None]
+        a.grad_lora_dtype = c_dtype(given[0]) if given else c_dtype(grad_output)
         a.accumulate = int(accumulate)
         with self.cpu_infer._call_lock:
             check(lib.ktmoe_moe_backward_submit(self._moe, a))

@@ -73,7 +73,7 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
                  hidden_size: int, moe_intermediate_size: int, num_gpu_experts: int,
                  cpuinfer_threads: int, threadpool_count: int, weight_path: str,
                  chunked_prefill_size: int, lora_rank: int = 16, lora_alpha: float = 32.0,
-                 max_cache_depth: int = 1):
+                 max_cache_depth: int = 1, skip_lora: bool = False):
         self._init_base(layer_idx, num_experts, num_experts_per_tok, hidden_size,
                         moe_intermediate_size, num_gpu_experts, cpuinfer_threads, threadpool_count,
                         weight_path, chunked_prefill_size)
@@ -89,6 +89,9 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
         self.lora_alpha = float(lora_alpha)
         self.lora_scaling = self.lora_alpha / lora_rank
         self.max_cache_depth = max_cache_depth
+        #: frozen experts (the ``*_SkipLoRA`` methods): no expert LoRA; the
+        #: backward gives grad_input and the routing-weight gradient only
+        self.skip_lora = bool(skip_lora)
 
         self.gate_lora_a: Optional[torch.Tensor] = None
         self.gate_lora_b: Optional[torch.Tensor] = None
@@ -182,6 +185,9 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
         """Bind the six LoRA factors (CPU, contiguous, bf16 or fp32; all one
         dtype).  They are read in place: changes to them are seen by the next
         call (see update_lora_weights)."""
+        if self.skip_lora:
+            raise RuntimeError(f"{getattr(self, 'method', type(self).__name__)} keeps the experts frozen "
+                               "(SkipLoRA): it has no expert LoRA to initialize")
         given = dict(zip(LORA_NAMES, (gate_lora_a, gate_lora_b, up_lora_a, up_lora_b, down_lora_a, down_lora_b)))
         shapes = self._lora_shapes()
         for n in LORA_NAMES:
@@ -200,6 +206,8 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
         """Make the kernels see the current LoRA tensors (after an optimizer
         step, or after an attribute was replaced).  Zero-copy: in-place
         updates need no call, but a replaced or moved tensor is re-bound."""
+        if self.skip_lora:
+            return  # nothing bound
         if not self._lora_initialized:
             raise RuntimeError("LoRA weights not initialized. Call init_lora_weights() first.")
         with self._lock:
@@ -216,7 +224,7 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
         activations are cached (LIFO, at most max_cache_depth)."""
         if not self._weights_loaded:
             raise RuntimeError("Weights not loaded. Call load_weights() first.")
-        if save_for_backward and not self._lora_initialized:
+        if save_for_backward and not self._lora_initialized and not self.skip_lora:
             raise RuntimeError(
                 "LoRA weights not initialized. "
                 "Call init_lora_weights() first, or set save_for_backward=False."
@@ -288,21 +296,10 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
             if got != qlen:
                 raise ValueError(f"grad_output shape mismatch: expected ({qlen}, {self.hidden_size}), "
                                  f"got {tuple(grad_output.shape)}")
-            self._ensure_lora_bound()
-            lora_dtype = self.gate_lora_a.dtype
-            shapes = self._lora_shapes()
-            if grad_loras_out is None:
-                grads = {g: torch.empty(shapes[n], dtype=lora_dtype) for g, n in zip(GRAD_NAMES, LORA_NAMES)}
-            else:
+            if self.skip_lora:
                 grads = {}
-                for g, n in zip(GRAD_NAMES, LORA_NAMES):
-                    t = grad_loras_out.get(g)
-                    if t is None:
-                        raise ValueError(f"grad_loras_out is missing {g}")
-                    check_tensor(t, g, shapes[n], (lora_dtype,))
-                    if t.device.type != "cpu" or not t.is_contiguous():
-                        raise ValueError(f"{g} must be a contiguous CPU tensor")
-                    grads[g] = t
+            else:
+                grads = self._grad_buffers(grad_loras_out)
             device = grad_output.device
             if device.type == "cpu":
                 go = grad_output.contiguous()
@@ -322,6 +319,24 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
             if return_grad_weights:
                 return gi, grads, gw
             return gi, grads
+
+    def _grad_buffers(self, grad_loras_out) -> Dict[str, torch.Tensor]:
+        """The six LoRA-gradient outputs: new tensors, or the caller's."""
+        self._ensure_lora_bound()
+        lora_dtype = self.gate_lora_a.dtype
+        shapes = self._lora_shapes()
+        if grad_loras_out is None:
+            return {g: torch.empty(shapes[n], dtype=lora_dtype) for g, n in zip(GRAD_NAMES, LORA_NAMES)}
+        grads = {}
+        for g, n in zip(GRAD_NAMES, LORA_NAMES):
+            t = grad_loras_out.get(g)
+            if t is None:
+                raise ValueError(f"grad_loras_out is missing {g}")
+            check_tensor(t, g, shapes[n], (lora_dtype,))
+            if t.device.type != "cpu" or not t.is_contiguous():
+                raise ValueError(f"{g} must be a contiguous CPU tensor")
+            grads[g] = t
+        return grads
 
     # ------------------------------------------------------- backend hooks
 

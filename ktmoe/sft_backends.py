@@ -13,6 +13,8 @@ from ._native import NativeLayer
 from .experts_sft import GRAD_NAMES, BaseSFTMoEWrapper
 from .quant import METHOD_FORMATS, QuantSpec
 
+SKIP_LORA_SUFFIX = "_SkipLoRA"
+
 
 class NativeSFTMoEWrapper(BaseSFTMoEWrapper):
     """SFT MoE layer computed by libktmoe (the spec's ``AMXSFTMoEWrapper``).
@@ -21,8 +23,12 @@ class NativeSFTMoEWrapper(BaseSFTMoEWrapper):
     to force one (ValueError if this CPU or build cannot run it)."""
 
     #: SFT method name -> the built-in method whose weight format it uses
-    #: (a subclass may register new names for existing formats)
-    METHODS = {name: name for name in METHOD_FORMATS}
+    #: (a subclass may register new names for existing formats).  Each
+    #: ``X_SFT`` has a frozen-experts twin ``X_SkipLoRA``: no expert LoRA,
+    #: the backward computes grad_input and the routing-weight gradient only
+    #: (attention-only LoRA on models whose experts stay frozen).
+    METHODS = {**{name: name for name in METHOD_FORMATS},
+               **{name[:-len("_SFT")] + SKIP_LORA_SUFFIX: name for name in METHOD_FORMATS}}
 
     def __init__(self, *, method: str = "AMXBF16_SFT", isa: Optional[str] = None,
                  group_size: int = 128, zero_point: bool = True, **kwargs):
@@ -30,6 +36,7 @@ class NativeSFTMoEWrapper(BaseSFTMoEWrapper):
             raise ValueError(f"Unsupported method: {method}. Supported methods: {sorted(self.METHODS)}")
         spec = QuantSpec(self.METHODS[method], group_size, bool(zero_point))
         isa_from_name(isa)  # an unknown name is a ValueError before anything is built
+        kwargs.setdefault("skip_lora", method.endswith(SKIP_LORA_SUFFIX))
         super().__init__(**kwargs)
         self.method = method
         self.group_size = group_size
@@ -101,7 +108,7 @@ class NativeSFTMoEWrapper(BaseSFTMoEWrapper):
                           accumulate: bool) -> None:
         with self.cpu_infer._call_lock:
             self._layer.submit_backward(grad_output, grad_input, grad_weights,
-                                        [grads[n] for n in GRAD_NAMES], accumulate)
+                                        [grads.get(n) for n in GRAD_NAMES], accumulate)
             self._sync()
 
     def close(self) -> None:

@@ -62,6 +62,8 @@ def _forward64(x, ids, weights, gate, up, down, loras, scaling):
     out = torch.zeros(q, H, dtype=torch.float64)
     ids_cpu = ids.detach().to("cpu", torch.int64)
     for e in torch.unique(ids_cpu).tolist():
+        if e < 0:  # a skipped slot (-1) adds nothing
+            continue
         tok, slot = (ids_cpu == e).nonzero(as_tuple=True)
         xe = x[tok]
         g = F.linear(xe, gate[e]) + scaling * F.linear(

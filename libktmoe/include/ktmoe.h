@@ -319,7 +319,11 @@ typedef struct ktmoe_forward_args {
     void *output;                /* [qlen, H] of output_dtype             */
     int32_t output_dtype;        /* ktmoe_dtype                           */
     int32_t save_for_backward;   /* push a forward cache for backward     */
-    int32_t use_lora;            /* 0: base weights only                  */
+    int32_t use_lora;            /* 0: base weights only; with
+                                  * save_for_backward its backward computes
+                                  * no LoRA terms (grad_input and
+                                  * grad_weights only; LoRA gradients given
+                                  * are zero) */
     /* Inference: 1 runs the integer kernels on activations quantized to
      * int8 per block of 32 (d = max|x| / 127), x and h alike, when the
      * call has no LoRA and no save_for_backward, every projection is INT8,
@@ -338,7 +342,8 @@ typedef struct ktmoe_backward_args {
     int32_t grad_input_dtype;
     float *grad_weights;         /* [qlen, k] or NULL                     */
     /* The six LoRA gradients, shaped like the factors, of grad_lora_dtype.
-     * NULL skips one.  With accumulate != 0 they are added to. */
+     * NULL skips one (all NULL: grad_lora_dtype is not read).  With
+     * accumulate != 0 they are added to. */
     void *grad_gate_a, *grad_gate_b, *grad_up_a, *grad_up_b, *grad_down_a,
         *grad_down_b;
     int32_t grad_lora_dtype;

@@ -991,8 +991,8 @@ KTMOE_API ktmoe_status ktmoe_moe_forward_submit(ktmoe_moe *m, const ktmoe_forwar
         if (a->save_for_backward) return kt_error(KTMOE_ERR_STATE, "LoRA weights not initialized");
         lora = 0;
     }
-    if (a->save_for_backward && !lora)
-        return kt_error(KTMOE_ERR_STATE, "save_for_backward needs use_lora and bound LoRA weights");
+    /* save_for_backward without LoRA (frozen experts): the backward gives
+     * grad_input and the routing-weight gradient only */
     kt_fwd *f = calloc(1, sizeof *f);
     if (!f) return kt_error(KTMOE_ERR_OUT_OF_MEMORY, "out of memory");
     f->m = m;
@@ -1265,9 +1265,11 @@ KTMOE_API ktmoe_status ktmoe_moe_backward_submit(ktmoe_moe *m, const ktmoe_backw
     if (a->qlen < 0) return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "qlen must not be negative");
     if (a->qlen > 0 && (!a->grad_output || !a->grad_input))
         return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "grad_output and grad_input must not be NULL");
+    int any_lora_grad = a->grad_gate_a || a->grad_gate_b || a->grad_up_a || a->grad_up_b ||
+                        a->grad_down_a || a->grad_down_b;
     if ((a->grad_output_dtype != KTMOE_DTYPE_F32 && a->grad_output_dtype != KTMOE_DTYPE_BF16) ||
         (a->grad_input_dtype != KTMOE_DTYPE_F32 && a->grad_input_dtype != KTMOE_DTYPE_BF16) ||
-        (a->grad_lora_dtype != KTMOE_DTYPE_F32 && a->grad_lora_dtype != KTMOE_DTYPE_BF16))
+        (any_lora_grad && a->grad_lora_dtype != KTMOE_DTYPE_F32 && a->grad_lora_dtype != KTMOE_DTYPE_BF16))
         return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "unknown gradient dtype");
     kt_bwd *b = calloc(1, sizeof *b);
     if (!b) return kt_error(KTMOE_ERR_OUT_OF_MEMORY, "out of memory");
