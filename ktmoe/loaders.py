@@ -1,5 +1,6 @@
-"""Checkpoint tensors of the inference methods RAWINT4 and FP8, re-laid out as
-ktmoe's packed parts (``docs/inference_formats.md``).
+"""Checkpoint tensors in their own quantized layouts (RAWINT4 and FP8 for
+inference, FP8 and MXFP4 for SFT too), re-laid out as ktmoe's packed parts
+(``docs/inference_formats.md``).
 
 Both conversions are exact: the packed parts dequantize (``ktmoe.quant``'s
 table) to the very values the checkpoint's own definition gives, with no
@@ -25,6 +26,12 @@ FP8
     ``QuantSpec("FP8", 128)`` (``fp8_e4m3`` with one scale per row and
     128-column group: the block scale repeated over its 128 rows).
 
+MXFP4
+    OCP MX FP4 (GPT-OSS): ``*_blocks`` uint8 [N, K/32, 16] (two E2M1 codes a
+    byte, low nibble first) and ``*_scales`` uint8 E8M0 [N, K/32]; value
+    ``e2m1(code) * 2^(scale - 127)``: ktmoe's ``mxfp4`` bytes as they are, the
+    scales as exact fp32 powers of two.  Target: ``QuantSpec("MXFP4_SFT")``.
+
 Every function takes one projection, stacked over experts ``[E, N, ...]`` or
 of one expert ``[N, ...]`` (the parts then have the same leading dims);
 :func:`stack_parts` stacks per-expert results, and
@@ -44,6 +51,11 @@ from .quant import QuantSpec
 RAWINT4_GROUP_SIZE = 32
 #: (rows, columns) of a DeepSeek-V3 FP8 scale block
 FP8_BLOCK = (128, 128)
+#: columns per scale of OCP MX formats
+MXFP4_GROUP_SIZE = 32
+#: method names of checkpoint_to_parts and their canonical form
+_CHECKPOINT_METHODS = {"RAWINT4": "RAWINT4", "FP8": "FP8", "AMXFP8_SFT": "FP8",
+                       "MXFP4": "MXFP4", "MXFP4_SFT": "MXFP4"}
 
 _SCALE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 #: E4M3 "fn" has no infinities; these two codes (S.1111.111) are NaN
@@ -224,6 +236,57 @@ def fp8_to_parts(weight: torch.Tensor, weight_scale_inv: torch.Tensor,
     return {"qweight": q, "scale": scale}
 
 
+# ------------------------------------------------------------------ MXFP4
+
+
+def mxfp4_to_parts(blocks: torch.Tensor, scales: torch.Tensor, *,
+                   name: str = "weight") -> Dict[str, torch.Tensor]:
+    """OCP MX FP4 as GPT-OSS checkpoints hold it -> ``mxfp4`` parts.
+
+    ``blocks``: uint8 ``[E, N, K/32, 16]`` (or ``[E, N, K/2]``, or without
+    E): two FP4 E2M1 codes a byte, the low nibble first (column 2i);
+    ``scales``: uint8 E8M0 ``[E, N, K/32]``, value ``2^(s - 127)``.  Returns
+    ``{"qweight": uint8 [..., N, K/2] (a view of blocks when it is a
+    contiguous CPU tensor), "scale": fp32 [..., N, K/32]}`` for
+    ``mxfp4_spec()``; exact.  The E8M0 NaN byte 255 raises ValueError."""
+    if not isinstance(blocks, torch.Tensor) or not isinstance(scales, torch.Tensor):
+        raise TypeError(f"{name}: blocks and scales must be torch.Tensors")
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
+        raise ValueError(f"{name}: blocks and scales must be uint8 (packed FP4 codes, E8M0 exponents), "
+                         f"got {blocks.dtype} and {scales.dtype}")
+    gs = MXFP4_GROUP_SIZE
+    if blocks.dim() >= 3 and blocks.shape[-1] == gs // 2 and blocks.dim() == scales.dim() + 1:
+        blocks = _cpu(blocks).contiguous()
+        blocks = blocks.view(*blocks.shape[:-2], blocks.shape[-2] * blocks.shape[-1])
+    if blocks.dim() not in (2, 3) or blocks.dim() != scales.dim():
+        raise ValueError(f"{name}: blocks must be [E, N, K/32, 16] or [E, N, K/2] (or 2-D) and scales "
+                         f"[E, N, K/32], got {tuple(blocks.shape)} and {tuple(scales.shape)}")
+    lead, N, K = tuple(blocks.shape[:-2]), blocks.shape[-2], 2 * blocks.shape[-1]
+    if K % gs or tuple(scales.shape) != lead + (N, K // gs):
+        raise ValueError(f"{name}: scales shape mismatch: expected {lead + (N, K // gs)} for blocks "
+                         f"{tuple(blocks.shape)} (one scale per 32 columns), got {tuple(scales.shape)}")
+    s = _cpu(scales)
+    bad = s == 255
+    if bool(bad.any()):
+        idx = int(bad.reshape(-1, s.shape[-1]).any(-1).nonzero()[0, 0])
+        raise ValueError(f"{name}: scale of {_where(lead, idx, N)} is the E8M0 NaN (255)")
+    scale = torch.ldexp(torch.ones(s.shape, dtype=torch.float32), s.to(torch.int32) - 127)
+    return {"qweight": _cpu(blocks).contiguous(), "scale": scale}
+
+
+def mxfp4_spec() -> QuantSpec:
+    """The ktmoe format MXFP4 checkpoints map onto (exactly)."""
+    return QuantSpec("MXFP4_SFT")
+
+
+def split_interleaved(parts: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """A fused projection whose output rows alternate gate, up (GPT-OSS's
+    ``gate_up_proj``: gate = rows 0::2, up = rows 1::2) -> (gate parts, up
+    parts), each row-contiguous."""
+    return ({k: v[..., 0::2, :].contiguous() for k, v in parts.items()},
+            {k: v[..., 1::2, :].contiguous() for k, v in parts.items()})
+
+
 # ------------------------------------------------------------ dispatching
 
 
@@ -249,8 +312,11 @@ def checkpoint_to_parts(method: str, tensors, *, group_size: Optional[int] = Non
     - ``method="RAWINT4"``: ``weight_packed``, ``weight_scale``, optional
       ``weight_shape`` ([N, K] of one expert); ``group_size`` default: read
       from the scale's shape (K / groups; 32 for Kimi-K2).
-    - ``method="FP8"``: ``weight``, ``weight_scale_inv``; ``group_size`` is
-      the block width (default 128; blocks are square).
+    - ``method="FP8"`` (or ``"AMXFP8_SFT"``): ``weight``,
+      ``weight_scale_inv``; ``group_size`` is the block width (default 128;
+      blocks are square).
+    - ``method="MXFP4"`` (or ``"MXFP4_SFT"``): ``blocks``, ``scales`` (GPT-OSS's
+      ``*_blocks`` / ``*_scales``); groups of 32.
     """
     if isinstance(tensors, (list, tuple)):
         specs_parts = [checkpoint_to_parts(method, t, group_size=group_size, name=f"{name}[{e}]")
@@ -260,6 +326,11 @@ def checkpoint_to_parts(method: str, tensors, *, group_size: Optional[int] = Non
         return specs_parts[0][0], stack_parts([p for _, p in specs_parts])
     if not isinstance(tensors, Mapping):
         raise TypeError(f"{name}: tensors must be a dict of checkpoint tensors or a list of them")
+    if method not in _CHECKPOINT_METHODS:
+        raise ValueError(f"checkpoint_to_parts: unknown method {method!r} "
+                         f"({', '.join(sorted(_CHECKPOINT_METHODS))}; LLAMAFILE reads .gguf files "
+                         "with ktmoe.gguf)")
+    method = _CHECKPOINT_METHODS[method]
 
     def need(*keys):
         missing = [k for k in keys if k not in tensors]
@@ -290,9 +361,10 @@ def checkpoint_to_parts(method: str, tensors, *, group_size: Optional[int] = Non
         bk = FP8_BLOCK[1] if group_size is None else group_size
         return fp8_spec(bk), fp8_to_parts(tensors["weight"], tensors["weight_scale_inv"],
                                           (bk, bk), name=name)
-    raise ValueError(f"checkpoint_to_parts: unknown method {method!r} (RAWINT4 or FP8; "
-                     "LLAMAFILE reads .gguf files with ktmoe.gguf)")
+    need("blocks", "scales")
+    return mxfp4_spec(), mxfp4_to_parts(tensors["blocks"], tensors["scales"], name=name)
 
 
 __all__ = ["RAWINT4_GROUP_SIZE", "FP8_BLOCK", "rawint4_spec", "fp8_spec", "rawint4_to_parts",
-           "pack_rawint4", "fp8_to_parts", "stack_parts", "checkpoint_to_parts"]
+           "pack_rawint4", "fp8_to_parts", "MXFP4_GROUP_SIZE", "mxfp4_spec", "mxfp4_to_parts",
+           "split_interleaved", "stack_parts", "checkpoint_to_parts"]

@@ -74,6 +74,35 @@ class NativeSFTMoEWrapper(BaseSFTMoEWrapper):
         num_src, gate, up, down = self._read_weight_files(self.quant_spec)
         self.load_packed_weights(gate, up, down, physical_to_logical_map_cpu, num_src_experts=num_src)
 
+    def load_weights_from_tensors(self, gate_proj, up_proj, down_proj,
+                                  physical_to_logical_map_cpu: Optional[torch.Tensor] = None) -> None:
+        """bf16/fp32 tensors (quantized here), or for AMXFP8_SFT / MXFP4_SFT
+        (and their SkipLoRA twins) the checkpoint's own tensors, re-laid out
+        exactly with no dequantized copy (``ktmoe.loaders``): per projection
+        a dict stacked over experts, or a list of per-expert dicts --
+        ``{"weight": float8_e4m3fn [E, N, K], "weight_scale_inv": fp32
+        [E, N/128, K/128]}`` (DeepSeek-V3) or ``{"blocks": uint8 [E, N, K/32,
+        16], "scales": uint8 [E, N, K/32]}`` (GPT-OSS; split its interleaved
+        ``gate_up_proj`` with ``ktmoe.loaders.split_interleaved``)."""
+        projs = (gate_proj, up_proj, down_proj)
+        if all(isinstance(t, torch.Tensor) for t in projs):
+            return super().load_weights_from_tensors(*projs, physical_to_logical_map_cpu)
+        kind = {"fp8_e4m3": "FP8", "mxfp4": "MXFP4"}.get(self.quant_spec.format)
+        if kind is None:
+            raise TypeError(f"{self.method}: gate_proj, up_proj and down_proj must be torch.Tensors "
+                            "(checkpoint tensor dicts are read by the FP8 and MXFP4 methods)")
+        from .loaders import checkpoint_to_parts
+
+        parts = []
+        for t, name in zip(projs, ("gate_proj", "up_proj", "down_proj")):
+            if isinstance(t, torch.Tensor):
+                raise TypeError(f"{self.method}: {name} is a tensor while another projection is a dict "
+                                "of checkpoint tensors; give all three the same way")
+            _, p = checkpoint_to_parts(kind, t, name=name,
+                                       group_size=self.quant_spec.group_size if kind == "FP8" else None)
+            parts.append(p)
+        self.load_packed_weights(*parts, physical_to_logical_map_cpu)
+
     def load_packed_weights(self, gate: dict, up: dict, down: dict,
                             physical_to_logical_map_cpu: Optional[torch.Tensor] = None,
                             num_src_experts: Optional[int] = None) -> None:

@@ -67,8 +67,14 @@ A --methods item is a method name, optionally with ":zp" or ":nozp" (the
 zero_point option of AMXINT4_KGroup_SFT; without one, zero_point=True unless
 --no-zero-point is given); "all" (ALL_METHODS) is
 AMXBF16_SFT, AMXINT8_SFT, AMXINT4_SFT, AMXINT4_1_SFT, AMXINT4_KGroup_SFT:zp,
-AMXINT4_KGroup_SFT:nozp, AMXINT4_1KGroup_SFT.  K-group methods use
---group-size (default 128).
+AMXINT4_KGroup_SFT:nozp, AMXINT4_1KGroup_SFT, AMXFP8_SFT, MXFP4_SFT.  K-group
+methods use --group-size (default 128; MXFP4's groups are always 32).
+
+Frozen-experts methods (``X_SkipLoRA``) may be listed too: no expert LoRA,
+the backward computes grad_input and the routing-weight gradient only.  Their
+GFLOP/s count the base FLOPs only, their "speedup" is still against the
+PyTorch loop *with* LoRA (compare their step time with the X_SFT row), and
+no output difference is printed (the torch loop has LoRA).
 """
 
 from __future__ import annotations
@@ -108,6 +114,8 @@ ALL_METHODS = (
     ("AMXINT4_KGroup_SFT", True),
     ("AMXINT4_KGroup_SFT", False),
     ("AMXINT4_1KGroup_SFT", True),
+    ("AMXFP8_SFT", True),
+    ("MXFP4_SFT", True),
 )
 
 #: bytes of the frozen weights in bf16 (gate, up, down): the ratio's reference
@@ -544,13 +552,13 @@ def describe_method(method: str, group_size: int, zero_point: bool):
     """(label, format text, QuantSpec) of one method configuration."""
     from ktmoe.quant import QuantSpec
 
-    spec = QuantSpec(method, group_size, bool(zero_point))
+    spec = QuantSpec(method.replace("_SkipLoRA", "_SFT"), group_size, bool(zero_point))
     spec.check_cols(H, "hidden_size")
     spec.check_cols(I, "moe_intermediate_size")
     label = method
     if spec.kgroup and method == "AMXINT4_KGroup_SFT":
         label += ":zp" if zero_point else ":nozp"
-    fmt = spec.format + (f"/g{group_size}" if spec.kgroup else "")
+    fmt = spec.format + (f"/g{spec.group_size}" if spec.kgroup else "")
     return label, fmt, spec
 
 
@@ -597,11 +605,10 @@ def main(argv=None) -> int:
         p.error(str(e))
 
     import ktmoe
-    from ktmoe.quant import METHOD_FORMATS
 
-    unknown = sorted({m for m, _ in method_list if m not in METHOD_FORMATS})
+    unknown = sorted({m for m, _ in method_list if m not in ktmoe.SFT_METHODS})
     if unknown:
-        p.error(f"unknown method(s) {unknown}; SFT methods: {sorted(METHOD_FORMATS)}")
+        p.error(f"unknown method(s) {unknown}; SFT methods: {sorted(ktmoe.SFT_METHODS)}")
     try:
         variants = [(m, zp) + describe_method(m, args.group_size, zp) for m, zp in method_list]
     except (TypeError, ValueError) as e:
@@ -670,7 +677,9 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         wrapper.load_weights_from_tensors(gate, up, down, torch.arange(E))
         load_s = time.perf_counter() - t0
-        wrapper.init_lora_weights(*[kt_loras[n] for n in LORA_NAMES])
+        skip = bool(getattr(wrapper, "skip_lora", False))
+        if not skip:
+            wrapper.init_lora_weights(*[kt_loras[n] for n in LORA_NAMES])
         wbytes = int(wrapper.weight_bytes)
         tier = getattr(wrapper, "isa", None)
         rss_loaded = current_rss_mib()
@@ -684,8 +693,10 @@ def main(argv=None) -> int:
             with OtherLoad() as other:
                 fwd, bwd, step, kt_out = bench_ktmoe(wrapper, q, args.repeat, x_dtype)
             row_faults = _faults() - f0
-            kt_outs[(label, q)] = kt_out
+            if not skip:
+                kt_outs[(label, q)] = kt_out
             base, lora = step_flops(q)
+            lora = 0 if skip else lora
             gflops = (base + lora) / (step * 1e-3) * 1e-9
             rows.append(dict(method=method, label=label, format=fmt, group_size=args.group_size if spec.kgroup else None,
                              zero_point=bool(zp) if method == "AMXINT4_KGroup_SFT" else None, isa=tier,
@@ -731,10 +742,10 @@ def main(argv=None) -> int:
             for row in rows:
                 if row["qlen"] != q:
                     continue
-                ref = kt_outs[(row["label"], q)]
-                err = float(torch.linalg.vector_norm(ref - t_out) / tnorm)
-                row.update(torch_fwd_ms=tf, torch_bwd_ms=tb, torch_step_ms=ts, speedup=ts / row["kt_step_ms"],
-                           out_rel_err_vs_torch=err)
+                row.update(torch_fwd_ms=tf, torch_bwd_ms=tb, torch_step_ms=ts, speedup=ts / row["kt_step_ms"])
+                ref = kt_outs.get((row["label"], q))
+                if ref is not None:
+                    row.update(out_rel_err_vs_torch=float(torch.linalg.vector_norm(ref - t_out) / tnorm))
         del model
         for t in torch_rows:
             t.update(loadavg1_before=torch_load_before, loadavg1_after=loadavg1())
