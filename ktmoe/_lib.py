@@ -95,6 +95,9 @@ typedef struct ktmoe_moe_config {
     int32_t proj_method[3];
     int32_t proj_group_size[3];
     int32_t proj_zero_point[3];
+    int32_t activation;
+    float act_alpha;
+    float act_limit;
 } ktmoe_moe_config;
 typedef struct ktmoe_moe ktmoe_moe;
 void ktmoe_moe_config_init(ktmoe_moe_config *config);

@@ -14,6 +14,10 @@ from ._lib import check, ffi, isa_from_name, isa_name, lib, ptr
 from ._validate import c_dtype, check_tensor, cpu_contiguous
 from .quant import QuantSpec
 
+#: expert activations (ktmoe_moe_config.activation): silu(g) * u, or the
+#: clamped SwiGLU of GPT-OSS, min(g, L) * sigmoid(a min(g, L)) * (clamp(u, -L, L) + 1)
+ACTIVATIONS = {"silu": 0, "swiglu_clamp": 1}
+
 PROJ_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -28,7 +32,8 @@ class NativeLayer:
     def __init__(self, cpu_infer, *, num_experts: int, experts_per_token: int, hidden_size: int,
                  intermediate_size: int, specs: Union[QuantSpec, Sequence[QuantSpec]],
                  lora_rank: int = 1, lora_alpha: float = 1.0, max_cache_depth: int = 1,
-                 isa: Optional[str] = None):
+                 isa: Optional[str] = None, activation: str = "silu", act_alpha: float = 1.702,
+                 act_limit: float = 7.0):
         if isinstance(specs, QuantSpec):
             specs = (specs, specs, specs)
         self.specs = tuple(specs)
@@ -58,6 +63,9 @@ class NativeLayer:
         cfg.lora_alpha = lora_alpha
         cfg.max_cache_depth = max_cache_depth
         cfg.isa = isa_from_name(isa)
+        cfg.activation = ACTIVATIONS[activation]
+        cfg.act_alpha = act_alpha
+        cfg.act_limit = act_limit
         out = ffi.new("ktmoe_moe **")
         check(lib.ktmoe_moe_create(cpu_infer.handle, cfg, out))
         self._moe = ffi.gc(out[0], lib.ktmoe_moe_destroy)

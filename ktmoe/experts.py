@@ -89,6 +89,9 @@ class KTMoEWrapper:
         zero_point: bool = True,
         isa: Optional[str] = None,
         int8_activations: Optional[bool] = None,
+        activation: str = "silu",
+        swiglu_alpha: float = 1.702,
+        swiglu_limit: float = 7.0,
     ):
         if mode not in ("inference", "sft"):
             raise ValueError(f"Unknown mode: '{mode}'. Must be 'inference' or 'sft'.")
@@ -114,12 +117,19 @@ class KTMoEWrapper:
             weight_path=weight_path,
             chunked_prefill_size=chunked_prefill_size,
         )
+        # the expert activation: silu(g) * u, or GPT-OSS's clamped SwiGLU
+        # ("swiglu_clamp", with swiglu_alpha and swiglu_limit) -- SFT mode
+        act = {} if activation == "silu" else dict(activation=activation, swiglu_alpha=swiglu_alpha,
+                                                    swiglu_limit=swiglu_limit)
         if mode == "sft":
             return SFT_METHODS.cls(method)(
                 method=method, isa=isa, group_size=group_size, zero_point=zero_point,
                 lora_rank=lora_rank, lora_alpha=lora_alpha, max_cache_depth=max_cache_depth,
-                **base_kwargs,
+                **act, **base_kwargs,
             )
+        if act:
+            raise ValueError(f"activation {activation!r} is supported in SFT mode only "
+                             "(inference layers compute silu(g) * u)")
         impl = INFERENCE_METHODS.cls(method)
         if impl is None:
             # validate the shared configuration first, so bad values still get

@@ -9,7 +9,7 @@ import torch
 
 
 from ._lib import isa_from_name
-from ._native import NativeLayer
+from ._native import ACTIVATIONS, NativeLayer
 from .experts_sft import GRAD_NAMES, BaseSFTMoEWrapper
 from .quant import METHOD_FORMATS, QuantSpec
 
@@ -31,22 +31,31 @@ class NativeSFTMoEWrapper(BaseSFTMoEWrapper):
                **{name[:-len("_SFT")] + SKIP_LORA_SUFFIX: name for name in METHOD_FORMATS}}
 
     def __init__(self, *, method: str = "AMXBF16_SFT", isa: Optional[str] = None,
-                 group_size: int = 128, zero_point: bool = True, **kwargs):
+                 group_size: int = 128, zero_point: bool = True, activation: str = "silu",
+                 swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0, **kwargs):
         if method not in self.METHODS:
             raise ValueError(f"Unsupported method: {method}. Supported methods: {sorted(self.METHODS)}")
         spec = QuantSpec(self.METHODS[method], group_size, bool(zero_point))
         isa_from_name(isa)  # an unknown name is a ValueError before anything is built
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"Unknown activation: {activation!r}. Supported: {sorted(ACTIVATIONS)}")
+        for name, v in (("swiglu_alpha", swiglu_alpha), ("swiglu_limit", swiglu_limit)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < float("inf")):
+                raise ValueError(f"{name} must be a finite positive number, got {v!r}")
         kwargs.setdefault("skip_lora", method.endswith(SKIP_LORA_SUFFIX))
         super().__init__(**kwargs)
         self.method = method
         self.group_size = group_size
         self.zero_point = zero_point
         self.quant_spec = spec
+        self.activation = activation
+        self.swiglu_alpha, self.swiglu_limit = float(swiglu_alpha), float(swiglu_limit)
         self._layer = NativeLayer(
             self.cpu_infer, num_experts=self.num_experts, experts_per_token=self.num_experts_per_tok,
             hidden_size=self.hidden_size, intermediate_size=self.moe_intermediate_size, specs=spec,
             lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
-            max_cache_depth=self.max_cache_depth, isa=isa)
+            max_cache_depth=self.max_cache_depth, isa=isa, activation=activation,
+            act_alpha=self.swiglu_alpha, act_limit=self.swiglu_limit)
         self._keep = ()
 
     @property

@@ -56,7 +56,20 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------
 
 
-def _forward64(x, ids, weights, gate, up, down, loras, scaling):
+def silu_glu(g, u):
+    return F.silu(g) * u
+
+
+def swiglu_clamp(alpha: float = 1.702, limit: float = 7.0):
+    """GPT-OSS's clamped SwiGLU as transformers' GptOssExperts computes it."""
+    def act(g, u):
+        g = g.clamp(max=limit)
+        u = u.clamp(min=-limit, max=limit)
+        return (u + 1) * (g * torch.sigmoid(g * alpha))
+    return act
+
+
+def _forward64(x, ids, weights, gate, up, down, loras, scaling, act=silu_glu):
     """Forward on float64 tensors (x, weights, loras may require grad)."""
     q, H = x.shape
     out = torch.zeros(q, H, dtype=torch.float64)
@@ -72,7 +85,7 @@ def _forward64(x, ids, weights, gate, up, down, loras, scaling):
         u = F.linear(xe, up[e]) + scaling * F.linear(
             F.linear(xe, loras["up_lora_a"][e]), loras["up_lora_b"][e]
         )
-        h = F.silu(g) * u
+        h = act(g, u)
         y = F.linear(h, down[e]) + scaling * F.linear(
             F.linear(h, loras["down_lora_a"][e]), loras["down_lora_b"][e]
         )
@@ -112,6 +125,7 @@ def moe_sft_reference_grads(
     loras: Dict[str, torch.Tensor],
     scaling: float,
     grad_output: torch.Tensor,
+    act=silu_glu,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
     """Return (out, grad_x, grad_weights, {grad_<lora name>: grad}) in float64.
 
@@ -121,7 +135,7 @@ def moe_sft_reference_grads(
     w64 = _f64(weights).requires_grad_(True)
     l64 = {n: _f64(loras[n]).requires_grad_(True) for n in LORA_NAMES}
     with torch.enable_grad():
-        out = _forward64(x64, ids, w64, _f64(gate), _f64(up), _f64(down), l64, float(scaling))
+        out = _forward64(x64, ids, w64, _f64(gate), _f64(up), _f64(down), l64, float(scaling), act)
         leaves = [x64, w64] + [l64[n] for n in LORA_NAMES]
         grads = torch.autograd.grad(out, leaves, grad_outputs=_f64(grad_output), allow_unused=True)
     grads = [torch.zeros_like(l) if g is None else g for l, g in zip(leaves, grads)]

@@ -113,3 +113,45 @@ def test_checkpoint_tensor_errors(build_wrapper):
     with pytest.raises(TypeError, match="FP8 and MXFP4"):
         w.load_weights_from_tensors(*good)
     del w
+
+
+@pytest.mark.parametrize("method", ["AMXBF16_SFT", "MXFP4_SFT"])
+def test_clamped_swiglu(build_wrapper, tier, method):
+    """GPT-OSS's activation: gate clamped above, up clamped both ways, the
+    clamps' gradients zero outside; weights scaled so that many activations
+    hit the limit."""
+    from reference import swiglu_clamp
+
+    E, H, I, r, q, k = 6, 64, 96, 4, 25, 2
+    alpha, limit = 1.702, 2.0
+    layer = make_layer(E, H, I, r, seed=11)
+    for t in (layer.gate, layer.up):
+        t.mul_(8)
+    ids, wts = make_routing(q, E, k, seed=12)
+    x, go = make_inputs(q, H, seed=13)
+    w = build_wrapper(layer, k, tier=tier, method=method, activation="swiglu_clamp",
+                      swiglu_alpha=alpha, swiglu_limit=limit)
+    res = sft_step(w, x, ids, wts, go)
+    del w
+    gc.collect()
+    spec = QuantSpec(method)
+    deq = [t.to(torch.float64) if spec.format == "bf16" else
+           dequantize(ktmoe.quant.quantize(t, spec), spec, t.shape[-1], torch.float64)
+           for t in (layer.gate, layer.up, layer.down)]
+    g_pre = torch.einsum("qh,eih->qei", x.double(), deq[0])
+    assert float((g_pre > limit).double().mean()) > 0.1  # the clamp is exercised
+    ref = moe_sft_reference_grads(x, ids, wts, *deq, layer.loras, layer.scaling, go,
+                                  act=swiglu_clamp(alpha, limit))
+    errs = {"out": rel_err(res[0], ref[0]), "grad_input": rel_err(res[1], ref[1]),
+            "grad_weights": rel_err(res[3], ref[2])}
+    errs.update({n: rel_err(res[2]["grad_" + n], ref[3]["grad_" + n]) for n in LORA_NAMES})
+    assert max(errs.values()) < TOL, errs
+
+
+def test_activation_errors(make_wrapper):
+    with pytest.raises(ValueError, match="Unknown activation"):
+        make_wrapper(mode="sft", method="AMXBF16_SFT", activation="gelu")
+    with pytest.raises(ValueError, match="swiglu_limit must be a finite positive"):
+        make_wrapper(mode="sft", method="AMXBF16_SFT", activation="swiglu_clamp", swiglu_limit=0)
+    with pytest.raises(ValueError, match="SFT mode only"):
+        make_wrapper(mode="inference", method="AMXINT4", activation="swiglu_clamp")

@@ -246,7 +246,18 @@ typedef struct ktmoe_moe_config {
     int32_t proj_method[3];
     int32_t proj_group_size[3];
     int32_t proj_zero_point[3];
+    /* The expert activation h(g, u) of the gate and up projections:
+     *   KTMOE_ACT_SILU          silu(g) * u                  (default)
+     *   KTMOE_ACT_SWIGLU_CLAMP  GPT-OSS: gc = min(g, limit),
+     *                           uc = clamp(u, -limit, limit),
+     *                           h = gc * sigmoid(alpha * gc) * (uc + 1)
+     * (act_alpha 1.702 and act_limit 7.0 by default; both finite, > 0). */
+    int32_t activation;
+    float act_alpha;
+    float act_limit;
 } ktmoe_moe_config;
+
+enum { KTMOE_ACT_SILU = 0, KTMOE_ACT_SWIGLU_CLAMP = 1 };
 
 typedef struct ktmoe_moe ktmoe_moe;
 

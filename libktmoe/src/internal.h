@@ -255,14 +255,24 @@ typedef void (*kt_outer_fn)(int64_t m, int64_t n, int64_t K, const float *d,
                             int64_t dsi, int64_t dsk, const int32_t *didx,
                             const kt_wmat *w, const int32_t *widx,
                             float *c, int64_t ldc, int accum);
-/* h[i] = silu(g[i]) * u[i] */
+/* The expert activation (ktmoe_moe_config.activation). */
+typedef struct kt_activation {
+    int kind;           /* KTMOE_ACT_SILU or KTMOE_ACT_SWIGLU_CLAMP */
+    float alpha, limit; /* SWIGLU_CLAMP                              */
+} kt_activation;
+
+/* h[i] = act(g[i], u[i]): silu(g) * u, or the clamped SwiGLU of GPT-OSS
+ * (gc = min(g, limit), uc = clamp(u, -limit, limit),
+ *  h = gc * sigmoid(alpha gc) * (uc + 1)). */
 typedef void (*kt_act_fwd_fn)(int64_t n, const float *g, const float *u,
-                              float *h);
+                              float *h, const kt_activation *a);
 /* Given dh (unscaled by the routing weight) and g, u, with scale w:
- *   dot += sum dh*h (h = silu(g)*u);  g <- w*dh*u*silu'(g);  u <- w*dh*silu(g)
- * g and u are overwritten with their gradients; returns the dot product. */
+ *   dot += sum dh*h;  g <- w*dh*dh/dg;  u <- w*dh*dh/du
+ * g and u are overwritten with their gradients; returns the dot product.
+ * A clamp passes the gradient where its input lies within the bounds
+ * (bounds included, as torch.clamp). */
 typedef float (*kt_act_bwd_fn)(int64_t n, const float *dh, float *g, float *u,
-                               float w);
+                               float w, const kt_activation *a);
 
 /* Integer dot form: C[i][j] = sum_k X_i[k] * W(j, k) with X_i the int8
  * activation row (aidx ? aidx[i] : i) of x and W of an integer format (I8,
@@ -297,8 +307,8 @@ void kt_outer_avx2(int64_t m, int64_t n, int64_t K, const float *d, int64_t dsi,
                    int64_t ldc, int accum);
 void kt_qdot_avx2(int64_t m, int64_t n, int64_t K, const kt_qact *x, const int32_t *aidx,
                   const kt_wmat *w, float *c, int64_t ldc);
-void kt_act_fwd_avx2(int64_t n, const float *g, const float *u, float *h);
-float kt_act_bwd_avx2(int64_t n, const float *dh, float *g, float *u, float w);
+void kt_act_fwd_avx2(int64_t n, const float *g, const float *u, float *h, const kt_activation *a);
+float kt_act_bwd_avx2(int64_t n, const float *dh, float *g, float *u, float w, const kt_activation *a);
 
 /* ---- pool (pool.c) --------------------------------------------------- */
 

@@ -77,6 +77,7 @@ struct ktmoe_moe {
     int tp;
     int64_t E, k, H, I, Is, r;
     float scale;
+    kt_activation act;
     int max_depth;
 
     kt_slice *slices;
@@ -200,6 +201,9 @@ KTMOE_API void ktmoe_moe_config_init(ktmoe_moe_config *c) {
     c->group_size = 128;
     c->zero_point = 1;
     for (int pj = 0; pj < 3; pj++) c->proj_method[pj] = -1;
+    c->activation = KTMOE_ACT_SILU;
+    c->act_alpha = 1.702f;
+    c->act_limit = 7.0f;
 }
 
 KTMOE_API ktmoe_status ktmoe_moe_create(ktmoe_pool *pool, const ktmoe_moe_config *cfg,
@@ -228,6 +232,12 @@ KTMOE_API ktmoe_status ktmoe_moe_create(ktmoe_pool *pool, const ktmoe_moe_config
         if (st != KTMOE_OK) return st;
         gsz[pj] = kgroup[pj] ? gs : 0;
     }
+    if (c->activation != KTMOE_ACT_SILU && c->activation != KTMOE_ACT_SWIGLU_CLAMP)
+        return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "unknown activation %d", c->activation);
+    if (c->activation == KTMOE_ACT_SWIGLU_CLAMP &&
+        !(isfinite(c->act_alpha) && c->act_alpha > 0 && isfinite(c->act_limit) && c->act_limit > 0))
+        return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "act_alpha and act_limit must be finite and positive, "
+                        "got %g and %g", (double)c->act_alpha, (double)c->act_limit);
     if (c->num_experts <= 0) return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "num_experts must be positive, got %lld", (long long)c->num_experts);
     if (c->hidden_size <= 0) return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "hidden_size must be positive, got %lld", (long long)c->hidden_size);
     if (c->intermediate_size <= 0) return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "moe_intermediate_size must be positive, got %lld", (long long)c->intermediate_size);
@@ -283,6 +293,9 @@ KTMOE_API ktmoe_status ktmoe_moe_create(ktmoe_pool *pool, const ktmoe_moe_config
     m->Is = m->I / tp;
     m->r = c->lora_rank;
     m->scale = c->lora_alpha / (float)c->lora_rank;
+    m->act.kind = c->activation;
+    m->act.alpha = c->act_alpha;
+    m->act.limit = c->act_limit;
     m->max_depth = c->max_cache_depth;
     pthread_mutex_init(&m->mu, NULL);
     m->slices = calloc((size_t)tp, sizeof(kt_slice));
@@ -807,7 +820,7 @@ static void kt_fwd_gate_up(void *v, const kt_worker_ctx *w, int s, int64_t task)
         m->kern->dot(cnt, tn, r, xs, 2 * r, NULL, &bg, g, Is, 1);
         m->kern->dot(cnt, tn, r, xs + r, 2 * r, NULL, &bu, u, Is, 1);
     }
-    for (int64_t i = 0; i < cnt; i++) m->kern->act_fwd(tn, g + i * Is, u + i * Is, h + i * Is);
+    for (int64_t i = 0; i < cnt; i++) m->kern->act_fwd(tn, g + i * Is, u + i * Is, h + i * Is, &m->act);
 }
 
 /* F3: partial h Ad^T of a slice, for one expert */
@@ -1090,14 +1103,14 @@ static void kt_bwd_down(void *v, const kt_worker_ctx *w, int s, int64_t task) {
             m->kern->outer(mc, tn, r, F(&m->dbs) + q * r, r, 1, NULL, &ad, NULL, dhu, KT_TN, 1);
             /* dAd[:, tile] += (w dbs)^T h */
             for (int64_t i = 0; i < mc; i++) {
-                m->kern->act_fwd(tn, g + i * Is, u + i * Is, h + i * KT_TN);
+                m->kern->act_fwd(tn, g + i * Is, u + i * Is, h + i * KT_TN, &m->act);
                 for (int64_t j = 0; j < r; j++) wdb[i * r + j] = pw[q + i] * F(&m->dbs)[(q + i) * r + j];
             }
             kt_wmat hm = kt_act(h, KT_TN);
             m->kern->outer(r, tn, mc, wdb, 1, r, NULL, &hm, NULL, gAd, KT_TN, p0 > 0);
         }
         for (int64_t i = 0; i < mc; i++)
-            dwp[q + i] = m->kern->act_bwd(tn, dhu + i * KT_TN, g + i * Is, u + i * Is, pw[q + i]);
+            dwp[q + i] = m->kern->act_bwd(tn, dhu + i * KT_TN, g + i * Is, u + i * Is, pw[q + i], &m->act);
         if (lora) {
             const float *xs = F(&c->xs) + q * 2 * r;
             kt_wmat xg = kt_act(xs, 2 * r), xu = kt_act(xs + r, 2 * r);

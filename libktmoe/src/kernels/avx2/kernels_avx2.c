@@ -340,7 +340,59 @@ KT_INLINE __m256 sigmoid8(__m256 g) {
 
 static inline float sigmoid1(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-void kt_act_fwd_avx2(int64_t n, const float *g, const float *u, float *h) {
+/* The clamped SwiGLU (kt_act_fwd_fn), fwd: h; bwd: as kt_act_bwd_fn. */
+static void act_fwd_clamp_avx2(int64_t n, const float *g, const float *u, float *h, const kt_activation *a) {
+    const __m256 lim = _mm256_set1_ps(a->limit), nlim = _mm256_set1_ps(-a->limit);
+    const __m256 al = _mm256_set1_ps(a->alpha), one = _mm256_set1_ps(1.0f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 gc = _mm256_min_ps(_mm256_loadu_ps(g + i), lim);
+        __m256 uc = _mm256_min_ps(_mm256_max_ps(_mm256_loadu_ps(u + i), nlim), lim);
+        __m256 glu = _mm256_mul_ps(gc, sigmoid8(_mm256_mul_ps(al, gc)));
+        _mm256_storeu_ps(h + i, _mm256_mul_ps(glu, _mm256_add_ps(uc, one)));
+    }
+    for (; i < n; i++) {
+        float gc = fminf(g[i], a->limit), uc = fminf(fmaxf(u[i], -a->limit), a->limit);
+        h[i] = gc * sigmoid1(a->alpha * gc) * (uc + 1.0f);
+    }
+}
+
+static float act_bwd_clamp_avx2(int64_t n, const float *dh, float *g, float *u, float w, const kt_activation *a) {
+    const __m256 lim = _mm256_set1_ps(a->limit), nlim = _mm256_set1_ps(-a->limit);
+    const __m256 al = _mm256_set1_ps(a->alpha), one = _mm256_set1_ps(1.0f), wv = _mm256_set1_ps(w);
+    __m256 dotv = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 gv = _mm256_loadu_ps(g + i), uv = _mm256_loadu_ps(u + i), dv = _mm256_loadu_ps(dh + i);
+        __m256 gc = _mm256_min_ps(gv, lim), uc1 = _mm256_add_ps(_mm256_min_ps(_mm256_max_ps(uv, nlim), lim), one);
+        __m256 sg = sigmoid8(_mm256_mul_ps(al, gc)), glu = _mm256_mul_ps(gc, sg);
+        __m256 dglu = _mm256_mul_ps(sg, _mm256_fmadd_ps(_mm256_mul_ps(al, gc), _mm256_sub_ps(one, sg), one));
+        dotv = _mm256_fmadd_ps(_mm256_mul_ps(dv, glu), uc1, dotv);
+        __m256 d = _mm256_mul_ps(wv, dv);
+        __m256 gin = _mm256_cmp_ps(gv, lim, _CMP_LE_OQ);
+        __m256 uin = _mm256_and_ps(_mm256_cmp_ps(uv, nlim, _CMP_GE_OQ), _mm256_cmp_ps(uv, lim, _CMP_LE_OQ));
+        _mm256_storeu_ps(g + i, _mm256_and_ps(gin, _mm256_mul_ps(_mm256_mul_ps(d, uc1), dglu)));
+        _mm256_storeu_ps(u + i, _mm256_and_ps(uin, _mm256_mul_ps(d, glu)));
+    }
+    float dot = hsum8(dotv);
+    for (; i < n; i++) {
+        float gc = fminf(g[i], a->limit), uc = fminf(fmaxf(u[i], -a->limit), a->limit);
+        float sg = sigmoid1(a->alpha * gc), glu = gc * sg;
+        float dglu = sg * (1.0f + a->alpha * gc * (1.0f - sg));
+        dot += dh[i] * glu * (uc + 1.0f);
+        float d = w * dh[i];
+        float du = (u[i] >= -a->limit && u[i] <= a->limit) ? d * glu : 0.0f;
+        g[i] = g[i] <= a->limit ? d * (uc + 1.0f) * dglu : 0.0f;
+        u[i] = du;
+    }
+    return dot;
+}
+
+void kt_act_fwd_avx2(int64_t n, const float *g, const float *u, float *h, const kt_activation *a) {
+    if (a->kind == KTMOE_ACT_SWIGLU_CLAMP) {
+        act_fwd_clamp_avx2(n, g, u, h, a);
+        return;
+    }
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
         __m256 gv = _mm256_loadu_ps(g + i);
@@ -350,7 +402,8 @@ void kt_act_fwd_avx2(int64_t n, const float *g, const float *u, float *h) {
     for (; i < n; i++) h[i] = g[i] * sigmoid1(g[i]) * u[i];
 }
 
-float kt_act_bwd_avx2(int64_t n, const float *dh, float *g, float *u, float w) {
+float kt_act_bwd_avx2(int64_t n, const float *dh, float *g, float *u, float w, const kt_activation *a) {
+    if (a->kind == KTMOE_ACT_SWIGLU_CLAMP) return act_bwd_clamp_avx2(n, dh, g, u, w, a);
     __m256 dotv = _mm256_setzero_ps(), wv = _mm256_set1_ps(w), one = _mm256_set1_ps(1.0f);
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
