@@ -55,6 +55,9 @@ _INTERMEDIATE_KEYS = ("moe_intermediate_size", "intermediate_size")
 #: model types whose experts are stored transposed (not supported)
 _TRANSPOSED = ("gpt_oss", "llama4", "llama4_text")
 _SOURCE_DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32, "F16": torch.float16}
+#: FP8 E4M3 weights with a "<key>_scale_inv" beside them (DeepSeek-V3/R1)
+_FP8_DTYPE = "F8_E4M3"
+_FP8_SCALE_SUFFIX = "_scale_inv"
 
 
 class ConvertError(RuntimeError):
@@ -69,6 +72,9 @@ class LayerSource:
     num_experts: int
     #: per_expert: proj -> one key per expert; fused: "gate_up"/"down" -> [key]
     keys: Dict[str, List[str]] = field(default_factory=dict)
+    #: "fp8": block-scaled FP8 weights (DeepSeek-V3), each key's scales at
+    #: key + "_scale_inv"
+    quant: str = ""
 
 
 @dataclass
@@ -241,10 +247,24 @@ def scan_checkpoint(src) -> Checkpoint:
         layers[L] = LayerSource("fused", 0, {p: [projs[p]] for p in ("gate_up", "down")})
 
     meta = _tensor_meta(files, [k for ls in layers.values() for ks in ls.keys.values() for k in ks])
-    for k, (dt, _) in meta.items():
-        if dt not in _SOURCE_DTYPES:
-            raise ConvertError(f"{files[k]}: tensor {k} has dtype {dt}; the converter reads "
-                               f"{', '.join(sorted(_SOURCE_DTYPES))} (dequantize the checkpoint first)")
+    for L, ls in layers.items():
+        kinds = {meta[k][0] == _FP8_DTYPE for ks in ls.keys.values() for k in ks}
+        if kinds == {True} and ls.layout == "per_expert":
+            ls.quant = "fp8"
+            for ks in ls.keys.values():
+                for k in ks:
+                    if k + _FP8_SCALE_SUFFIX not in files:
+                        raise ConvertError(f"{files[k]}: FP8 tensor {k} has no {k + _FP8_SCALE_SUFFIX} "
+                                           "(block scales) in the checkpoint")
+            continue
+        for ks in ls.keys.values():
+            for k in ks:
+                dt = meta[k][0]
+                if dt not in _SOURCE_DTYPES:
+                    raise ConvertError(
+                        f"{files[k]}: tensor {k} has dtype {dt}; the converter reads "
+                        f"{', '.join(sorted(_SOURCE_DTYPES))}, and per-expert FP8 E4M3 with "
+                        f"{_FP8_SCALE_SUFFIX} block scales (every expert tensor of the layer)")
 
     # Sizes: from config.json where it has them, else from the first layer's tensors.
     L0 = min(layers)
@@ -307,9 +327,12 @@ class _Shards:
         self._open: Dict[Path, object] = {}
         self._last: Dict[Path, int] = {}
         for L in todo:
-            for keys in ck.layers[L].keys.values():
+            ls = ck.layers[L]
+            for keys in ls.keys.values():
                 for k in keys:
                     self._last[ck.files[k]] = L
+                    if ls.quant == "fp8":
+                        self._last[ck.files[k + _FP8_SCALE_SUFFIX]] = L
 
     def __call__(self, key: str):
         from safetensors import safe_open
@@ -332,13 +355,18 @@ class _Shards:
             self._open.popitem()[1].__exit__(None, None, None)
 
 
-def _load_projection(ck: Checkpoint, ls: LayerSource, proj: str, shards: _Shards) -> torch.Tensor:
-    """One projection of one layer, [E, rows, cols], in bf16 or fp32."""
+def _load_projection(ck: Checkpoint, ls: LayerSource, proj: str, shards: _Shards):
+    """One projection of one layer, [E, rows, cols], in bf16 or fp32; for an
+    FP8 layer a list of per-expert ``{"weight", "weight_scale_inv"}`` dicts."""
     I = ck.intermediate_size
     if ls.layout == "per_expert":
         keys = ls.keys[proj]
     else:
         keys = ls.keys["down" if proj == "down" else "gate_up"]
+    if ls.quant == "fp8":
+        return [{"weight": shards(k).get_tensor(k),
+                 "weight_scale_inv": shards(k + _FP8_SCALE_SUFFIX).get_tensor(k + _FP8_SCALE_SUFFIX)}
+                for k in keys]
     dtypes = {ck.dtypes[k] for k in keys}
     dtype = torch.bfloat16 if dtypes == {"BF16"} else torch.float32
     if ls.layout == "fused":
@@ -380,6 +408,22 @@ def _quantize(w: torch.Tensor, spec: QuantSpec, num_threads: int) -> Dict[str, t
     return parts
 
 
+def _from_fp8(experts: List[Dict[str, torch.Tensor]], spec: QuantSpec):
+    """Per-expert FP8 checkpoint tensors -> the packed parts of ``spec``
+    (a dict) when ``spec`` is FP8 with the checkpoint's block width (exact,
+    the codes copied), else the dequantized weights [E, N, K] in fp32 for
+    the quantizer."""
+    from .loaders import checkpoint_to_parts
+    from .quant import dequantize
+
+    w0, s0 = experts[0]["weight"], experts[0]["weight_scale_inv"]
+    bk = -(-w0.shape[-1] // s0.shape[-1])  # block width: ceil(K / scale columns)
+    src_spec, parts = checkpoint_to_parts("FP8", experts, group_size=bk)
+    if spec.format == "fp8_e4m3" and spec.group_size == bk:
+        return parts
+    return dequantize(parts, src_spec, w0.shape[-1], torch.float32)
+
+
 def convert_checkpoint(src, out, spec: QuantSpec, *, layers: Optional[Sequence[int]] = None,
                        num_threads: Optional[int] = None, progress: bool = True) -> List[dict]:
     """Convert the routed experts of checkpoint directory ``src`` into weight
@@ -414,7 +458,9 @@ def convert_checkpoint(src, out, spec: QuantSpec, *, layers: Optional[Sequence[i
             for proj in PROJECTIONS:
                 w = _load_projection(ck, ls, proj, shards)
                 try:
-                    packed.append(_quantize(w, spec, threads))
+                    if isinstance(w, list):  # FP8 source: exact when the target is FP8 alike
+                        w = _from_fp8(w, spec)
+                    packed.append(w if isinstance(w, dict) else _quantize(w, spec, threads))
                 except (ValueError, RuntimeError) as e:
                     raise ConvertError(f"{ck.path}: layer {L} {proj}: cannot pack: {e}") from e
                 del w

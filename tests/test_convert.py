@@ -301,3 +301,52 @@ def test_parse_layers():
     for bad in ("", "a", "3-1", "1,,2"):
         with pytest.raises(ValueError):
             parse_layers(bad)
+
+
+# ------------------------------------------------- FP8 (DeepSeek-V3) sources
+
+def write_fp8(src, layers, bk=32, seed=0):
+    """Per-expert FP8 E4M3 weights with [ceil(N/bk), K/bk] weight_scale_inv;
+    returns proj -> [E, rows, cols] of the exact dequantized fp32 values."""
+    src.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    tensors, deq = {}, {}
+    for L, w in layers.items():
+        deq[L] = {}
+        for p in PROJECTIONS:
+            rows, cols = dims(p)
+            outs = []
+            for e in range(w[p].shape[0]):
+                q = (w[p][e].float() * 2000).clamp(-448, 448).to(torch.float8_e4m3fn)
+                s = torch.rand((rows + bk - 1) // bk, cols // bk, generator=g) * 1e-3 + 1e-4
+                k = f"model.layers.{L}.mlp.experts.{e}.{p}_proj.weight"
+                tensors[k], tensors[k + "_scale_inv"] = q, s
+                full = s.repeat_interleave(bk, 0)[:rows].repeat_interleave(bk, 1)
+                outs.append(q.float() * full)
+            deq[L][p] = torch.stack(outs)
+    save_file(tensors, str(src / "model.safetensors"))
+    (src / "config.json").write_text(json.dumps(dict(model_type="deepseek_v3", hidden_size=H,
+                                                     moe_intermediate_size=I, n_routed_experts=E)))
+    return deq
+
+
+def test_convert_fp8_checkpoint(tmp_path):
+    deq = write_fp8(tmp_path / "hf", {1: random_experts(seed=7, dtype=torch.float32)})
+    fp8 = QuantSpec("AMXFP8_SFT", 32)
+    convert_checkpoint(tmp_path / "hf", tmp_path / "fp8", fp8, progress=False)
+    n, *got = read_layer(tmp_path / "fp8", 1, fp8, hidden_size=H, intermediate_size=I)
+    for proj, parts in zip(PROJECTIONS, got):  # exact: the FP8 codes and block scales as they are
+        assert torch.equal(dequantize(parts, fp8, dims(proj)[1]), deq[1][proj]), proj
+    # another target: the exact dequantized values, quantized
+    convert_checkpoint(tmp_path / "hf", tmp_path / "int4", INT4_KG, progress=False)
+    check_layer(tmp_path / "int4", 1, INT4_KG, deq[1])
+
+
+def test_error_fp8_without_scales(tmp_path):
+    write_fp8(tmp_path / "hf", {0: random_experts(seed=1, dtype=torch.float32)})
+    from safetensors.torch import load_file
+    t = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    del t["model.layers.0.mlp.experts.2.up_proj.weight_scale_inv"]
+    save_file(t, str(tmp_path / "hf" / "model.safetensors"))
+    with pytest.raises(ConvertError, match=r"experts\.2\.up_proj\.weight has no .*_scale_inv"):
+        scan_checkpoint(tmp_path / "hf")
