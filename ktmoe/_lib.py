@@ -142,6 +142,7 @@ typedef struct ktmoe_backward_args {
 } ktmoe_backward_args;
 ktmoe_status ktmoe_moe_forward_submit(ktmoe_moe *moe, const ktmoe_forward_args *args);
 ktmoe_status ktmoe_moe_backward_submit(ktmoe_moe *moe, const ktmoe_backward_args *args);
+ktmoe_status ktmoe_moe_cache_drop_submit(ktmoe_moe *moe);
 """
 
 #: Feature bits of ``ktmoe_cpu_features()``, in bit order.

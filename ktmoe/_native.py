@@ -180,6 +180,10 @@ class NativeLayer:
         with self.cpu_infer._call_lock:
             check(lib.ktmoe_moe_backward_submit(self._moe, a))
 
+    def submit_cache_drop(self) -> None:
+        with self.cpu_infer._call_lock:
+            check(lib.ktmoe_moe_cache_drop_submit(self._moe))
+
     def close(self) -> None:
         """Free the weights and buffers now (also done on garbage collection)."""
         if getattr(self, "_moe", None) is not None:

@@ -320,6 +320,30 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
                 return gi, grads, gw
             return gi, grads
 
+    def drop_forward_cache(self) -> None:
+        """Release the newest cached forward without a backward (a forward
+        whose gradient will not be asked for, e.g. one that gradient
+        checkpointing recomputes).  Costs nothing; RuntimeError when the
+        cache is empty."""
+        with self._lock, self.cpu_infer._call_lock:
+            if self._cache_depth <= 0:
+                raise RuntimeError("No forward cache available. "
+                                   "Call forward_sft() with save_for_backward=True first.")
+            self._backend_drop_cache()
+            self._cache_depth -= 1
+            self._cache_qlens.pop()
+
+    def _backend_drop_cache(self) -> None:
+        """Pop the newest forward cache (a backend may override with a
+        cheaper way than a backward of zeros)."""
+        qlen = self._cache_qlens[-1]
+        go = torch.zeros(qlen, self.hidden_size, dtype=torch.float32)
+        gi = torch.empty_like(go)
+        gw = torch.empty((qlen, self.num_experts_per_tok), dtype=torch.float32)
+        grads = {} if self.skip_lora else {g: torch.empty(s, dtype=self.gate_lora_a.dtype)
+                                           for g, s in zip(GRAD_NAMES, self._lora_shapes().values())}
+        self._backend_backward(go, gi, gw, grads, False)
+
     def _grad_buffers(self, grad_loras_out) -> Dict[str, torch.Tensor]:
         """The six LoRA-gradient outputs: new tensors, or the caller's."""
         self._ensure_lora_bound()

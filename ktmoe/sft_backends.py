@@ -149,6 +149,11 @@ class NativeSFTMoEWrapper(BaseSFTMoEWrapper):
                                         [grads.get(n) for n in GRAD_NAMES], accumulate)
             self._sync()
 
+    def _backend_drop_cache(self) -> None:
+        with self.cpu_infer._call_lock:
+            self._layer.submit_cache_drop()
+            self._sync()
+
     def close(self) -> None:
         """Free the layer's weights and buffers now (also done on garbage
         collection)."""

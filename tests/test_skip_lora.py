@@ -76,3 +76,25 @@ def test_skip_lora_api(build_wrapper):
     with pytest.raises(RuntimeError, match="LoRA weights not initialized"):
         w2.forward_sft(x, ids, wts)
     del w, w2
+
+
+def test_drop_forward_cache(build_wrapper):
+    """drop_forward_cache pops the newest cache unused: the next backward
+    uses the one below it (LIFO), and an empty cache is a RuntimeError."""
+    layer = make_layer(4, 32, 64, 2, seed=1)
+    w = build_wrapper(layer, 2, max_cache_depth=2)
+    ids, wts = make_routing(3, 4, 2, seed=2)
+    x, go = make_inputs(3, 32, seed=3)
+    x2, _ = make_inputs(5, 32, seed=4)
+    w.forward_sft(x, ids, wts)
+    ids2, wts2 = make_routing(5, 4, 2, seed=5)
+    w.forward_sft(x2, ids2, wts2)
+    w.drop_forward_cache()
+    gi, grads = w.backward(go)  # the first forward's (3 tokens)
+    ref = w.forward_sft(x, ids, wts) is not None and w.backward(go)
+    assert torch.equal(gi, ref[0])
+    for n in grads:
+        assert torch.equal(grads[n], ref[1][n])
+    with pytest.raises(RuntimeError, match="No forward cache"):
+        w.drop_forward_cache()
+    del w

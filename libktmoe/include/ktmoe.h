@@ -372,6 +372,10 @@ KTMOE_API ktmoe_status ktmoe_moe_forward_submit(ktmoe_moe *moe,
  * (KTMOE_ERR_STATE when the cache is empty). */
 KTMOE_API ktmoe_status ktmoe_moe_backward_submit(
     ktmoe_moe *moe, const ktmoe_backward_args *args);
+/* Queues the release of the newest cached forward, unused (a forward whose
+ * backward will not come, e.g. recomputed under gradient checkpointing);
+ * KTMOE_ERR_STATE when the cache is empty. */
+KTMOE_API ktmoe_status ktmoe_moe_cache_drop_submit(ktmoe_moe *moe);
 
 #ifdef __cplusplus
 }

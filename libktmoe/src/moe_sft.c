@@ -1301,3 +1301,28 @@ KTMOE_API ktmoe_status ktmoe_moe_backward_submit(ktmoe_moe *m, const ktmoe_backw
     pthread_mutex_unlock(&m->mu);
     return kt_pool_submit_owned(m->pool, kt_backward_task, b, free);
 }
+
+/* Pops the newest forward cache without computing anything. */
+static ktmoe_status kt_cache_drop_task(void *v) {
+    ktmoe_moe *m = v;
+    if (m->depth <= 0) {
+        pthread_mutex_lock(&m->mu);
+        m->pending++;
+        pthread_mutex_unlock(&m->mu);
+        return kt_error(KTMOE_ERR_STATE, "No forward cache available");
+    }
+    m->depth--;
+    return KTMOE_OK;
+}
+
+KTMOE_API ktmoe_status ktmoe_moe_cache_drop_submit(ktmoe_moe *m) {
+    if (!m) return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "moe must not be NULL");
+    pthread_mutex_lock(&m->mu);
+    if (m->pending <= 0) {
+        pthread_mutex_unlock(&m->mu);
+        return kt_error(KTMOE_ERR_STATE, "No forward cache available");
+    }
+    m->pending--;
+    pthread_mutex_unlock(&m->mu);
+    return kt_pool_submit_owned(m->pool, kt_cache_drop_task, m, NULL);
+}
