@@ -86,11 +86,9 @@ class _CacheTracker:
         return self.scratch
 
     def _drop_newest(self, kt) -> None:
-        """Pop the newest cache without using it: a backward of zeros into
-        scratch gradients (costs one backward; only needed when a forward's
-        cache can no longer be used)."""
-        qlen = kt._cache_qlens[-1]
-        kt.backward(torch.zeros(qlen, kt.hidden_size, dtype=torch.float32), grad_loras_out=self.scratch_grads(kt))
+        """Pop the newest cache without using it (no computation; only
+        needed when a forward's cache can no longer be used)."""
+        kt.drop_forward_cache()
         self.entries.pop()
         self.stats["evicted"] += 1
 
