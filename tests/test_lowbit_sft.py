@@ -122,7 +122,8 @@ def test_clamped_swiglu(build_wrapper, tier, method):
     hit the limit."""
     from reference import swiglu_clamp
 
-    E, H, I, r, q, k = 6, 64, 96, 4, 25, 2
+    E, H, r, q, k = 6, 64, 4, 25, 2
+    I = 90 if method == "AMXBF16_SFT" else 96  # 90: the vector tiers' scalar tails too
     alpha, limit = 1.702, 2.0
     layer = make_layer(E, H, I, r, seed=11)
     for t in (layer.gate, layer.up):

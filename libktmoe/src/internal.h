@@ -4,6 +4,7 @@
 
 #include "ktmoe.h"
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -273,6 +274,25 @@ typedef void (*kt_act_fwd_fn)(int64_t n, const float *g, const float *u,
  * (bounds included, as torch.clamp). */
 typedef float (*kt_act_bwd_fn)(int64_t n, const float *dh, float *g, float *u,
                                float w, const kt_activation *a);
+
+/* The clamped SwiGLU of one element (the scalar definition, and the vector
+ * tiers' tails): the forward value, and the backward as kt_act_bwd_fn
+ * (returns dh * h; *g, *u become their gradients). */
+static inline float kt_swiglu_clamp1(float g, float u, const kt_activation *a) {
+    float gc = fminf(g, a->limit), uc = fminf(fmaxf(u, -a->limit), a->limit);
+    return gc / (1.0f + expf(-a->alpha * gc)) * (uc + 1.0f);
+}
+
+static inline float kt_swiglu_clamp_bwd1(float dh, float *g, float *u, float w, const kt_activation *a) {
+    float gc = fminf(*g, a->limit), uc = fminf(fmaxf(*u, -a->limit), a->limit);
+    float sg = 1.0f / (1.0f + expf(-a->alpha * gc)), glu = gc * sg;
+    float dglu = sg * (1.0f + a->alpha * gc * (1.0f - sg));
+    float d = w * dh;
+    float du = (*u >= -a->limit && *u <= a->limit) ? d * glu : 0.0f;
+    *g = *g <= a->limit ? d * (uc + 1.0f) * dglu : 0.0f;
+    *u = du;
+    return dh * glu * (uc + 1.0f);
+}
 
 /* Integer dot form: C[i][j] = sum_k X_i[k] * W(j, k) with X_i the int8
  * activation row (aidx ? aidx[i] : i) of x and W of an integer format (I8,

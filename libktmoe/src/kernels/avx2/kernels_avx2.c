@@ -351,10 +351,7 @@ static void act_fwd_clamp_avx2(int64_t n, const float *g, const float *u, float 
         __m256 glu = _mm256_mul_ps(gc, sigmoid8(_mm256_mul_ps(al, gc)));
         _mm256_storeu_ps(h + i, _mm256_mul_ps(glu, _mm256_add_ps(uc, one)));
     }
-    for (; i < n; i++) {
-        float gc = fminf(g[i], a->limit), uc = fminf(fmaxf(u[i], -a->limit), a->limit);
-        h[i] = gc * sigmoid1(a->alpha * gc) * (uc + 1.0f);
-    }
+    for (; i < n; i++) h[i] = kt_swiglu_clamp1(g[i], u[i], a);
 }
 
 static float act_bwd_clamp_avx2(int64_t n, const float *dh, float *g, float *u, float w, const kt_activation *a) {
@@ -375,16 +372,7 @@ static float act_bwd_clamp_avx2(int64_t n, const float *dh, float *g, float *u, 
         _mm256_storeu_ps(u + i, _mm256_and_ps(uin, _mm256_mul_ps(d, glu)));
     }
     float dot = hsum8(dotv);
-    for (; i < n; i++) {
-        float gc = fminf(g[i], a->limit), uc = fminf(fmaxf(u[i], -a->limit), a->limit);
-        float sg = sigmoid1(a->alpha * gc), glu = gc * sg;
-        float dglu = sg * (1.0f + a->alpha * gc * (1.0f - sg));
-        dot += dh[i] * glu * (uc + 1.0f);
-        float d = w * dh[i];
-        float du = (u[i] >= -a->limit && u[i] <= a->limit) ? d * glu : 0.0f;
-        g[i] = g[i] <= a->limit ? d * (uc + 1.0f) * dglu : 0.0f;
-        u[i] = du;
-    }
+    for (; i < n; i++) dot += kt_swiglu_clamp_bwd1(dh[i], &g[i], &u[i], w, a);
     return dot;
 }
 

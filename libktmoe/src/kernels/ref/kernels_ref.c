@@ -57,10 +57,7 @@ static inline float sigmoid_ref(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 static void act_fwd_ref(int64_t n, const float *g, const float *u, float *h, const kt_activation *a) {
     if (a->kind == KTMOE_ACT_SWIGLU_CLAMP) {
-        for (int64_t i = 0; i < n; i++) {
-            float gc = fminf(g[i], a->limit), uc = fminf(fmaxf(u[i], -a->limit), a->limit);
-            h[i] = gc * sigmoid_ref(a->alpha * gc) * (uc + 1.0f);
-        }
+        for (int64_t i = 0; i < n; i++) h[i] = kt_swiglu_clamp1(g[i], u[i], a);
         return;
     }
     for (int64_t i = 0; i < n; i++) h[i] = g[i] * sigmoid_ref(g[i]) * u[i];
@@ -69,16 +66,7 @@ static void act_fwd_ref(int64_t n, const float *g, const float *u, float *h, con
 static float act_bwd_ref(int64_t n, const float *dh, float *g, float *u, float w, const kt_activation *a) {
     float dot = 0.0f;
     if (a->kind == KTMOE_ACT_SWIGLU_CLAMP) {
-        for (int64_t i = 0; i < n; i++) {
-            float gc = fminf(g[i], a->limit), uc = fminf(fmaxf(u[i], -a->limit), a->limit);
-            float sg = sigmoid_ref(a->alpha * gc), glu = gc * sg;
-            float dglu = sg * (1.0f + a->alpha * gc * (1.0f - sg));
-            dot += dh[i] * glu * (uc + 1.0f);
-            float d = w * dh[i];
-            float du = (u[i] >= -a->limit && u[i] <= a->limit) ? d * glu : 0.0f;
-            g[i] = g[i] <= a->limit ? d * (uc + 1.0f) * dglu : 0.0f;
-            u[i] = du;
-        }
+        for (int64_t i = 0; i < n; i++) dot += kt_swiglu_clamp_bwd1(dh[i], &g[i], &u[i], w, a);
         return dot;
     }
     for (int64_t i = 0; i < n; i++) {
