@@ -23,6 +23,7 @@ export ASAN_OPTIONS=detect_leaks=0:halt_on_error=1
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 if [ $# -eq 0 ]; then
   set -- -q -x tests/test_sft_layer.py tests/test_sft_errors.py tests/test_quant_sft.py \
-    tests/test_int8_activations.py tests/test_inference.py tests/test_loaders.py -k "not cuda"
+    tests/test_int8_activations.py tests/test_inference.py tests/test_loaders.py \
+    tests/test_skip_lora.py tests/test_lowbit_sft.py -k "not cuda"
 fi
 LD_PRELOAD="$asan $ubsan" python -m pytest -p no:cacheprovider "$@"
