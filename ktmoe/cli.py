@@ -1,4 +1,5 @@
-"""The ``ktmoe`` command: ``info``, ``config``, ``demo``, ``convert`` and ``inspect``."""
+"""The ``ktmoe`` command: ``train``, ``chat``, ``info``, ``config``, ``demo``, ``convert`` and
+``inspect``."""
 
 from __future__ import annotations
 
@@ -83,11 +84,24 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _train_cli():
+    """ktmoe.train.cli, imported on use (it does not import transformers
+    until a command runs)."""
+    from .train import cli
+
+    return cli
+
+
 def main(argv=None) -> int:
     from . import convert, weight_files
 
     p = argparse.ArgumentParser(prog="ktmoe", description="CPU MoE kernels for LoRA fine-tuning")
     sub = p.add_subparsers(dest="cmd")
+    pt = sub.add_parser("train", help="LoRA fine-tuning of a MoE model from a YAML config (default: a tiny "
+                                      "built-in model and dataset)")
+    _train_cli().add_train_arguments(pt)
+    ph = sub.add_parser("chat", help="chat with a model and a trained adapter")
+    _train_cli().add_chat_arguments(ph)
     pi = sub.add_parser("info", help="CPU features and kernel tiers")
     pi.add_argument("--json", action="store_true")
     pc = sub.add_parser("config", help="where ktmoe.h and libktmoe are (for C programs)")
@@ -108,6 +122,10 @@ def main(argv=None) -> int:
     pw = sub.add_parser("inspect", help="list and validate weight files")
     weight_files.add_inspect_arguments(pw)
     args = p.parse_args(argv)
+    if args.cmd == "train":
+        return _train_cli().run_train(args)
+    if args.cmd == "chat":
+        return _train_cli().run_chat(args)
     if args.cmd == "info":
         return _cmd_info(args)
     if args.cmd == "config":

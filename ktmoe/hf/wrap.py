@@ -9,7 +9,7 @@ import importlib.util
 import os
 import weakref
 from dataclasses import dataclass
-from typing import Any, Iterable, List, Optional
+from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -20,9 +20,13 @@ from .arch import MOEArchConfig, arch_spec, expected_moe_layers, routing_info
 from .errors import KTAMXConfigError, KTAMXModelNotSupportedError, KTAMXNotAvailableError
 from .layer import EXPERTS_IMPLEMENTATION, KTMoELayerWrapper, init_lora_params, register_experts_implementation
 
-#: spec 004 §4.1 ``kt_backend`` values -> SFT method names
+#: spec 004 §4.1 ``kt_backend`` values (and the INT4 family's short names) ->
+#: SFT method names; any SFT method name is accepted as well
 BACKEND_METHODS = {"AMXBF16": "AMXBF16_SFT", "AMXInt8": "AMXINT8_SFT", "AMXINT8": "AMXINT8_SFT",
-                   "AMXInt4": "AMXINT4_SFT", "AMXINT4": "AMXINT4_SFT"}
+                   "AMXInt4": "AMXINT4_SFT", "AMXINT4": "AMXINT4_SFT",
+                   "AMXInt4_1": "AMXINT4_1_SFT", "AMXINT4_1": "AMXINT4_1_SFT",
+                   "AMXInt4_KGroup": "AMXINT4_KGroup_SFT", "AMXINT4_KGroup": "AMXINT4_KGroup_SFT",
+                   "AMXInt4_1KGroup": "AMXINT4_1KGroup_SFT", "AMXINT4_1KGroup": "AMXINT4_1KGroup_SFT"}
 
 _DEFAULTS = dict(kt_backend="AMXBF16", kt_num_threads=None, kt_tp_enabled=False, kt_tp_count=None,
                  kt_num_gpu_experts=0, kt_weight_path=None, kt_max_cache_depth=1,
@@ -132,7 +136,7 @@ def _decoder_layers(base) -> Iterable[nn.Module]:
     return layers
 
 
-def _check_block(model_type: str, idx: int, block: nn.Module, spec) -> nn.Module:
+def _check_block(model_type: str, idx: int, block: nn.Module, spec, weights_elsewhere: bool = False) -> nn.Module:
     experts = getattr(block, "experts", None)
     if experts is None or not isinstance(getattr(block, spec.router_attr, None), nn.Module):
         raise KTAMXModelNotSupportedError(
@@ -169,8 +173,9 @@ def _check_block(model_type: str, idx: int, block: nn.Module, spec) -> nn.Module
         raise KTAMXModelNotSupportedError(
             f"Model type '{model_type}': layer {idx} gate_up_proj {tuple(gu.shape)} / down_proj "
             f"{tuple(dn.shape)} are not [E, 2I, H] / [E, H, I]")
-    if gu.device.type == "meta" or dn.device.type == "meta":
-        raise KTAMXConfigError(f"layer {idx}: expert weights are on the meta device (not loaded)")
+    if (gu.device.type == "meta" or dn.device.type == "meta") and not weights_elsewhere:
+        raise KTAMXConfigError(f"layer {idx}: expert weights are on the meta device (not loaded); pass "
+                               "expert_weights or weight_path to load them from elsewhere")
     if any(True for _ in block.named_parameters(recurse=False)) or any(True for _ in block.named_buffers(recurse=False)):
         raise KTAMXModelNotSupportedError(
             f"Model type '{model_type}': {type(block).__name__} holds parameters outside its children")
@@ -195,7 +200,10 @@ def wrap_moe_layers_with_kt_wrapper(model, model_args=None, finetuning_args=None
                                     weight_path: Optional[str] = None, lora_dtype: Optional[torch.dtype] = None,
                                     chunked_prefill_size: Optional[int] = None, group_size: Optional[int] = None,
                                     zero_point: Optional[bool] = None, isa: Optional[str] = None,
-                                    generator: Optional[torch.Generator] = None) -> List[KTMoELayerWrapper]:
+                                    generator: Optional[torch.Generator] = None,
+                                    expert_weights: Optional[Callable[[int], Tuple[torch.Tensor, torch.Tensor,
+                                                                                   torch.Tensor]]] = None
+                                    ) -> List[KTMoELayerWrapper]:
     """Replace every routed-expert block of ``model`` by a KTMoELayerWrapper.
 
     ``model``: a transformers (>= 5) causal LM or its base model, or a
@@ -213,6 +221,11 @@ def wrap_moe_layers_with_kt_wrapper(model, model_args=None, finetuning_args=None
     as before; six LoRA factors (A kaiming-uniform, B zero) are registered as
     ``mlp.lora_params.*``.  The model's experts implementation is switched to
     ``"ktmoe"`` (transformers' ExpertsInterface).
+
+    ``expert_weights``: a function ``layer_idx -> (gate [E, I, H], up [E, I,
+    H], down [E, H, I])`` giving each layer's frozen experts instead of the
+    model's tensors (used to stream them from a checkpoint); with it, or with
+    ``weight_path``, the model's expert tensors may be on the meta device.
 
     Returns the wrappers, also kept as ``model._kt_wrappers``, with
     ``model._kt_cpu_infer`` and ``model._kt_moe_lora_params`` ({layer:
@@ -247,7 +260,8 @@ def wrap_moe_layers_with_kt_wrapper(model, model_args=None, finetuning_args=None
                 f"Model type '{model_type}': layer {i} is {'not ' if not looks_moe else ''}a routed-expert "
                 f"block ({type(block).__name__}) but the config says it {'is' if i in moe_idx else 'is not'}")
         if looks_moe:
-            plan.append((i, layer, block, _check_block(model_type, i, block, spec)))
+            plan.append((i, layer, block, _check_block(model_type, i, block, spec,
+                                                       bool(opts.weight_path) or expert_weights is not None)))
     if not plan:
         raise KTAMXModelNotSupportedError(f"Model type '{model_type}': no routed-expert layer found")
 
@@ -265,11 +279,20 @@ def wrap_moe_layers_with_kt_wrapper(model, model_args=None, finetuning_args=None
             method=opts.method, mode="sft", lora_rank=opts.lora_rank, lora_alpha=opts.lora_alpha,
             max_cache_depth=opts.max_cache_depth, group_size=opts.group_size, zero_point=opts.zero_point,
             isa=opts.isa)
-        freed = experts.gate_up_proj.numel() * experts.gate_up_proj.element_size() + \
-            experts.down_proj.numel() * experts.down_proj.element_size()
+        freed = sum(t.numel() * t.element_size() for t in (experts.gate_up_proj, experts.down_proj)
+                    if t.device.type != "meta")
         with torch.no_grad():
             if opts.weight_path:
                 kt.load_weights()
+            elif expert_weights is not None:
+                g, u, d = expert_weights(i)
+                want = {"gate": (E, I, H), "up": (E, I, H), "down": (E, H, I)}
+                for name, t in zip(want, (g, u, d)):
+                    if tuple(t.shape) != want[name]:
+                        raise KTAMXConfigError(f"layer {i}: expert_weights gave {name} of shape {tuple(t.shape)}, "
+                                               f"the model expects {want[name]}")
+                kt.load_weights_from_tensors(g, u, d)
+                del g, u, d
             else:
                 gu, dn = experts.gate_up_proj.detach(), experts.down_proj.detach()
                 kt.load_weights_from_tensors(gu[:, :I], gu[:, I:], dn)
@@ -351,13 +374,24 @@ def load_kt_model(config, model_args=None, finetuning_args=None, *, model_name_o
     """Load a causal LM and wrap its MoE layers (spec 004 §2.1).
 
     From ``model_name_or_path`` (or ``model_args.model_name_or_path``) when
-    given, else built from ``config`` with random weights.  Returns the model
-    with ``_kt_wrappers``, ``_kt_cpu_infer`` and ``_kt_moe_lora_params``."""
+    given, else built from ``config`` with random weights.  A local
+    checkpoint directory is streamed (:func:`ktmoe.hf.checkpoint.load_kt_checkpoint`):
+    the model is built without weights, its non-expert tensors are read from
+    the safetensors shards and each layer's experts go from the shards (or
+    from ``kt_weight_path`` weight files) straight into the kernels, so the
+    model's experts never exist as torch tensors.  Anything else goes through
+    ``AutoModelForCausalLM.from_pretrained`` and is wrapped afterwards.
+    Returns the model with ``_kt_wrappers``, ``_kt_cpu_infer`` and
+    ``_kt_moe_lora_params``."""
     from transformers import AutoModelForCausalLM
 
     path = model_name_or_path or _arg(model_args, "model_name_or_path")
     if dtype is None:
         dtype = torch.bfloat16
+    if path and os.path.isdir(path):
+        from .checkpoint import load_kt_checkpoint
+
+        return load_kt_checkpoint(path, model_args, finetuning_args, config=config, dtype=dtype, **wrap_kwargs)
     if path:
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
     else:
