@@ -126,13 +126,31 @@ class ExpertReader:
     """``layer_idx -> (gate [E, I, H], up [E, I, H], down [E, H, I])`` read
     from a scanned checkpoint (bf16 when the checkpoint's experts are bf16,
     else fp32); the ``expert_weights`` argument of
-    :func:`wrap_moe_layers_with_kt_wrapper`."""
+    :func:`wrap_moe_layers_with_kt_wrapper`.
+
+    The three tensors are buffers reused for the next layer (the kernels copy
+    them while loading): one layer's experts are allocated once for the whole
+    load, so no freed-but-resident heap pages pile up between layers."""
 
     def __init__(self, ck, shards: _Shards, progress=None):
         self.ck = ck
         self.shards = shards
         self.progress = progress
         self.bytes_read = 0
+        self._buffers: Dict[tuple, torch.Tensor] = {}
+
+    def _buffer(self, proj: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        key = (proj, shape, dtype)
+        buf = self._buffers.get(key)
+        if buf is None:
+            for k in [k for k in self._buffers if k[0] == proj]:
+                del self._buffers[k]
+            buf = self._buffers[key] = torch.empty(shape, dtype=dtype)
+        return buf
+
+    def release(self) -> None:
+        """Free the reused buffers."""
+        self._buffers.clear()
 
     def _projection(self, L: int, proj: str) -> torch.Tensor:
         ck = self.ck
@@ -146,7 +164,7 @@ class ExpertReader:
         src = {self.shards.dtype(k) for k in keys}
         dtype = torch.bfloat16 if src == {torch.bfloat16} else torch.float32
         E = ls.num_experts
-        out = torch.empty((E, rows, cols), dtype=dtype)
+        out = self._buffer(proj, (E, rows, cols), dtype)
         if ls.layout == "per_expert":
             for e, k in enumerate(keys):
                 sd = self.shards.dtype(k)
@@ -254,7 +272,7 @@ def load_kt_checkpoint(path, model_args=None, finetuning_args=None, *, config=No
     except ConvertError as e:
         raise KTAMXConfigError(str(e)) from None
     shards = _Shards(files)
-    bar = None
+    bar = reader = None
     try:
         with params_on_meta():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -269,7 +287,6 @@ def load_kt_checkpoint(path, model_args=None, finetuning_args=None, *, config=No
         if unused:
             logger.info("%s: %d checkpoint tensors are not used by the model (e.g. %s)", path, len(unused),
                         unused[0])
-        reader = None
         if ck is not None:
             if progress:
                 from tqdm import tqdm
@@ -279,6 +296,8 @@ def load_kt_checkpoint(path, model_args=None, finetuning_args=None, *, config=No
         wrap_moe_layers_with_kt_wrapper(model, model_args, finetuning_args, expert_weights=reader, **wrap_kwargs)
     finally:
         shards.close()
+        if reader is not None:
+            reader.release()
         if bar is not None:
             bar.close()
     if (path / "generation_config.json").is_file():
