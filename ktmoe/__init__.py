@@ -11,7 +11,9 @@ backward and LoRA gradients) through the ``KTMoEWrapper`` factory::
                      method="AMXBF16_SFT", mode="sft", lora_rank=16, lora_alpha=32)
 
 For a whole Hugging Face MoE model, ``ktmoe.hf.wrap_moe_layers_with_kt_wrapper``
-puts every routed-expert block on these kernels (see ``ktmoe.hf``).
+puts every routed-expert block on these kernels (see ``ktmoe.hf``), and
+``ktmoe train CONFIG.yaml`` (``ktmoe.train``) fine-tunes one from a
+LLaMA-Factory style config.
 """
 
 from __future__ import annotations
@@ -59,8 +61,10 @@ def get_library() -> str:
 #: first use so that ``import ktmoe`` does not depend on it
 _HF_NAMES = (
     "wrap_moe_layers_with_kt_wrapper", "KTMoELayerWrapper", "KTMoEFunction",
-    "save_kt_adapter", "load_kt_adapter", "get_kt_peft_model",
+    "save_kt_adapter", "load_kt_adapter", "get_kt_peft_model", "load_kt_model", "init_cpu_infer",
 )
+#: the training workflow (ktmoe.train, ``ktmoe train`` / ``ktmoe chat``), also loaded on first use
+_TRAIN_NAMES = ("KTTrainer", "run_sft", "get_train_args", "ChatModel")
 
 
 def __getattr__(name):
@@ -68,6 +72,10 @@ def __getattr__(name):
         from . import hf
 
         return getattr(hf, name)
+    if name in _TRAIN_NAMES:
+        from . import train
+
+        return getattr(train, name)
     raise AttributeError(f"module 'ktmoe' has no attribute {name!r}")
 
 
@@ -77,5 +85,5 @@ __all__ = [
     "SFT_METHODS", "INFERENCE_METHODS",
     "register_sft_method", "register_inference_method", "split_threads",
     "cpu_info", "get_include", "get_library", "__version__",
-    *_HF_NAMES,
+    *_HF_NAMES, *_TRAIN_NAMES,
 ]

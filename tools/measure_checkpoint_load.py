@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ktmoe.hf.checkpoint import checkpoint_bytes, params_on_meta
+    from ktmoe.hf.checkpoint import checkpoint_bytes
 
     cfg = AutoConfig.for_model(
         "qwen3_moe", vocab_size=4096, hidden_size=args.hidden, num_hidden_layers=args.layers,
@@ -77,12 +77,7 @@ def main(argv=None) -> int:
         max_position_embeddings=256)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         path = os.path.join(tmp, "ck")
-        with params_on_meta():
-            shell = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-        # write the checkpoint layer by layer would need a custom writer; the model is built for real
-        # here (once), in this process, before any measurement
-        del shell
-        torch.manual_seed(0)
+        torch.manual_seed(0)  # built once, in this process, before any measurement
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
         expert_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "experts" in n)
         model.save_pretrained(path, max_shard_size=args.shard)

@@ -521,10 +521,12 @@ def get_train_args(config=None, overrides=None):
         bad("output_dir is required")
     for k, v in TRAINING_DEFAULTS.items():
         tr.setdefault(k, v)
-    if "dataloader_pin_memory" not in tr:
-        import torch
+    import torch
 
+    if "dataloader_pin_memory" not in tr:
         tr["dataloader_pin_memory"] = torch.cuda.is_available()
+    if tr.get("bf16") and "use_cpu" not in tr and not torch.cuda.is_available():
+        tr["use_cpu"] = True  # transformers refuses bf16 without a GPU unless told to use the CPU
     if tr.get("fp16"):
         bad("fp16 is not supported (the kernels take bf16 or fp32 activations); use bf16: true")
     if data_args.val_size and "eval_strategy" not in tr:

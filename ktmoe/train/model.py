@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from typing import List, Tuple
 
 import torch
@@ -153,6 +154,13 @@ def init_adapter(config, model, model_args, finetuning_args, is_trainable: bool)
     experts); without: PEFT LoRA on the attention and PEFT
     ``target_parameters`` LoRA on the experts.  ``adapter_name_or_path`` is
     loaded when set (its own config decides the PEFT modules)."""
+    with warnings.catch_warnings():
+        # PEFT 0.21 reads transformers' deprecated is_gradient_checkpointing (a FutureWarning per model)
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return _init_adapter(config, model, model_args, finetuning_args, is_trainable)
+
+
+def _init_adapter(config, model, model_args, finetuning_args, is_trainable: bool):
     peft = _peft()
     from peft import LoraConfig
 
