@@ -21,11 +21,11 @@ from .args import BUILTIN_MODEL
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
-#: the built-in model: Qwen3-MoE layout, 4 MoE layers of 16 experts (top 4)
+#: the built-in model: Qwen3-MoE layout, 4 MoE layers of 16 experts (top 4), hidden 256
 TINY_MODEL_CONFIG: Dict[str, Any] = dict(
-    model_type="qwen3_moe", hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=32, num_experts=16, num_experts_per_tok=4,
-    moe_intermediate_size=128, intermediate_size=256, norm_topk_prob=True, decoder_sparse_step=1,
+    model_type="qwen3_moe", hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
+    num_key_value_heads=4, head_dim=32, num_experts=16, num_experts_per_tok=4,
+    moe_intermediate_size=256, intermediate_size=512, norm_topk_prob=True, decoder_sparse_step=1,
     max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=10000.0,
     # larger than transformers' 0.02: with a frozen random lm_head of std 0.02 the logits cannot
     # exceed ~2.5, which caps how far a LoRA can lower the loss (about 4.4 nats for 1024 tokens)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import resource
 import shutil
@@ -163,11 +162,9 @@ def plot_loss(output_dir, log_history: List[dict]) -> Optional[str]:
         logger.warning("matplotlib is not installed: no loss plot (pip install matplotlib)")
         return None
     steps, losses = zip(*points)
-    smooth, s = [], None
-    w = 1.8 * (1.0 / (1.0 + math.exp(-0.05 * len(losses))) - 0.5)  # more points, more smoothing
-    for v in losses:
-        s = v if s is None else w * s + (1 - w) * v
-        smooth.append(s)
+    half = max(1, len(losses) // 20)  # centred moving average over about a tenth of the points
+    smooth = [sum(losses[max(0, i - half):i + half + 1]) / len(losses[max(0, i - half):i + half + 1])
+              for i in range(len(losses))]
     fig = Figure(figsize=(7, 4.2), dpi=110)
     ax = fig.subplots()
     ax.plot(steps, losses, color="#1f77b4", alpha=0.35, label="training loss")
