@@ -111,7 +111,7 @@ class ChatModel:
 
     @property
     def device(self):
-        return next(self.model.parameters()).device
+        return self.model.get_input_embeddings().weight.device
 
     def _eos_ids(self) -> List[int]:
         ids = []
