@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -91,6 +92,15 @@ def test_cli_train_then_reload_and_chat(tmp_path, capsys):
               "train_config.yaml", "trainer_state.json", "base_model/config.json", "base_model/model.safetensors"):
         assert (out / f).is_file(), f
     assert (out / "training_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # `ktmoe chat` finds the run from its directory or from the training config
+    from ktmoe.train.chat import resolve_chat_config
+
+    for src in (str(out), str(path)):
+        c = resolve_chat_config(src)
+        assert c["adapter_name_or_path"] == str(out)
+        assert os.path.samefile(c["model_name_or_path"], out / "base_model")
+        assert (c["lora_rank"], c["lora_alpha"], c["use_kt"], c["kt_backend"]) == (4, 8.0, True, "AMXBF16")
 
     # the adapter on the KT-wrapped base (what `ktmoe chat` loads) ...
     chat = ChatModel(str(out), {"infer_dtype": "float32"})

@@ -24,9 +24,11 @@ def _adapter_dir(p: Path) -> bool:
 def resolve_chat_config(config=None, overrides=None, adapter: Optional[str] = None) -> Dict:
     """The chat config: the training config saved next to the adapter (when
     there is one), then ``config`` (a file, a dict, or an adapter / training
-    output directory), then ``overrides``; ``model_name_or_path`` defaults to
-    the adapter's base model and ``lora_rank`` / ``lora_alpha`` /
-    ``kt_backend`` to the KT adapter's."""
+    output directory), then ``overrides``.  The adapter is
+    ``adapter_name_or_path``, the directory given, or a training config's
+    ``output_dir`` when it holds one; ``model_name_or_path`` defaults to the
+    adapter's base model and ``lora_rank`` / ``lora_alpha`` / ``kt_backend``
+    to the KT adapter's."""
     explicit: Dict = {}
     if isinstance(config, dict):
         explicit = dict(config)
@@ -41,6 +43,11 @@ def resolve_chat_config(config=None, overrides=None, adapter: Optional[str] = No
     if overrides:
         explicit.update(overrides if isinstance(overrides, dict) else parse_overrides(list(overrides)))
     adapter = explicit.get("adapter_name_or_path") or adapter
+    out = explicit.get("output_dir")
+    if not adapter and out and _adapter_dir(Path(out)):
+        adapter = str(out)  # a training config: chat with what that run saved
+    if adapter and explicit.get("model_name_or_path") == BUILTIN_MODEL:
+        del explicit["model_name_or_path"]  # the built-in model is the base_model saved with the run
     cfg: Dict = {}
     if adapter:
         a = Path(adapter)
