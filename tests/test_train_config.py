@@ -86,6 +86,8 @@ def test_values_are_converted_to_the_field_types(tmp_path):
     assert finetuning_args.lora_target == "q_proj,v_proj"
     assert data_args.dataset == "tiny_alpaca,tiny_sharegpt"
     assert training_args.warmup_steps == pytest.approx(0.1)  # warmup_ratio -> a ratio of the steps
+    assert get_train_args(dict(cfg, resume_from_checkpoint=True))[2].resume_from_checkpoint == "true"
+    assert get_train_args(dict(cfg, resume_from_checkpoint=False))[2].resume_from_checkpoint is None
     # lora_alpha defaults to twice the rank
     cfg.pop("lora_alpha")
     assert get_train_args(cfg)[3].lora_alpha == 16.0
@@ -217,3 +219,25 @@ def test_spec_names_and_exceptions():
     assert issubclass(t.KTAMXConfigError, ValueError)
     assert issubclass(t.KTAMXModelNotSupportedError, ValueError)
     assert issubclass(t.KTAMXForwardError, RuntimeError)
+
+
+def test_resume_choice(tmp_path):
+    from ktmoe.train.trainer import resolve_resume
+
+    out = tmp_path / "out"
+    for n in (3, 10):
+        (out / f"checkpoint-{n}").mkdir(parents=True)
+
+    def args(**kw):
+        return get_train_args(dict(SPEC_CONFIG, output_dir=str(out), **kw))[2]
+
+    assert resolve_resume(args()) == str(out / "checkpoint-10")           # the last one, automatically
+    assert resolve_resume(args(resume_from_checkpoint=True)) == str(out / "checkpoint-10")
+    assert resolve_resume(args(resume_from_checkpoint=str(out / "checkpoint-3"))) == str(out / "checkpoint-3")
+    with pytest.raises(KTAMXConfigError, match="is not a directory"):
+        resolve_resume(args(resume_from_checkpoint=str(out / "checkpoint-7")))
+    assert resolve_resume(args(overwrite_output_dir=True)) is None         # starts over ...
+    assert not list(out.glob("checkpoint-*"))                               # ... without the old checkpoints
+    with pytest.raises(KTAMXConfigError, match="holds no checkpoint"):
+        resolve_resume(args(resume_from_checkpoint=True))
+    assert resolve_resume(args()) is None

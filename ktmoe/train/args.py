@@ -517,6 +517,8 @@ def get_train_args(config=None, overrides=None):
     if data_args.val_size < 0:
         bad(f"val_size must be >= 0, got {data_args.val_size}")
     tr = dict(split["training"])
+    if isinstance(tr.get("resume_from_checkpoint"), bool):  # `true`: the last checkpoint in output_dir
+        tr["resume_from_checkpoint"] = "true" if tr["resume_from_checkpoint"] else None
     if "output_dir" not in tr or not tr["output_dir"]:
         bad("output_dir is required")
     for k, v in TRAINING_DEFAULTS.items():
