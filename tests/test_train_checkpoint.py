@@ -161,12 +161,13 @@ _CHILD = textwrap.dedent("""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")   # reset the peak (VmHWM) to the current RSS
+        reset = status("VmHWM") <= base + (4 << 20)
     except OSError:
-        pass
-    stats = {}
+        reset = False
+    stats = {"reset": reset}
     if how == "stream":
         m = load_kt_checkpoint(path, dtype=torch.bfloat16, **kw)
-        stats = {k: v for k, v in m._kt_load_stats.items() if k != "unused_keys"}
+        stats.update({k: v for k, v in m._kt_load_stats.items() if k != "unused_keys"})
     else:
         m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
         wrap_moe_layers_with_kt_wrapper(m, **kw)
@@ -199,6 +200,8 @@ def test_streaming_load_peak_memory(tmp_path):
     gc.collect()
     size = checkpoint_bytes(path)
     s = _measure(path, "stream")
+    if not s["reset"]:
+        pytest.skip("this kernel does not let a process reset its peak RSS (/proc/self/clear_refs)")
     layer = s["expert_bytes"] // 8
     assert s["expert_bytes"] + s["nonexpert_bytes"] == pytest.approx(size, rel=0.01)
     peak = s["peak"] - s["base"]
