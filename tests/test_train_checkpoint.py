@@ -176,7 +176,10 @@ _CHILD = textwrap.dedent("""
 
 
 def _measure(path, how):
-    r = subprocess.run([sys.executable, "-c", _CHILD, path, how], capture_output=True, text=True, timeout=300)
+    # cwd: not the source tree (python -c puts the cwd first on sys.path,
+    # where ktmoe/ has no built library when the package is installed)
+    r = subprocess.run([sys.executable, "-c", _CHILD, path, how], capture_output=True, text=True,
+                       timeout=300, cwd=os.path.dirname(path))
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
