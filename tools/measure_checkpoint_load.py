@@ -87,7 +87,8 @@ def main(argv=None) -> int:
               f" shards, routed experts {expert_bytes / 2**20:.1f} MiB ({args.layers} layers x {args.experts} experts, "
               f"H={args.hidden}, I={args.intermediate})")
         for how in ("stream", "materialize"):
-            r = subprocess.run([sys.executable, "-c", CHILD, path, how], capture_output=True, text=True)
+            # cwd outside the source tree: `python -c` puts the cwd first on sys.path
+            r = subprocess.run([sys.executable, "-c", CHILD, path, how], capture_output=True, text=True, cwd=tmp)
             if r.returncode:
                 print(r.stderr[-3000:], file=sys.stderr)
                 return 1
