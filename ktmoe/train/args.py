@@ -488,18 +488,25 @@ def _check_common(model_args: ModelArguments, finetuning_args: FinetuningArgumen
         bad("lora_target is empty; give module names (e.g. q_proj,v_proj,gate_proj) or 'all'")
 
 
-def get_train_args(config=None, overrides=None):
-    """Parse a training config: ``(model_args, data_args, training_args,
-    finetuning_args, generating_args)``.  ``config``: a YAML/JSON path, a
-    dict, or None (the bundled example, ``examples/train_tiny.yaml``);
-    ``overrides``: a dict or a list of ``key=value`` strings."""
-    data, source = read_config(config, overrides)
+def _build_common(data, source):
+    """The key groups of a parsed config and the four argument objects every
+    command uses (model, data, finetuning, generating), checked together."""
     split = _split(data, source, include_training=True)
     model_args = _build(ModelArguments, split["model"], source)
     data_args = _build(DataArguments, split["data"], source)
     finetuning_args = _build(FinetuningArguments, split["finetuning"], source)
     generating_args = _build(GeneratingArguments, split["generating"], source)
     _check_common(model_args, finetuning_args, source)
+    return split, model_args, data_args, finetuning_args, generating_args
+
+
+def get_train_args(config=None, overrides=None):
+    """Parse a training config: ``(model_args, data_args, training_args,
+    finetuning_args, generating_args)``.  ``config``: a YAML/JSON path, a
+    dict, or None (the bundled example, ``examples/train_tiny.yaml``);
+    ``overrides``: a dict or a list of ``key=value`` strings."""
+    data, source = read_config(config, overrides)
+    split, model_args, data_args, finetuning_args, generating_args = _build_common(data, source)
 
     def bad(msg):
         raise KTAMXConfigError(f"{source}: {msg}")
@@ -551,12 +558,7 @@ def get_infer_args(config=None, overrides=None):
     generating_args)``; training keys are accepted and ignored (so a training
     config can be reused)."""
     data, source = read_config(config, overrides) if (config is not None or overrides) else ({}, "config")
-    split = _split(data, source, include_training=True)
-    model_args = _build(ModelArguments, split["model"], source)
-    data_args = _build(DataArguments, split["data"], source)
-    finetuning_args = _build(FinetuningArguments, split["finetuning"], source)
-    generating_args = _build(GeneratingArguments, split["generating"], source)
-    _check_common(model_args, finetuning_args, source)
+    split, model_args, data_args, finetuning_args, generating_args = _build_common(data, source)
     if data_args.template not in TEMPLATES:
         raise KTAMXConfigError(f"{source}: template: '{data_args.template}' is not a valid template; "
                                f"valid values: {', '.join(TEMPLATES)}")
