@@ -340,8 +340,7 @@ class BaseSFTMoEWrapper(_MoEBase, ABC):
         go = torch.zeros(qlen, self.hidden_size, dtype=torch.float32)
         gi = torch.empty_like(go)
         gw = torch.empty((qlen, self.num_experts_per_tok), dtype=torch.float32)
-        grads = {} if self.skip_lora else {g: torch.empty(s, dtype=self.gate_lora_a.dtype)
-                                           for g, s in zip(GRAD_NAMES, self._lora_shapes().values())}
+        grads = {} if self.skip_lora else self._grad_buffers(None)
         self._backend_backward(go, gi, gw, grads, False)
 
     def _grad_buffers(self, grad_loras_out) -> Dict[str, torch.Tensor]:

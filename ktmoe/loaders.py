@@ -45,17 +45,19 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .quant import QuantSpec
+from .quant import FIXED_GROUP_SIZE, QuantSpec
 
 #: group size of the usual pack-quantized int4 checkpoints (Kimi-K2)
 RAWINT4_GROUP_SIZE = 32
 #: (rows, columns) of a DeepSeek-V3 FP8 scale block
 FP8_BLOCK = (128, 128)
 #: columns per scale of OCP MX formats
-MXFP4_GROUP_SIZE = 32
+MXFP4_GROUP_SIZE = FIXED_GROUP_SIZE["mxfp4"]
 #: method names of checkpoint_to_parts and their canonical form
 _CHECKPOINT_METHODS = {"RAWINT4": "RAWINT4", "FP8": "FP8", "AMXFP8_SFT": "FP8",
                        "MXFP4": "MXFP4", "MXFP4_SFT": "MXFP4"}
+#: the SFT methods whose load_weights_from_tensors reads checkpoint tensors
+CHECKPOINT_SFT_METHODS = ("AMXFP8_SFT", "MXFP4_SFT")
 
 _SCALE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 #: E4M3 "fn" has no infinities; these two codes (S.1111.111) are NaN

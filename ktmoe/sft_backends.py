@@ -96,19 +96,19 @@ class NativeSFTMoEWrapper(BaseSFTMoEWrapper):
         projs = (gate_proj, up_proj, down_proj)
         if all(isinstance(t, torch.Tensor) for t in projs):
             return super().load_weights_from_tensors(*projs, physical_to_logical_map_cpu)
-        kind = {"fp8_e4m3": "FP8", "mxfp4": "MXFP4"}.get(self.quant_spec.format)
-        if kind is None:
+        from .loaders import CHECKPOINT_SFT_METHODS, checkpoint_to_parts
+
+        base = self.quant_spec.method  # the X_SFT method of a SkipLoRA twin too
+        if base not in CHECKPOINT_SFT_METHODS:
             raise TypeError(f"{self.method}: gate_proj, up_proj and down_proj must be torch.Tensors "
                             "(checkpoint tensor dicts are read by the FP8 and MXFP4 methods)")
-        from .loaders import checkpoint_to_parts
 
         parts = []
         for t, name in zip(projs, ("gate_proj", "up_proj", "down_proj")):
             if isinstance(t, torch.Tensor):
                 raise TypeError(f"{self.method}: {name} is a tensor while another projection is a dict "
                                 "of checkpoint tensors; give all three the same way")
-            _, p = checkpoint_to_parts(kind, t, name=name,
-                                       group_size=self.quant_spec.group_size if kind == "FP8" else None)
+            _, p = checkpoint_to_parts(base, t, name=name, group_size=self.quant_spec.group_size)
             parts.append(p)
         self.load_packed_weights(*parts, physical_to_logical_map_cpu)
 

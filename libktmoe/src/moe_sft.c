@@ -1241,28 +1241,41 @@ static ktmoe_status kt_backward_run(kt_bwd *b) {
     return KTMOE_OK;
 }
 
+/* A backward or a cache drop claims the newest cached forward when it is
+ * submitted (so that submissions beyond the caches fail at once); its task
+ * gives the claim back when it cannot pop the cache after all. */
+static ktmoe_status kt_claim_cache(ktmoe_moe *m) {
+    pthread_mutex_lock(&m->mu);
+    int ok = m->pending > 0;
+    if (ok) m->pending--;
+    pthread_mutex_unlock(&m->mu);
+    return ok ? KTMOE_OK
+              : kt_error(KTMOE_ERR_STATE,
+                         "No forward cache available. Call forward_sft() with save_for_backward=True first.");
+}
+
+static void kt_unclaim_cache(ktmoe_moe *m) {
+    pthread_mutex_lock(&m->mu);
+    m->pending++;
+    pthread_mutex_unlock(&m->mu);
+}
+
 static ktmoe_status kt_backward_task(void *v) {
     kt_bwd *b = v;
     ktmoe_moe *m = b->m;
     if (m->depth <= 0) {
-        pthread_mutex_lock(&m->mu);
-        m->pending++;
-        pthread_mutex_unlock(&m->mu);
+        kt_unclaim_cache(m);
         return kt_error(KTMOE_ERR_STATE, "No forward cache available");
     }
     kt_cache *c = &m->caches[m->depth - 1];
     if (c->qlen != b->a.qlen) {
-        pthread_mutex_lock(&m->mu);
-        m->pending++;
-        pthread_mutex_unlock(&m->mu);
+        kt_unclaim_cache(m);
         return kt_error(KTMOE_ERR_INVALID_ARGUMENT,
                         "grad_output has %lld tokens but the cached forward had %lld",
                         (long long)b->a.qlen, (long long)c->qlen);
     }
     if (c->use_lora && !m->la[0]) {
-        pthread_mutex_lock(&m->mu);
-        m->pending++;
-        pthread_mutex_unlock(&m->mu);
+        kt_unclaim_cache(m);
         return kt_error(KTMOE_ERR_STATE, "LoRA weights not initialized");
     }
     m->depth--;
@@ -1290,15 +1303,11 @@ KTMOE_API ktmoe_status ktmoe_moe_backward_submit(ktmoe_moe *m, const ktmoe_backw
     b->a = *a;
     void *g[6] = {a->grad_gate_a, a->grad_gate_b, a->grad_up_a, a->grad_up_b, a->grad_down_a, a->grad_down_b};
     memcpy(b->grad, g, sizeof g);
-    pthread_mutex_lock(&m->mu);
-    if (m->pending <= 0) {
-        pthread_mutex_unlock(&m->mu);
+    ktmoe_status st = kt_claim_cache(m);
+    if (st != KTMOE_OK) {
         free(b);
-        return kt_error(KTMOE_ERR_STATE,
-                        "No forward cache available. Call forward_sft() with save_for_backward=True first.");
+        return st;
     }
-    m->pending--;
-    pthread_mutex_unlock(&m->mu);
     return kt_pool_submit_owned(m->pool, kt_backward_task, b, free);
 }
 
@@ -1306,9 +1315,7 @@ KTMOE_API ktmoe_status ktmoe_moe_backward_submit(ktmoe_moe *m, const ktmoe_backw
 static ktmoe_status kt_cache_drop_task(void *v) {
     ktmoe_moe *m = v;
     if (m->depth <= 0) {
-        pthread_mutex_lock(&m->mu);
-        m->pending++;
-        pthread_mutex_unlock(&m->mu);
+        kt_unclaim_cache(m);
         return kt_error(KTMOE_ERR_STATE, "No forward cache available");
     }
     m->depth--;
@@ -1317,12 +1324,7 @@ static ktmoe_status kt_cache_drop_task(void *v) {
 
 KTMOE_API ktmoe_status ktmoe_moe_cache_drop_submit(ktmoe_moe *m) {
     if (!m) return kt_error(KTMOE_ERR_INVALID_ARGUMENT, "moe must not be NULL");
-    pthread_mutex_lock(&m->mu);
-    if (m->pending <= 0) {
-        pthread_mutex_unlock(&m->mu);
-        return kt_error(KTMOE_ERR_STATE, "No forward cache available");
-    }
-    m->pending--;
-    pthread_mutex_unlock(&m->mu);
+    ktmoe_status st = kt_claim_cache(m);
+    if (st != KTMOE_OK) return st;
     return kt_pool_submit_owned(m->pool, kt_cache_drop_task, m, NULL);
 }
