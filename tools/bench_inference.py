@@ -147,6 +147,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_sft import (  # noqa: E402  (same directory: the house helpers)
+    C_THREADS_HARNESS,
     PEAK_C_SOURCE,
     OtherLoad,
     _faults,
@@ -236,39 +237,15 @@ def last_level_cache():
     return None, "unknown"
 
 
-BW_C_SOURCE = r"""
-#define _GNU_SOURCE
-#include <immintrin.h>
-#include <pthread.h>
-#include <sched.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
-
+BW_C_SOURCE = C_THREADS_HARNESS + r"""
 static unsigned char *g_buf;
 static size_t g_chunk;
-static int g_nthreads, g_ncpus, g_cpus[1024];
-static pthread_barrier_t g_barrier;
-static double g_t0[1024], g_t1[1024];
 static long long g_sink[1024];
 static int g_touch;
 
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 static void *worker(void *arg) {
     int id = (int)(long)arg;
-    if (g_ncpus > 0) {
-        cpu_set_t set;
-        CPU_ZERO(&set);
-        CPU_SET(g_cpus[id % g_ncpus], &set);
-        pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
-    }
+    kt_pin(id);
     unsigned char *p = g_buf + (size_t)id * g_chunk;
     if (g_touch) memset(p, 1 + id, g_chunk); /* first touch by its reader */
     const __m256i *v = (const __m256i *)p;
@@ -290,42 +267,21 @@ static void *worker(void *arg) {
     return NULL;
 }
 
-static double run(void) {
-    pthread_t th[1024];
-    pthread_barrier_init(&g_barrier, NULL, (unsigned)g_nthreads);
-    for (int i = 0; i < g_nthreads; ++i) pthread_create(&th[i], NULL, worker, (void *)(long)i);
-    for (int i = 0; i < g_nthreads; ++i) pthread_join(th[i], NULL);
-    pthread_barrier_destroy(&g_barrier);
-    double t0 = g_t0[0], t1 = g_t1[0];
-    for (int i = 1; i < g_nthreads; ++i) {
-        if (g_t0[i] < t0) t0 = g_t0[i];
-        if (g_t1[i] > t1) t1 = g_t1[i];
-    }
-    return t1 - t0;
-}
-
 int main(int argc, char **argv) {
-    g_nthreads = argc > 1 ? atoi(argv[1]) : 1;
-    if (g_nthreads < 1) g_nthreads = 1;
-    if (g_nthreads > 1024) g_nthreads = 1024;
+    kt_init_threads(argc, argv);
     size_t mib = argc > 2 ? (size_t)atol(argv[2]) : 1024;
     int trials = argc > 3 ? atoi(argv[3]) : 7;
-    cpu_set_t allowed;
-    g_ncpus = 0;
-    if (sched_getaffinity(0, sizeof(allowed), &allowed) == 0)
-        for (int c = 0; c < CPU_SETSIZE && g_ncpus < 1024; ++c)
-            if (CPU_ISSET(c, &allowed)) g_cpus[g_ncpus++] = c;
     g_chunk = (mib << 20) / (size_t)g_nthreads / 4096 * 4096;
     size_t total = g_chunk * (size_t)g_nthreads;
     g_buf = aligned_alloc(4096, total);
     if (!g_buf) { fprintf(stderr, "out of memory\n"); return 2; }
     g_touch = 1;
-    run();
+    kt_run(worker);
     g_touch = 0;
     double best = 0.0;
     printf("PASSES");
     for (int t = 0; t < trials; ++t) {
-        double gbs = (double)total / run() * 1e-9;
+        double gbs = (double)total / kt_run(worker) * 1e-9;
         printf(" %.3f", gbs);
         if (gbs > best) best = gbs;
     }

@@ -138,22 +138,24 @@ def step_flops(q: int, k: int = K, h: int = H, i: int = I, r: int = R):
 # FP32 FMA peak micro-kernel
 # ---------------------------------------------------------------------------
 
-PEAK_C_SOURCE = r"""
+#: The threading frame of the run-time compiled C probes (this tool's FMA
+#: peak, bench_inference's DRAM read loop): argv[1] threads, each pinned to
+#: one allowed CPU (kt_pin), started together at a barrier; kt_run returns
+#: the wall time from the first thread's g_t0 to the last one's g_t1.
+C_THREADS_HARNESS = r"""
 #define _GNU_SOURCE
 #include <immintrin.h>
 #include <pthread.h>
 #include <sched.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
-static long g_iters;
-static int g_nthreads;
+static int g_nthreads, g_ncpus, g_cpus[1024];
 static pthread_barrier_t g_barrier;
 static double g_t0[1024], g_t1[1024];
-static float g_sink[1024];
-static int g_cpus[1024];
-static int g_ncpus;
 
 static double now(void) {
     struct timespec ts;
@@ -161,14 +163,48 @@ static double now(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-static void *worker(void *arg) {
-    int id = (int)(long)arg;
+static void kt_pin(int id) {
     if (g_ncpus > 0) {
         cpu_set_t set;
         CPU_ZERO(&set);
         CPU_SET(g_cpus[id % g_ncpus], &set);
         pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
     }
+}
+
+static double kt_run(void *(*worker)(void *)) {
+    pthread_t th[1024];
+    pthread_barrier_init(&g_barrier, NULL, (unsigned)g_nthreads);
+    for (int i = 0; i < g_nthreads; ++i) pthread_create(&th[i], NULL, worker, (void *)(long)i);
+    for (int i = 0; i < g_nthreads; ++i) pthread_join(th[i], NULL);
+    pthread_barrier_destroy(&g_barrier);
+    double t0 = g_t0[0], t1 = g_t1[0];
+    for (int i = 1; i < g_nthreads; ++i) {
+        if (g_t0[i] < t0) t0 = g_t0[i];
+        if (g_t1[i] > t1) t1 = g_t1[i];
+    }
+    return t1 - t0;
+}
+
+static void kt_init_threads(int argc, char **argv) {
+    g_nthreads = argc > 1 ? atoi(argv[1]) : 1;
+    if (g_nthreads < 1) g_nthreads = 1;
+    if (g_nthreads > 1024) g_nthreads = 1024;
+    cpu_set_t allowed;
+    g_ncpus = 0;
+    if (sched_getaffinity(0, sizeof(allowed), &allowed) == 0)
+        for (int c = 0; c < CPU_SETSIZE && g_ncpus < 1024; ++c)
+            if (CPU_ISSET(c, &allowed)) g_cpus[g_ncpus++] = c;
+}
+"""
+
+PEAK_C_SOURCE = C_THREADS_HARNESS + r"""
+static long g_iters;
+static float g_sink[1024];
+
+static void *worker(void *arg) {
+    int id = (int)(long)arg;
+    kt_pin(id);
     __m256 x = _mm256_set1_ps(1e-8f + 1e-10f * (float)id);
     __m256 y = _mm256_set1_ps(0.999f);
     __m256 a0 = _mm256_set1_ps(0.0f), a1 = _mm256_set1_ps(1.0f), a2 = _mm256_set1_ps(2.0f);
@@ -208,30 +244,13 @@ static void *worker(void *arg) {
 }
 
 static double run(long iters) {
-    pthread_t th[1024];
     g_iters = iters;
-    pthread_barrier_init(&g_barrier, NULL, (unsigned)g_nthreads);
-    for (int i = 0; i < g_nthreads; ++i) pthread_create(&th[i], NULL, worker, (void *)(long)i);
-    for (int i = 0; i < g_nthreads; ++i) pthread_join(th[i], NULL);
-    pthread_barrier_destroy(&g_barrier);
-    double t0 = g_t0[0], t1 = g_t1[0];
-    for (int i = 1; i < g_nthreads; ++i) {
-        if (g_t0[i] < t0) t0 = g_t0[i];
-        if (g_t1[i] > t1) t1 = g_t1[i];
-    }
-    return t1 - t0;
+    return kt_run(worker);
 }
 
 int main(int argc, char **argv) {
-    g_nthreads = argc > 1 ? atoi(argv[1]) : 1;
-    if (g_nthreads < 1) g_nthreads = 1;
-    if (g_nthreads > 1024) g_nthreads = 1024;
+    kt_init_threads(argc, argv);
     double target = argc > 2 ? atof(argv[2]) : 0.25; /* seconds per trial */
-    cpu_set_t allowed;
-    g_ncpus = 0;
-    if (sched_getaffinity(0, sizeof(allowed), &allowed) == 0)
-        for (int c = 0; c < CPU_SETSIZE && g_ncpus < 1024; ++c)
-            if (CPU_ISSET(c, &allowed)) g_cpus[g_ncpus++] = c;
     long iters = 1 << 16;
     double t = run(iters);
     while (t < 0.05) { iters *= 4; t = run(iters); }
