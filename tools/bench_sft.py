@@ -62,6 +62,11 @@ Usage:
     python tools/bench_sft.py [--qlens 1,128,512] [--threads N] [--repeat 3]
         [--method AMXBF16_SFT | --methods all|M1,M2,...] [--group-size 128]
         [--no-zero-point] [--isa avx2] [--no-torch] [--json out.json]
+        [--large-qlen 1024 --large-repeat 1] [--torch-max-qlen 2048]
+
+--large-qlen Q / --large-repeat N: qlens >= Q get N timed iterations instead
+of --repeat (steps at qlen 4096 take seconds each); --torch-max-qlen Q times
+the PyTorch loop only at qlens <= Q (rows above it have no speedup).
 
 A --methods item is a method name, optionally with ":zp" or ":nozp" (the
 zero_point option of AMXINT4_KGroup_SFT; without one, zero_point=True unless
@@ -607,11 +612,21 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="hidden states dtype for ktmoe (default bf16)")
     p.add_argument("--lora-dtype", choices=sorted(DTYPES), default="fp32", help="LoRA parameter dtype (default fp32)")
     p.add_argument("--no-torch", action="store_true", help="skip the plain-PyTorch fp32 baseline")
+    p.add_argument("--torch-max-qlen", type=int, default=None,
+                   help="time the PyTorch loop only at qlens <= this (default: every qlen)")
+    p.add_argument("--large-qlen", type=int, default=None,
+                   help="qlens >= this use --large-repeat timed iterations (default: off)")
+    p.add_argument("--large-repeat", type=int, default=1, help="timed iterations at qlens >= --large-qlen (default 1)")
     p.add_argument("--no-peak", action="store_true", help="skip the FP32 FMA peak measurement")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON")
     args = p.parse_args(argv)
-    if args.threads < 1 or args.repeat < 1:
-        p.error("--threads and --repeat must be >= 1")
+    if args.threads < 1 or args.repeat < 1 or args.large_repeat < 1:
+        p.error("--threads, --repeat and --large-repeat must be >= 1")
+
+    def repeat_for(q):
+        return args.large_repeat if args.large_qlen is not None and q >= args.large_qlen else args.repeat
+
+    torch_qlens = [q for q in args.qlens if args.torch_max_qlen is None or q <= args.torch_max_qlen]
     if args.method is not None and args.methods is not None:
         p.error("give --method or --methods, not both")
     zp_default = not args.no_zero_point
@@ -646,7 +661,8 @@ def main(argv=None) -> int:
     print(f"  threads   : {args.threads} (cpuinfer_threads, torch.set_num_threads); os.cpu_count()={os.cpu_count()}")
     print(f"  dtypes    : hidden {args.dtype}, LoRA {args.lora_dtype}, base weights bf16 (quantized at load by "
           "the INT methods); torch baseline all fp32")
-    print(f"  repeat    : {args.repeat} timed iterations after 1 warm-up, median")
+    print(f"  repeat    : {args.repeat} timed iterations after 1 warm-up, median"
+          + (f"; {args.large_repeat} at qlen >= {args.large_qlen}" if args.large_qlen is not None else ""))
     print("  FLOPs     : step = base + lora, base = 2*3*q*k*H*I (fwd) + 2*3*q*k*H*I (bwd: dh, dx_gate, dx_up),")
     print("              lora = 2*3*q*k*r*(H+I)*3 (fwd + bwd input grad + A/B grads); GFLOP/s counts base + lora")
     print(f"  weights   : bf16 size 3*E*H*I*2 = {BF16_WEIGHT_BYTES / 2**20:.1f} MiB (the 'x bf16' reference)")
@@ -710,7 +726,7 @@ def main(argv=None) -> int:
         for q in args.qlens:
             f0 = _faults()
             with OtherLoad() as other:
-                fwd, bwd, step, kt_out = bench_ktmoe(wrapper, q, args.repeat, x_dtype)
+                fwd, bwd, step, kt_out = bench_ktmoe(wrapper, q, repeat_for(q), x_dtype)
             row_faults = _faults() - f0
             if not skip:
                 kt_outs[(label, q)] = kt_out
@@ -719,7 +735,7 @@ def main(argv=None) -> int:
             gflops = (base + lora) / (step * 1e-3) * 1e-9
             rows.append(dict(method=method, label=label, format=fmt, group_size=args.group_size if spec.kgroup else None,
                              zero_point=bool(zp) if method == "AMXINT4_KGroup_SFT" else None, isa=tier,
-                             qlen=q, kt_fwd_ms=fwd, kt_bwd_ms=bwd, kt_step_ms=step,
+                             qlen=q, repeat=repeat_for(q), kt_fwd_ms=fwd, kt_bwd_ms=bwd, kt_step_ms=step,
                              flops_base=base, flops_lora=lora, gflops=gflops,
                              pct_peak=(100.0 * gflops / peak) if peak else None,
                              weight_bytes=wbytes, weight_ratio_bf16=wbytes / BF16_WEIGHT_BYTES,
@@ -742,18 +758,18 @@ def main(argv=None) -> int:
     rss_kt = peak_rss_mib()
 
     torch_rows = []
-    if not args.no_torch:
+    if not args.no_torch and torch_qlens:
         torch_load_before = loadavg1()
-        print("[PyTorch fp32 loop] timing qlen " + ",".join(map(str, args.qlens)), flush=True)
+        print("[PyTorch fp32 loop] timing qlen " + ",".join(map(str, torch_qlens)), flush=True)
         model = TorchMoE(gate, up, down, kt_loras)  # same (possibly bf16-rounded) LoRA values
         del gate, up, down
         gc.collect()
-        for q in args.qlens:
+        for q in torch_qlens:
             with OtherLoad() as other:
-                tf, tb, ts, t_out = bench_torch(model, q, args.repeat, x_dtype)
+                tf, tb, ts, t_out = bench_torch(model, q, repeat_for(q), x_dtype)
             base, lora = step_flops(q)
             tg = (base + lora) / (ts * 1e-3) * 1e-9
-            torch_rows.append(dict(qlen=q, torch_fwd_ms=tf, torch_bwd_ms=tb, torch_step_ms=ts, gflops=tg,
+            torch_rows.append(dict(qlen=q, repeat=repeat_for(q), torch_fwd_ms=tf, torch_bwd_ms=tb, torch_step_ms=ts, gflops=tg,
                                    pct_peak=(100.0 * tg / peak) if peak else None,
                                    weight_bytes=2 * BF16_WEIGHT_BYTES, weight_ratio_bf16=2.0,
                                    other_load_cores=other.cores))
@@ -847,6 +863,9 @@ def main(argv=None) -> int:
             cpu_info=info,
             threads=args.threads,
             repeat=args.repeat,
+            large_qlen=args.large_qlen,
+            large_repeat=args.large_repeat,
+            torch_max_qlen=args.torch_max_qlen,
             hidden_dtype=args.dtype,
             lora_dtype=args.lora_dtype,
             flops_formula="base=2*3*q*k*H*I (fwd) + 2*3*q*k*H*I (bwd); lora=2*3*q*k*r*(H+I)*3; gflops uses base+lora",
