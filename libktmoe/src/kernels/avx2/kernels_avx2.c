@@ -99,12 +99,72 @@ static void deq_seg(float *dst, const kt_wmat *w, int64_t r, int64_t c, int64_t 
     }
 }
 
+/* ---- prefetching ----
+ * The weights stream from DRAM once per pass; the panel kernels convert a
+ * panel while the next one is fetched: kt_pf spreads the next panel's
+ * cache lines over the row blocks of the current one. */
+
+/* Address of W(r, c) in its data array, and the bytes of n columns. */
+KT_INLINE const char *w_addr(const kt_wmat *w, int64_t r, int64_t c) {
+    const char *d = w->data;
+    switch (w->fmt) {
+    case KT_W_F32: return d + (r * w->ld + c) * 4;
+    case KT_W_BF16: return d + (r * w->ld + c) * 2;
+    case KT_W_I8:
+    case KT_W_FP8: return d + r * w->ld + c;
+    default: return d + r * w->ld + c / 2;
+    }
+}
+
+KT_INLINE int64_t w_bytes(const kt_wmat *w, int64_t n) {
+    switch (w->fmt) {
+    case KT_W_F32: return n * 4;
+    case KT_W_BF16: return n * 2;
+    case KT_W_I8:
+    case KT_W_FP8: return n;
+    default: return (n + 1) / 2;
+    }
+}
+
+/* The lines of `rows` row segments (row r0 + t at column c, n columns;
+ * row index widx[...] if given), fetched a share at a time. */
+typedef struct kt_pf {
+    const kt_wmat *w;
+    const int32_t *widx;
+    int64_t r0, rows, c, lines_per_row, next, total;
+} kt_pf;
+
+KT_INLINE void pf_init(kt_pf *p, const kt_wmat *w, const int32_t *widx, int64_t r0, int64_t rows,
+                       int64_t c, int64_t n) {
+    p->w = w;
+    p->widx = widx;
+    p->r0 = r0;
+    p->rows = rows;
+    p->c = c;
+    uintptr_t a = (uintptr_t)w_addr(w, 0, c);
+    p->lines_per_row = ((int64_t)(a & 63) + w_bytes(w, n) + 63) / 64;
+    p->next = 0;
+    p->total = rows > 0 && n > 0 ? rows * p->lines_per_row : 0;
+}
+
+KT_INLINE void pf_some(kt_pf *p, int64_t count) {
+    for (int64_t e = KT_MIN(p->total, p->next + count); p->next < e; p->next++) {
+        int64_t t = p->next / p->lines_per_row, l = p->next % p->lines_per_row;
+        int64_t r = p->widx ? p->widx[p->r0 + t] : p->r0 + t;
+        const char *a = (const char *)((uintptr_t)w_addr(p->w, r, p->c) & ~(uintptr_t)63);
+        _mm_prefetch(a + 64 * l, _MM_HINT_T0);
+    }
+}
+
 /* ---- dot form ----
  * Rows of W are converted to fp32 once per (row block, K chunk) into a small
  * panel on the stack, then every 3-row block of A streams past it; partial
  * sums stay as vectors across K chunks and are reduced once at the end. */
 
 #define KT_DOT_KC 512  /* K chunk of the fp32 W panel (4 x 512 x 4 B = 8 KB) */
+/* panel row stride: one line more than the chunk, so that the four rows
+ * fall in different L1 sets (rows 4 KB apart share a set) */
+#define KT_DOT_LDP (KT_DOT_KC + 16)
 #define KT_DOT_MC 48   /* rows of A per pass over a W panel               */
 
 /* panel == NULL: read the W rows (w + row*ldw + k) directly, converting as
@@ -119,7 +179,7 @@ KT_INLINE void dot_micro(const int MR, const int NR, int64_t kc, const float *co
         __m256 av[3];
         for (int i = 0; i < MR; i++) av[i] = _mm256_loadu_ps(a[i] + k);
         for (int j = 0; j < NR; j++) {
-            __m256 wv = panel ? _mm256_loadu_ps(panel + j * KT_DOT_KC + k)
+            __m256 wv = panel ? _mm256_loadu_ps(panel + j * KT_DOT_LDP + k)
                               : ld8_w(w, bf16, (wrow + j) * ldw + k);
             for (int i = 0; i < MR; i++) c[i][j] = _mm256_fmadd_ps(av[i], wv, c[i][j]);
         }
@@ -137,7 +197,7 @@ KT_INLINE void dot_micro(const int MR, const int NR, int64_t kc, const float *co
 KT_INLINE void dot_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const float *a,
                         int64_t lda, const int32_t *aidx, const kt_wmat *W,
                         float *c, int64_t ldc, int accum) {
-    float panel[4 * KT_DOT_KC] __attribute__((aligned(32)));
+    float panel[4 * KT_DOT_LDP] __attribute__((aligned(32)));
     __m256 accbuf[(KT_DOT_MC / 3) * 12];
     int64_t K8 = K & ~(int64_t)7;
     const void *w = W->data;
@@ -152,9 +212,16 @@ KT_INLINE void dot_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const f
                 int64_t kc = KT_MIN(KT_DOT_KC, K8 - k0);
                 const void *wk0 = bf16 ? (const void *)((const uint16_t *)w + k0)
                                        : (const void *)((const float *)w + k0);
+                kt_pf pf;
+                if (k0 + KT_DOT_KC < K8)
+                    pf_init(&pf, W, NULL, j, nr, k0 + KT_DOT_KC, KT_MIN(KT_DOT_KC, K8 - k0 - KT_DOT_KC));
+                else
+                    pf_init(&pf, W, NULL, j + 4, KT_MIN(4, n - j - 4), 0, KT_MIN(KT_DOT_KC, K8));
+                int64_t pf_share = (pf.total + (mc + 2) / 3 - 1) / ((mc + 2) / 3);
                 if (!direct)
-                    for (int t = 0; t < nr; t++) deq_seg(panel + t * KT_DOT_KC, W, j + t, k0, kc);
+                    for (int t = 0; t < nr; t++) deq_seg(panel + t * KT_DOT_LDP, W, j + t, k0, kc);
                 for (int64_t i = 0; i < mc; i += 3) {
+                    pf_some(&pf, pf_share);
                     int mr = (int)KT_MIN(3, mc - i);
                     const float *ap[3];
                     for (int t = 0; t < mr; t++) ap[t] = a + (aidx ? aidx[i0 + i + t] : i0 + i + t) * lda + k0;
@@ -235,7 +302,15 @@ static void outer_pack(float *panel, const kt_wmat *W, const int32_t *widx, int6
                        int64_t k1, int64_t j, int nvec) {
     int64_t gc = W->g0 + j;
     int fmt = W->fmt;
-    if (fmt == KT_W_F32 || fmt == KT_W_BF16 || gc % W->gs + 8 * nvec > W->gs) {
+    if (fmt == KT_W_BF16) { /* the common case, without a call per row */
+        const uint16_t *w = (const uint16_t *)W->data + j;
+        for (int64_t k = k0; k < k1; k++) {
+            const uint16_t *row = w + (widx ? widx[k] : k) * W->ld;
+            for (int v = 0; v < nvec; v++) _mm256_store_ps(panel + (k - k0) * 16 + 8 * v, ld8_bf16(row + 8 * v));
+        }
+        return;
+    }
+    if (fmt == KT_W_F32 || gc % W->gs + 8 * nvec > W->gs) {
         for (int64_t k = k0; k < k1; k++) deq_seg(panel + (k - k0) * 16, W, widx ? widx[k] : k, j, 8 * nvec);
         return;
     }
@@ -266,9 +341,16 @@ KT_INLINE void outer_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const
         for (int64_t k0 = 0; k0 < K; k0 += KT_KC) {
             int64_t k1 = KT_MIN(K, k0 + KT_KC);
             int load_c = accum || k0 > 0;
+            kt_pf pf;
+            if (k1 < K)
+                pf_init(&pf, W, widx, k1, KT_MIN(K, k1 + KT_KC) - k1, j, 8 * nvec);
+            else
+                pf_init(&pf, W, widx, 0, j + 16 < nv ? KT_MIN(K, KT_KC) : 0, j + 16, 16);
+            int64_t pf_share = (pf.total + (m + 5) / 6 - 1) / ((m + 5) / 6);
             if (!direct) outer_pack(panel, W, widx, k0, k1, j, nvec);
             for (int64_t i = 0; i < m; i += 6) {
                 int mr = (int)KT_MIN(6, m - i);
+                pf_some(&pf, pf_share);
                 const float *dp[6];
                 float *cr[6];
                 for (int t = 0; t < mr; t++) {
