@@ -6,8 +6,10 @@
  *   8 k per step; W rows are converted (bf16) or dequantized (int8, int4)
  *   to an fp32 panel; one horizontal sum per output at the end.
  * outer form (dh W, backward): 6 rows of D x 16 columns of W per
- *   micro-kernel, D broadcast from memory, K blocked by 256 so the W panel
- *   stays in L1 while all rows stream past it.
+ *   micro-kernel, D broadcast from memory; W converted to an fp32 panel of
+ *   128 rows x 32 columns (whole 64-byte lines of bf16) that stays in L1
+ *   while all rows of D stream past it.
+ * Both forms prefetch the next panel's weights while computing one.
  * Quantized W is dequantized 8 columns at a time to exactly the fp32 values
  * of kt_w_at (the ref tier's definition), so tiers differ only in the order
  * of the fp32 sums. */
@@ -246,9 +248,8 @@ KT_INLINE void dot_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const f
         }
     }
 }
-void kt_dot_avx2(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
-                         const int32_t *aidx, const kt_wmat *w, float *c, int64_t ldc,
-                         int accum) {
+static void dot_rows(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
+                     const int32_t *aidx, const kt_wmat *w, float *c, int64_t ldc, int accum) {
     if (w->fmt == KT_W_F32)
         dot_avx2(0, m, n, K, a, lda, aidx, w, c, ldc, accum);
     else
@@ -257,7 +258,10 @@ void kt_dot_avx2(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
 
 /* ---- outer form ---- */
 
-#define KT_KC 256
+#define KT_KC 128 /* K chunk of the outer-form panel                       */
+#define KT_PW 32  /* panel width: a 64-byte line of bf16 weights, used whole
+                   * by one pass (a half line used per pass was fetched
+                   * twice when W's rows are 4 KB apart)                     */
 
 /* C[0..MR)[j0..j0+8*NV) (+)= sum_{k < kc} D(i,k0+k) panel[k][0..8*NV); NV = 1 or 2 */
 /* panel == NULL: read W rows k0.. directly (row (widx ? widx[k] : k) of w,
@@ -273,7 +277,7 @@ KT_INLINE void outer_micro(const int MR, const int NV, int64_t kc, const float *
     for (int64_t k = 0; k < kc; k++) {
         __m256 wv[2];
         if (panel) {
-            for (int v = 0; v < NV; v++) wv[v] = _mm256_load_ps(panel + k * 16 + 8 * v);
+            for (int v = 0; v < NV; v++) wv[v] = _mm256_load_ps(panel + k * KT_PW + 8 * v);
         } else {
             int64_t row = (widx ? widx[k0 + k] : k0 + k) * ldw + j0;
             for (int v = 0; v < NV; v++) wv[v] = ld8_w(w, bf16, row + 8 * v);
@@ -290,14 +294,14 @@ KT_INLINE void outer_micro(const int MR, const int NV, int64_t kc, const float *
 #define OUTER_CASE(MR, NV)                                                                 \
     case (MR) * 4 + (NV):                                                                   \
         if (direct)                                                                         \
-            outer_micro(MR, NV, k1 - k0, dp, dsk, NULL, bf16, w, ldw, widx, k0, j, cr, load_c); \
+            outer_micro(MR, NV, k1 - k0, dp, dsk, NULL, bf16, w, ldw, widx, k0, jh, cr, load_c); \
         else if (dsk == 1)                                                                  \
-            outer_micro(MR, NV, k1 - k0, dp, 1, panel, bf16, w, ldw, widx, k0, j, cr, load_c);  \
+            outer_micro(MR, NV, k1 - k0, dp, 1, ph, bf16, w, ldw, widx, k0, jh, cr, load_c);  \
         else                                                                                \
-            outer_micro(MR, NV, k1 - k0, dp, dsk, panel, bf16, w, ldw, widx, k0, j, cr, load_c); \
+            outer_micro(MR, NV, k1 - k0, dp, dsk, ph, bf16, w, ldw, widx, k0, jh, cr, load_c); \
         break;
 
-/* W panel rows [k0, k1), columns [j, j + 8 nvec) to fp32, 16 floats a row. */
+/* W panel rows [k0, k1), columns [j, j + 8 nvec) to fp32, KT_PW floats a row. */
 static void outer_pack(float *panel, const kt_wmat *W, const int32_t *widx, int64_t k0,
                        int64_t k1, int64_t j, int nvec) {
     int64_t gc = W->g0 + j;
@@ -306,12 +310,12 @@ static void outer_pack(float *panel, const kt_wmat *W, const int32_t *widx, int6
         const uint16_t *w = (const uint16_t *)W->data + j;
         for (int64_t k = k0; k < k1; k++) {
             const uint16_t *row = w + (widx ? widx[k] : k) * W->ld;
-            for (int v = 0; v < nvec; v++) _mm256_store_ps(panel + (k - k0) * 16 + 8 * v, ld8_bf16(row + 8 * v));
+            for (int v = 0; v < nvec; v++) _mm256_store_ps(panel + (k - k0) * KT_PW + 8 * v, ld8_bf16(row + 8 * v));
         }
         return;
     }
     if (fmt == KT_W_F32 || gc % W->gs + 8 * nvec > W->gs) {
-        for (int64_t k = k0; k < k1; k++) deq_seg(panel + (k - k0) * 16, W, widx ? widx[k] : k, j, 8 * nvec);
+        for (int64_t k = k0; k < k1; k++) deq_seg(panel + (k - k0) * KT_PW, W, widx ? widx[k] : k, j, 8 * nvec);
         return;
     }
     /* the columns lie in one group: one group lookup per row */
@@ -320,7 +324,7 @@ static void outer_pack(float *panel, const kt_wmat *W, const int32_t *widx, int6
         int64_t r = widx ? widx[k] : k;
         const uint8_t *row = (const uint8_t *)W->data + r * W->ld;
         deq_grp d = deq_group(W, r, g);
-        float *dst = panel + (k - k0) * 16;
+        float *dst = panel + (k - k0) * KT_PW;
         for (int v = 0; v < nvec; v++) _mm256_store_ps(dst + 8 * v, deq8(fmt, row, j + 8 * v, &d));
     }
 }
@@ -328,7 +332,7 @@ static void outer_pack(float *panel, const kt_wmat *W, const int32_t *widx, int6
 KT_INLINE void outer_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const float *d,
                           int64_t dsi, int64_t dsk, const int32_t *didx, const kt_wmat *W,
                           const int32_t *widx, float *c, int64_t ldc, int accum) {
-    float panel[KT_KC * 16] __attribute__((aligned(32)));
+    float panel[KT_KC * KT_PW] __attribute__((aligned(32)));
     int64_t nv = n & ~(int64_t)7;
     const void *w = W->data;
     const int64_t ldw = W->ld;
@@ -336,8 +340,8 @@ KT_INLINE void outer_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const
     const int direct = m <= 2 && (W->fmt == KT_W_F32 || W->fmt == KT_W_BF16);
     if (K == 0 && !accum)
         for (int64_t i = 0; i < m; i++) memset(c + i * ldc, 0, (size_t)n * 4);
-    for (int64_t j = 0; j < nv; j += 16) {
-        int nvec = j + 16 <= nv ? 2 : 1;
+    for (int64_t j = 0; j < nv; j += KT_PW) {
+        int nvec = (int)KT_MIN(KT_PW, nv - j) / 8;
         for (int64_t k0 = 0; k0 < K; k0 += KT_KC) {
             int64_t k1 = KT_MIN(K, k0 + KT_KC);
             int load_c = accum || k0 > 0;
@@ -345,7 +349,8 @@ KT_INLINE void outer_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const
             if (k1 < K)
                 pf_init(&pf, W, widx, k1, KT_MIN(K, k1 + KT_KC) - k1, j, 8 * nvec);
             else
-                pf_init(&pf, W, widx, 0, j + 16 < nv ? KT_MIN(K, KT_KC) : 0, j + 16, 16);
+                pf_init(&pf, W, widx, 0, j + KT_PW < nv ? KT_MIN(K, KT_KC) : 0, j + KT_PW,
+                        KT_MIN(KT_PW, nv - j - KT_PW));
             int64_t pf_share = (pf.total + (m + 5) / 6 - 1) / ((m + 5) / 6);
             if (!direct) outer_pack(panel, W, widx, k0, k1, j, nvec);
             for (int64_t i = 0; i < m; i += 6) {
@@ -357,11 +362,15 @@ KT_INLINE void outer_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const
                     dp[t] = d + (didx ? didx[i + t] : i + t) * dsi + k0 * dsk;
                     cr[t] = c + (i + t) * ldc;
                 }
-                switch (mr * 4 + nvec) {
-                    OUTER_CASE(6, 2) OUTER_CASE(5, 2) OUTER_CASE(4, 2)
-                    OUTER_CASE(3, 2) OUTER_CASE(2, 2) OUTER_CASE(1, 2)
-                    OUTER_CASE(6, 1) OUTER_CASE(5, 1) OUTER_CASE(4, 1)
-                    OUTER_CASE(3, 1) OUTER_CASE(2, 1) OUTER_CASE(1, 1)
+                for (int h = 0; h < nvec; h += 2) { /* 16-column halves of the panel */
+                    int64_t jh = j + 8 * h;
+                    const float *ph = panel + 8 * h;
+                    switch (mr * 4 + KT_MIN(2, nvec - h)) {
+                        OUTER_CASE(6, 2) OUTER_CASE(5, 2) OUTER_CASE(4, 2)
+                        OUTER_CASE(3, 2) OUTER_CASE(2, 2) OUTER_CASE(1, 2)
+                        OUTER_CASE(6, 1) OUTER_CASE(5, 1) OUTER_CASE(4, 1)
+                        OUTER_CASE(3, 1) OUTER_CASE(2, 1) OUTER_CASE(1, 1)
+                    }
                 }
             }
         }
@@ -386,6 +395,112 @@ void kt_outer_avx2(int64_t m, int64_t n, int64_t K, const float *d, int64_t dsi,
         outer_avx2(0, m, n, K, d, dsi, dsk, didx, w, widx, c, ldc, accum);
     else
         outer_avx2(1, m, n, K, d, dsi, dsk, didx, w, widx, c, ldc, accum);
+}
+
+/* ---- dot form through the outer micro-kernel ----
+ * With a dozen rows of A or more, x W^T runs as the outer form does: 32 rows
+ * of W are converted and transposed into a [k][32] panel, A's elements are
+ * broadcast, and the outputs are whole vectors of C's rows.  The dot
+ * micro-kernel above needs 7 loads per 12 FMAs and horizontal sums; this one
+ * 8 (6 of them broadcasts) and none, which runs nearer the FMA peak. */
+
+/* The 8 x 8 block v[r][q] -> v[q][r]. */
+KT_INLINE void transpose8(__m256 v[8]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(v[i], v[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(v[i], v[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4)
+        for (int h = 0; h < 2; h++) {
+            u[i + h] = _mm256_shuffle_ps(t[i + h], t[i + 2 + h], _MM_SHUFFLE(1, 0, 1, 0));
+            u[i + 2 + h] = _mm256_shuffle_ps(t[i + h], t[i + 2 + h], _MM_SHUFFLE(3, 2, 3, 2));
+        }
+    /* u: rows 0..3 of each 128-bit half in u[0], u[2], u[1], u[3] (and +4) */
+    const int ord[4] = {0, 2, 1, 3};
+    for (int q = 0; q < 4; q++) {
+        v[q] = _mm256_permute2f128_ps(u[ord[q]], u[4 + ord[q]], 0x20);
+        v[q + 4] = _mm256_permute2f128_ps(u[ord[q]], u[4 + ord[q]], 0x31);
+    }
+}
+
+/* panel[k][t] = W(j + t, k0 + k) for t < 8 nvec, k < kc (kc a multiple of 8);
+ * tmp: [32][KT_KC] floats for the dequantized formats. */
+static void dot_tpack(float *panel, float *tmp, const kt_wmat *W, int64_t j, int nvec,
+                      int64_t k0, int64_t kc) {
+    const int plain = W->fmt == KT_W_F32 || W->fmt == KT_W_BF16;
+    if (!plain)
+        for (int t = 0; t < 8 * nvec; t++) deq_seg(tmp + t * KT_KC, W, j + t, k0, kc);
+    for (int b = 0; b < nvec; b++)
+        for (int64_t k = 0; k < kc; k += 8) {
+            __m256 v[8];
+            for (int r = 0; r < 8; r++) {
+                int64_t row = j + 8 * b + r;
+                v[r] = W->fmt == KT_W_BF16 ? ld8_bf16((const uint16_t *)W->data + row * W->ld + k0 + k)
+                       : W->fmt == KT_W_F32 ? _mm256_loadu_ps((const float *)W->data + row * W->ld + k0 + k)
+                                            : _mm256_loadu_ps(tmp + (8 * b + r) * KT_KC + k);
+            }
+            transpose8(v);
+            for (int q = 0; q < 8; q++) _mm256_store_ps(panel + (k + q) * KT_PW + 8 * b, v[q]);
+        }
+}
+
+#define DOTT_CASE(MR, NV)                                                                  \
+    case (MR) * 4 + (NV):                                                                   \
+        outer_micro(MR, NV, kc, dp, 1, ph, 1, NULL, 0, NULL, 0, jh, cr, load_c);            \
+        break;
+
+static void dot_panels(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
+                       const int32_t *aidx, const kt_wmat *W, float *c, int64_t ldc, int accum) {
+    float panel[KT_KC * KT_PW] __attribute__((aligned(32)));
+    float tmp[KT_PW * KT_KC] __attribute__((aligned(32)));
+    int64_t nv = n & ~(int64_t)7;
+    for (int64_t j = 0; j < nv; j += KT_PW) {
+        int nvec = (int)KT_MIN(KT_PW, nv - j) / 8;
+        for (int64_t k0 = 0; k0 < K; k0 += KT_KC) {
+            int64_t kc = KT_MIN(KT_KC, K - k0), k1 = k0 + kc;
+            int load_c = accum || k0 > 0;
+            kt_pf pf;
+            if (k1 < K)
+                pf_init(&pf, W, NULL, j, 8 * nvec, k1, KT_MIN(KT_KC, K - k1));
+            else
+                pf_init(&pf, W, NULL, j + KT_PW, KT_MIN(KT_PW, nv - j - KT_PW), 0, KT_MIN(KT_KC, K));
+            int64_t pf_share = (pf.total + (m + 5) / 6 - 1) / ((m + 5) / 6);
+            dot_tpack(panel, tmp, W, j, nvec, k0, kc);
+            for (int64_t i = 0; i < m; i += 6) {
+                int mr = (int)KT_MIN(6, m - i);
+                pf_some(&pf, pf_share);
+                const float *dp[6];
+                float *cr[6];
+                for (int t = 0; t < mr; t++) {
+                    dp[t] = a + (aidx ? aidx[i + t] : i + t) * lda + k0;
+                    cr[t] = c + (i + t) * ldc;
+                }
+                for (int h = 0; h < nvec; h += 2) {
+                    int64_t jh = j + 8 * h;
+                    const float *ph = panel + 8 * h;
+                    switch (mr * 4 + KT_MIN(2, nvec - h)) {
+                        DOTT_CASE(6, 2) DOTT_CASE(5, 2) DOTT_CASE(4, 2)
+                        DOTT_CASE(3, 2) DOTT_CASE(2, 2) DOTT_CASE(1, 2)
+                        DOTT_CASE(6, 1) DOTT_CASE(5, 1) DOTT_CASE(4, 1)
+                        DOTT_CASE(3, 1) DOTT_CASE(2, 1) DOTT_CASE(1, 1)
+                    }
+                }
+            }
+        }
+    }
+    if (nv < n) { /* rows of W past the last multiple of 8 */
+        kt_wmat rest = kt_wsub(W, nv, 0);
+        dot_rows(m, n - nv, K, a, lda, aidx, &rest, c + nv, ldc, accum);
+    }
+}
+
+void kt_dot_avx2(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
+                 const int32_t *aidx, const kt_wmat *w, float *c, int64_t ldc, int accum) {
+    if (m >= 12 && n >= 8 && K > 0 && K % 8 == 0)
+        dot_panels(m, n, K, a, lda, aidx, w, c, ldc, accum);
+    else
+        dot_rows(m, n, K, a, lda, aidx, w, c, ldc, accum);
 }
 
 /* ---- integer dot form (int8 activations, inference): qdot_ymm.h ---- */
