@@ -319,6 +319,7 @@ extern const kt_kernels kt_kernels_ref;
 extern const kt_kernels kt_kernels_avx2;
 extern const kt_kernels kt_kernels_avx512;      /* without AVX512-VNNI */
 extern const kt_kernels kt_kernels_avx512_vnni;
+extern const kt_kernels kt_kernels_amx;
 /* The avx2 tier's kernels, which the avx512 tables share. */
 void kt_dot_avx2(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
                  const int32_t *aidx, const kt_wmat *w, float *c, int64_t ldc, int accum);
