@@ -1,5 +1,11 @@
 /* Instruction-set tiers: which are compiled, which this CPU runs, which is
- * chosen.  Kernels of a tier live in kernels/<tier>/. */
+ * chosen.  Kernels of a tier live in kernels/<tier>/.
+ *
+ * In the emulation build (KTMOE_EMULATE, meson option emulate) the avx512
+ * and amx tier sources are compiled against kernels/emu/kt_emu.h, portable
+ * code for the AVX-512 / AMX instructions they use, with the avx2 flags
+ * only: those tiers then need only what the avx2 tier needs, and the
+ * avx512 tier always takes its VNNI table (emulated vpdpbusd). */
 #include "internal.h"
 
 #include <stdlib.h>
@@ -24,8 +30,15 @@ const kt_kernels *kt_kernels_get(ktmoe_isa isa) {
 #endif
 #if defined(KTMOE_HAVE_AVX512)
     case KTMOE_ISA_AVX512:
+#if defined(KTMOE_EMULATE)
+        return &kt_kernels_avx512_vnni;
+#else
         return (kt_cpu_features() & KTMOE_CPU_AVX512_VNNI) ? &kt_kernels_avx512_vnni
                                                            : &kt_kernels_avx512;
+#endif
+#endif
+#if defined(KTMOE_HAVE_AMX)
+    case KTMOE_ISA_AMX: return &kt_kernels_amx;
 #endif
     default: return NULL;
     }
@@ -40,8 +53,13 @@ static int kt_cpu_has(ktmoe_isa isa) {
     const uint32_t avx2 = KTMOE_CPU_AVX2 | KTMOE_CPU_FMA | KTMOE_CPU_F16C;
     const uint32_t avx512 = avx2 | KTMOE_CPU_AVX512F | KTMOE_CPU_AVX512BW |
                             KTMOE_CPU_AVX512VL;
-    const uint32_t amx = avx512 | KTMOE_CPU_AMX_TILE | KTMOE_CPU_AMX_BF16 |
-                         KTMOE_CPU_AMX_INT8;
+    /* the amx files are compiled with the AVX512-VNNI/BF16 flags too (every
+     * AMX CPU has them) */
+    const uint32_t amx = avx512 | KTMOE_CPU_AVX512_VNNI | KTMOE_CPU_AVX512_BF16 |
+                         KTMOE_CPU_AMX_TILE | KTMOE_CPU_AMX_BF16 | KTMOE_CPU_AMX_INT8;
+#if defined(KTMOE_EMULATE)
+    if (isa == KTMOE_ISA_AVX512 || isa == KTMOE_ISA_AMX) return (f & avx2) == avx2;
+#endif
     switch (isa) {
     case KTMOE_ISA_REF: return 1;
     case KTMOE_ISA_AVX2: return (f & avx2) == avx2;
@@ -53,6 +71,15 @@ static int kt_cpu_has(ktmoe_isa isa) {
 
 KTMOE_API int32_t ktmoe_isa_usable(ktmoe_isa isa) {
     return ktmoe_isa_compiled(isa) && kt_cpu_has(isa);
+}
+
+KTMOE_API int32_t ktmoe_isa_emulated(ktmoe_isa isa) {
+#if defined(KTMOE_EMULATE)
+    return (isa == KTMOE_ISA_AVX512 || isa == KTMOE_ISA_AMX) && ktmoe_isa_compiled(isa);
+#else
+    KT_UNUSED(isa);
+    return 0;
+#endif
 }
 
 /* The KTMOE_ISA environment cap; AMX (the top) when unset or unknown. */

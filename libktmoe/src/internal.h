@@ -315,10 +315,17 @@ typedef struct kt_kernels {
 } kt_kernels;
 
 const kt_kernels *kt_kernels_get(ktmoe_isa isa); /* NULL if not compiled */
+/* 1 if the tier is compiled in as a portable emulation of its instructions
+ * (meson option emulate=true: the avx512 and amx tiers on any AVX2 CPU,
+ * correct but slow).  Exported for tools and tests; it joins ktmoe.h
+ * together with the cffi CDEF of the Python package (the test suite checks
+ * that the two list the same functions). */
+KTMOE_API int32_t ktmoe_isa_emulated(ktmoe_isa isa);
 extern const kt_kernels kt_kernels_ref;
 extern const kt_kernels kt_kernels_avx2;
 extern const kt_kernels kt_kernels_avx512;      /* without AVX512-VNNI */
 extern const kt_kernels kt_kernels_avx512_vnni;
+extern const kt_kernels kt_kernels_amx;
 /* The avx2 tier's kernels, which the avx512 tables share. */
 void kt_dot_avx2(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
                  const int32_t *aidx, const kt_wmat *w, float *c, int64_t ldc, int accum);

@@ -1,0 +1,240 @@
+/* Portable emulation of the AVX-512 / AMX intrinsics the avx512 and amx
+ * tiers use, for the emulation build (meson option emulate=true): the tier
+ * sources are compiled unchanged with only the avx2 flags and this header
+ * force-included (-include) before them.  It includes <immintrin.h> first
+ * (which declares the real intrinsics, usable only with their target
+ * flags), then defines static inline functions under kt_emu_* names and
+ * #defines the intrinsic names to them, so every later use in the tier
+ * source expands to the emulation.  An intrinsic a tier uses and this
+ * header lacks fails to compile ("target specific option mismatch"), so
+ * the list below is exactly what the tiers need.
+ *
+ * Semantics follow the pseudo-code of the Intel SDM / intrinsics guide:
+ *
+ *   vpdpbusd (_mm256_dpbusd_epi32)  per dword lane: the 4 products of
+ *     unsigned bytes of a and signed bytes of b (exact in 16 bits), summed
+ *     and added to src with 32-bit wrap-around (no saturation).
+ *   ldtilecfg / tilerelease / tileloadd / tilestored / tilezero  on a
+ *     thread-local tile state (8 tiles of 16 rows x 64 bytes, palette 1);
+ *     a load writes rows[t] rows of colsb[t] bytes and zeroes the rest of
+ *     the tile; loading a config zeroes all tiles.
+ *   tdpbf16ps  for each row m of dst, pair k of src1 and column n:
+ *       tmp[n] += f32(a[m].bf16[2k])   * f32(b[k].bf16[2n])
+ *       tmp[n] += f32(a[m].bf16[2k+1]) * f32(b[k].bf16[2n+1])
+ *     in that order, each product and each sum rounded to fp32 (nearest
+ *     even), denormal bf16 inputs read as zero and denormal results
+ *     flushed to zero (DAZ/FTZ, MXCSR not consulted).
+ *   tdpbssd / tdpbsud / tdpbusd / tdpbuud  for each row m, dword k of src1
+ *     and column n: tmp[n] += the 4 products of the bytes (signed or
+ *     unsigned as the name says: s/u for src1, then src2), 32-bit
+ *     wrap-around.
+ * Where the hardware raises #UD or #GP (tiles not configured, shapes that
+ * do not match: dst.rows != src1.rows, src1.colsb / 4 != src2.rows,
+ * src2.colsb != dst.colsb, bad config), the emulation fills the
+ * destination (or the stored memory) with NaN bit patterns instead, so a
+ * misuse makes the tests fail rather than pass silently. */
+#ifndef KT_EMU_H
+#define KT_EMU_H
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#define KT_EMULATED 1
+
+/* ---- AVX512-VNNI (256-bit, VL encoding) ---- */
+
+static inline __m256i kt_emu_mm256_dpbusd_epi32(__m256i src, __m256i a, __m256i b) {
+    /* even and odd bytes as 16-bit lanes: a zero-extended, b sign-extended;
+     * vpmaddwd then sums 2 exact products per dword, twice */
+    const __m256i lo8 = _mm256_set1_epi16(0x00FF);
+    __m256i ae = _mm256_and_si256(a, lo8), ao = _mm256_srli_epi16(a, 8);
+    __m256i be = _mm256_srai_epi16(_mm256_slli_epi16(b, 8), 8), bo = _mm256_srai_epi16(b, 8);
+    __m256i s = _mm256_add_epi32(_mm256_madd_epi16(ae, be), _mm256_madd_epi16(ao, bo));
+    return _mm256_add_epi32(src, s);
+}
+#undef _mm256_dpbusd_epi32
+#define _mm256_dpbusd_epi32 kt_emu_mm256_dpbusd_epi32
+
+/* ---- AMX ---- */
+
+typedef struct kt_emu_tilestate {
+    int configured;
+    uint16_t colsb[8];
+    uint8_t rows[8];
+    uint8_t t[8][16][64];
+} kt_emu_tilestate;
+
+static __thread kt_emu_tilestate kt_emu_tiles;
+
+static inline void kt_emu_tile_poison(uint8_t *p, int64_t rows, int64_t colsb, int64_t stride) {
+    for (int64_t r = 0; r < rows; r++) memset(p + r * stride, 0xFF, (size_t)colsb);
+}
+
+static inline void kt_emu_tile_release(void) { memset(&kt_emu_tiles, 0, sizeof kt_emu_tiles); }
+
+/* The 64-byte config: palette (byte 0), start_row (1), reserved (2-15),
+ * colsb of tiles 0-15 (16-bit, bytes 16-47), rows of tiles 0-15 (48-63).
+ * Palette 0 releases; palette 1: 8 tiles of at most 16 rows x 64 bytes. */
+static inline void kt_emu_tile_loadconfig(const void *config) {
+    const uint8_t *c = (const uint8_t *)config;
+    kt_emu_tile_release();
+    if (c[0] == 0) return;
+    int ok = c[0] == 1;
+    for (int i = 2; i < 16; i++) ok &= c[i] == 0;
+    for (int i = 0; i < 16; i++) {
+        uint16_t colsb;
+        memcpy(&colsb, c + 16 + 2 * i, 2);
+        uint8_t rows = c[48 + i];
+        if (i >= 8) {
+            ok &= colsb == 0 && rows == 0;
+            continue;
+        }
+        ok &= colsb <= 64 && rows <= 16 && (colsb == 0) == (rows == 0);
+        kt_emu_tiles.colsb[i] = colsb;
+        kt_emu_tiles.rows[i] = rows;
+    }
+    kt_emu_tiles.configured = ok;
+}
+
+static inline int kt_emu_tile_ok(int t) {
+    return kt_emu_tiles.configured && t >= 0 && t < 8 && kt_emu_tiles.rows[t] > 0;
+}
+
+static inline void kt_emu_tile_poison_tile(int t) {
+    if (t >= 0 && t < 8) memset(kt_emu_tiles.t[t], 0xFF, sizeof kt_emu_tiles.t[t]);
+}
+
+static inline void kt_emu_tile_loadd(int t, const void *base, int64_t stride) {
+    if (!kt_emu_tile_ok(t)) {
+        kt_emu_tile_poison_tile(t);
+        return;
+    }
+    memset(kt_emu_tiles.t[t], 0, sizeof kt_emu_tiles.t[t]);
+    for (int r = 0; r < kt_emu_tiles.rows[t]; r++)
+        memcpy(kt_emu_tiles.t[t][r], (const uint8_t *)base + r * stride, kt_emu_tiles.colsb[t]);
+}
+
+static inline void kt_emu_tile_stored(int t, void *base, int64_t stride) {
+    if (!kt_emu_tile_ok(t)) {
+        if (kt_emu_tiles.configured && t >= 0 && t < 8)
+            kt_emu_tile_poison((uint8_t *)base, kt_emu_tiles.rows[t], kt_emu_tiles.colsb[t], stride);
+        return;
+    }
+    for (int r = 0; r < kt_emu_tiles.rows[t]; r++)
+        memcpy((uint8_t *)base + r * stride, kt_emu_tiles.t[t][r], kt_emu_tiles.colsb[t]);
+}
+
+static inline void kt_emu_tile_zero(int t) {
+    if (!kt_emu_tile_ok(t)) {
+        kt_emu_tile_poison_tile(t);
+        return;
+    }
+    memset(kt_emu_tiles.t[t], 0, sizeof kt_emu_tiles.t[t]);
+}
+
+/* The #UD shape checks of the tile dot products. */
+static inline int kt_emu_tile_dp_ok(int d, int a, int b) {
+    const kt_emu_tilestate *s = &kt_emu_tiles;
+    return kt_emu_tile_ok(d) && kt_emu_tile_ok(a) && kt_emu_tile_ok(b) && d != a && d != b &&
+           a != b && s->rows[d] == s->rows[a] && s->colsb[a] % 4 == 0 && s->colsb[d] % 4 == 0 &&
+           s->colsb[a] / 4 == s->rows[b] && s->colsb[b] == s->colsb[d];
+}
+
+/* fp32 with a denormal flushed to (signed) zero. */
+static inline float kt_emu_ftz(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    if ((u & 0x7F800000u) == 0) u &= 0x80000000u;
+    memcpy(&x, &u, 4);
+    return x;
+}
+
+/* A bf16 as fp32, denormals read as zero. */
+static inline float kt_emu_bf16_daz(const uint8_t *p) {
+    uint16_t v;
+    memcpy(&v, p, 2);
+    uint32_t u = (uint32_t)v << 16;
+    if ((u & 0x7F800000u) == 0) u &= 0x80000000u;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Rows past dst.rows and bytes past dst.colsb are zeroed (write_row_and_zero,
+ * zero_upper_rows). */
+static inline void kt_emu_tile_dpbf16ps(int d, int a, int b) {
+    kt_emu_tilestate *s = &kt_emu_tiles;
+    if (!kt_emu_tile_dp_ok(d, a, b)) {
+        kt_emu_tile_poison_tile(d);
+        return;
+    }
+    int M = s->rows[d], N = s->colsb[d] / 4, KP = s->colsb[a] / 4;
+    for (int m = 0; m < M; m++) {
+        float tmp[16];
+        memcpy(tmp, s->t[d][m], (size_t)N * 4);
+        for (int k = 0; k < KP; k++)
+            for (int n = 0; n < N; n++) {
+                for (int e = 0; e < 2; e++) {
+                    float x = kt_emu_bf16_daz(&s->t[a][m][4 * k + 2 * e]);
+                    float y = kt_emu_bf16_daz(&s->t[b][k][4 * n + 2 * e]);
+                    float p = kt_emu_ftz(x * y);
+                    tmp[n] = kt_emu_ftz(tmp[n] + p);
+                }
+            }
+        memset(s->t[d][m], 0, 64);
+        memcpy(s->t[d][m], tmp, (size_t)N * 4);
+    }
+    for (int m = M; m < 16; m++) memset(s->t[d][m], 0, 64);
+}
+
+/* The byte dot products; sa / sb: bytes of src1 / src2 signed. */
+static inline void kt_emu_tile_dpb(int d, int a, int b, int sa, int sb) {
+    kt_emu_tilestate *s = &kt_emu_tiles;
+    if (!kt_emu_tile_dp_ok(d, a, b)) {
+        kt_emu_tile_poison_tile(d);
+        return;
+    }
+    int M = s->rows[d], N = s->colsb[d] / 4, KD = s->colsb[a] / 4;
+    for (int m = 0; m < M; m++) {
+        uint32_t tmp[16];
+        memcpy(tmp, s->t[d][m], (size_t)N * 4);
+        for (int k = 0; k < KD; k++)
+            for (int n = 0; n < N; n++) {
+                uint32_t acc = tmp[n];
+                for (int e = 0; e < 4; e++) {
+                    uint8_t x = s->t[a][m][4 * k + e], y = s->t[b][k][4 * n + e];
+                    int32_t xv = sa ? (int32_t)(int8_t)x : (int32_t)x;
+                    int32_t yv = sb ? (int32_t)(int8_t)y : (int32_t)y;
+                    acc += (uint32_t)(xv * yv);
+                }
+                tmp[n] = acc;
+            }
+        memset(s->t[d][m], 0, 64);
+        memcpy(s->t[d][m], tmp, (size_t)N * 4);
+    }
+    for (int m = M; m < 16; m++) memset(s->t[d][m], 0, 64);
+}
+
+#undef _tile_loadd
+#undef _tile_stream_loadd
+#undef _tile_stored
+#undef _tile_zero
+#undef _tile_dpbf16ps
+#undef _tile_dpbssd
+#undef _tile_dpbsud
+#undef _tile_dpbusd
+#undef _tile_dpbuud
+#define _tile_loadconfig kt_emu_tile_loadconfig
+#define _tile_release kt_emu_tile_release
+#define _tile_loadd(t, base, stride) kt_emu_tile_loadd(t, base, stride)
+#define _tile_stream_loadd(t, base, stride) kt_emu_tile_loadd(t, base, stride)
+#define _tile_stored(t, base, stride) kt_emu_tile_stored(t, base, stride)
+#define _tile_zero(t) kt_emu_tile_zero(t)
+#define _tile_dpbf16ps(d, a, b) kt_emu_tile_dpbf16ps(d, a, b)
+#define _tile_dpbssd(d, a, b) kt_emu_tile_dpb(d, a, b, 1, 1)
+#define _tile_dpbsud(d, a, b) kt_emu_tile_dpb(d, a, b, 1, 0)
+#define _tile_dpbusd(d, a, b) kt_emu_tile_dpb(d, a, b, 0, 1)
+#define _tile_dpbuud(d, a, b) kt_emu_tile_dpb(d, a, b, 0, 0)
+
+#endif

@@ -1,0 +1,240 @@
+/* Kernel-level checks: the dot, outer and integer dot kernels of every
+ * usable tier against the ref tier, over shapes with tails on every side
+ * (m, n, K not multiples of the vector or tile widths, K across the amx
+ * tier's 256-column chunks, more rows than one tile), every weight format
+ * and several group sizes, sub-matrices with a column origin inside a
+ * group, index arrays with duplicates, accumulation, strided D.  The
+ * integer dot form keeps K a multiple of the group size, as the layers
+ * require (the avx2 form relies on it for groups of 128 columns).
+ *
+ * Tolerance: |tier - ref| <= 1e-5 * sum_k |A_k W_k| per element (integer
+ * dot: the same with the scaled terms).  Two fp32 summation orders differ
+ * by far less; bf16 products without the amx tier's split would miss it by
+ * an order of magnitude.  Built against the kernel objects directly (the
+ * kernel tables are internal). */
+#include "internal.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+static uint32_t rnd(void) {
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return (uint32_t)(rng_state >> 16);
+}
+static float frand(void) { return (float)(rnd() % 2000001) / 1000000.0f - 1.0f; }
+
+static int failures = 0, checks = 0;
+
+/* A [rows][cols] weight matrix of format fmt, groups of gs columns. */
+typedef struct wstore {
+    kt_wmat w;
+    void *data, *aux;
+    float *scale;
+} wstore;
+
+static void wstore_make(wstore *s, int fmt, int64_t gs, int64_t rows, int64_t cols) {
+    int64_t ng = gs >= cols ? 1 : (cols + gs - 1) / gs, rb = kt_row_bytes(fmt, cols);
+    float *x = malloc((size_t)cols * sizeof(float));
+    s->data = calloc((size_t)(rows * rb + 64), 1);
+    s->scale = calloc((size_t)(rows * ng + 1), sizeof(float));
+    s->aux = calloc((size_t)(rows * ng + 1), sizeof(float));
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t c = 0; c < cols; c++) x[c] = frand() * (1.0f + (float)(r % 3));
+        uint8_t *q = (uint8_t *)s->data + r * rb;
+        if (fmt == KT_W_F32) memcpy(q, x, (size_t)cols * 4);
+        else if (kt_quant_row(fmt, gs, x, cols, q, s->scale + r * ng,
+                              fmt == KT_W_I4Z ? (void *)((uint8_t *)s->aux + r * ng)
+                                              : (void *)((float *)s->aux + r * ng)) != KTMOE_OK)
+            failures++;
+    }
+    kt_wmat w = {fmt, s->data, fmt == KT_W_F32 || fmt == KT_W_BF16 ? cols : rb, s->scale,
+                 fmt == KT_W_I4Z || fmt == KT_W_I4M ? s->aux : NULL, ng, gs, 0};
+    if (fmt == KT_W_F32 || fmt == KT_W_BF16) w = kt_plain(fmt, s->data, cols);
+    s->w = w;
+    free(x);
+}
+
+static void wstore_free(wstore *s) {
+    free(s->data);
+    free(s->scale);
+    free(s->aux);
+}
+
+static void compare(const char *what, const char *tier, const float *c, const float *cref,
+                    const float *bound, int64_t m, int64_t n, int64_t ldc, const char *shape) {
+    checks++;
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t j = 0; j < n; j++) {
+            float e = fabsf(c[i * ldc + j] - cref[i * ldc + j]);
+            if (!(e <= 1e-5f * bound[i * ldc + j] + 1e-30f)) {
+                printf("FAIL %s %s %s at (%lld, %lld): %g vs ref %g (bound %g)\n", what, tier, shape,
+                       (long long)i, (long long)j, c[i * ldc + j], cref[i * ldc + j], bound[i * ldc + j]);
+                failures++;
+                return;
+            }
+        }
+}
+
+static const struct { int fmt; int64_t gs; } formats[] = {
+    {KT_W_F32, INT64_MAX}, {KT_W_BF16, INT64_MAX}, {KT_W_I8, 32}, {KT_W_I8, 1 << 30},
+    {KT_W_I4S, 64}, {KT_W_I4Z, 32}, {KT_W_I4M, 128}, {KT_W_FP8, 128}, {KT_W_MXFP4, 32},
+    {KT_W_I4S, 8},
+};
+#define NFMT (sizeof formats / sizeof formats[0])
+
+/* dot form: C = A W^T, W [n][K] taken at column origin c0 of a wider matrix */
+static void check_dot(const kt_kernels *kt, int64_t m, int64_t n, int64_t K, int fi, int accum) {
+    int fmt = formats[fi].fmt;
+    int64_t gs = formats[fi].gs, c0 = gs > (int64_t)1 << 29 ? 0 : 8;
+    if (fmt == KT_W_F32 || fmt == KT_W_BF16) c0 = 3;
+    int64_t lda = K + 5, rowsA = m + 3, ldc = n + 2;
+    wstore ws;
+    wstore_make(&ws, fmt, gs, n + 1, c0 + K + 8);
+    kt_wmat w = kt_wsub(&ws.w, 1, c0);
+    float *a = malloc((size_t)(rowsA * lda + 1) * sizeof(float));
+    int32_t *aidx = malloc((size_t)(m + 1) * sizeof(int32_t));
+    float *c = malloc((size_t)(m * ldc + 1) * sizeof(float)), *cref = malloc((size_t)(m * ldc + 1) * sizeof(float));
+    float *bound = calloc((size_t)(m * ldc + 1), sizeof(float));
+    for (int64_t i = 0; i < rowsA * lda; i++) a[i] = frand();
+    for (int64_t i = 0; i < m; i++) aidx[i] = (int32_t)(rnd() % rowsA);
+    for (int64_t i = 0; i < m * ldc; i++) c[i] = cref[i] = frand();
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t j = 0; j < n; j++) {
+            float s = accum ? fabsf(c[i * ldc + j]) : 0.0f;
+            for (int64_t k = 0; k < K; k++) s += fabsf(a[aidx[i] * lda + k] * kt_w_at(&w, j, k));
+            bound[i * ldc + j] = s;
+        }
+    kt_kernels_ref.dot(m, n, K, a, lda, aidx, &w, cref, ldc, accum);
+    kt->dot(m, n, K, a, lda, aidx, &w, c, ldc, accum);
+    char shape[96];
+    snprintf(shape, sizeof shape, "fmt %d gs %lld m %lld n %lld K %lld accum %d", fmt, (long long)gs,
+             (long long)m, (long long)n, (long long)K, accum);
+    compare("dot", ktmoe_isa_name(kt->isa), c, cref, bound, m, n, ldc, shape);
+    free(a), free(aidx), free(c), free(cref), free(bound);
+    wstore_free(&ws);
+}
+
+/* outer form: C = D W, W [K][n] (rows through widx), D strided */
+static void check_outer(const kt_kernels *kt, int64_t m, int64_t n, int64_t K, int fi, int accum,
+                        int transposed) {
+    int fmt = formats[fi].fmt;
+    int64_t gs = formats[fi].gs, c0 = gs > (int64_t)1 << 29 ? 0 : 8;
+    if (fmt == KT_W_F32 || fmt == KT_W_BF16) c0 = 3;
+    int64_t ldc = n + 1, wrows = K + 4;
+    wstore ws;
+    wstore_make(&ws, fmt, gs, wrows, c0 + n + 8);
+    kt_wmat w = kt_wsub(&ws.w, 0, c0);
+    int64_t rowsD = m + 2;
+    int64_t dsi = transposed ? 1 : K + 3, dsk = transposed ? rowsD : 1;
+    float *d = malloc((size_t)(rowsD * (K + 3) + 1) * sizeof(float));
+    int32_t *didx = malloc((size_t)(m + 1) * sizeof(int32_t)), *widx = malloc((size_t)(K + 1) * sizeof(int32_t));
+    float *c = malloc((size_t)(m * ldc + 1) * sizeof(float)), *cref = malloc((size_t)(m * ldc + 1) * sizeof(float));
+    float *bound = calloc((size_t)(m * ldc + 1), sizeof(float));
+    for (int64_t i = 0; i < rowsD * (K + 3); i++) d[i] = frand();
+    for (int64_t i = 0; i < m; i++) didx[i] = (int32_t)(rnd() % rowsD);
+    for (int64_t k = 0; k < K; k++) widx[k] = (int32_t)(rnd() % wrows);
+    for (int64_t i = 0; i < m * ldc; i++) c[i] = cref[i] = frand();
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t j = 0; j < n; j++) {
+            float s = accum ? fabsf(c[i * ldc + j]) : 0.0f;
+            for (int64_t k = 0; k < K; k++)
+                s += fabsf(d[didx[i] * dsi + k * dsk] * kt_w_at(&w, widx[k], j));
+            bound[i * ldc + j] = s;
+        }
+    kt_kernels_ref.outer(m, n, K, d, dsi, dsk, didx, &w, widx, cref, ldc, accum);
+    kt->outer(m, n, K, d, dsi, dsk, didx, &w, widx, c, ldc, accum);
+    char shape[112];
+    snprintf(shape, sizeof shape, "fmt %d gs %lld m %lld n %lld K %lld accum %d transposed %d", fmt,
+             (long long)gs, (long long)m, (long long)n, (long long)K, accum, transposed);
+    compare("outer", ktmoe_isa_name(kt->isa), c, cref, bound, m, n, ldc, shape);
+    free(d), free(didx), free(widx), free(c), free(cref), free(bound);
+    wstore_free(&ws);
+}
+
+/* integer dot form, activations in layout deint */
+static void check_qdot(const kt_kernels *kt, int64_t m, int64_t n, int64_t K, int fmt, int64_t gs,
+                       int deint) {
+    int64_t c0 = gs < K ? gs / 2 : 0; /* an origin inside a group (a multiple of 32) */
+    if (deint == 2 || c0 % KT_QBLK) c0 = 0;
+    int64_t rowsX = m + 2, nb = K / KT_QBLK, ldc = n + 3;
+    wstore ws;
+    wstore_make(&ws, fmt, gs, n, c0 + K);
+    kt_wmat w = kt_wsub(&ws.w, 0, c0);
+    int8_t *q = malloc((size_t)(rowsX * K));
+    float *xd = malloc((size_t)(rowsX * nb) * sizeof(float)), *xs = malloc((size_t)(rowsX * nb) * sizeof(float));
+    float *x = malloc((size_t)K * sizeof(float));
+    for (int64_t r = 0; r < rowsX; r++) {
+        for (int64_t k = 0; k < K; k++) x[k] = frand() * (k % 7 == 0 ? 4.0f : 1.0f);
+        kt_quant_act(x, K, deint, q + r * K, xd + r * nb, xs + r * nb);
+    }
+    kt_qact xa = {q, xd, xs, K, nb, deint};
+    int32_t *aidx = malloc((size_t)(m + 1) * sizeof(int32_t));
+    for (int64_t i = 0; i < m; i++) aidx[i] = (int32_t)(rnd() % rowsX);
+    float *c = calloc((size_t)(m * ldc + 1), sizeof(float)), *cref = calloc((size_t)(m * ldc + 1), sizeof(float));
+    float *bound = calloc((size_t)(m * ldc + 1), sizeof(float));
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t j = 0; j < n; j++) {
+            float s = 0.0f;
+            for (int64_t b = 0; b < nb; b++) {
+                int64_t g = (w.g0 + b * KT_QBLK) / w.gs;
+                float is = 0.0f;
+                for (int k = 0; k < KT_QBLK; k++)
+                    is += fabsf((float)q[aidx[i] * K + kt_act_pos(deint, b * KT_QBLK + k)] *
+                                (float)kt_w_code(&w, j, b * KT_QBLK + k));
+                s += fabsf(xd[aidx[i] * nb + b] * w.scale[j * w.ldg + g]) * is +
+                     fabsf(kt_w_offset(&w, j, g) * xs[aidx[i] * nb + b]);
+            }
+            bound[i * ldc + j] = s;
+        }
+    kt_kernels_ref.qdot(m, n, K, &xa, aidx, &w, cref, ldc);
+    kt->qdot(m, n, K, &xa, aidx, &w, c, ldc);
+    char shape[96];
+    snprintf(shape, sizeof shape, "fmt %d gs %lld m %lld n %lld K %lld deint %d", fmt, (long long)gs,
+             (long long)m, (long long)n, (long long)K, deint);
+    compare("qdot", ktmoe_isa_name(kt->isa), c, cref, bound, m, n, ldc, shape);
+    free(q), free(xd), free(xs), free(x), free(aidx), free(c), free(cref), free(bound);
+    wstore_free(&ws);
+}
+
+int main(void) {
+    static const int64_t ms[] = {1, 3, 17, 33}, ns[] = {1, 7, 16, 37};
+    static const int64_t Kdot[] = {0, 37, 40, 264, 520}, Kout[] = {0, 1, 31, 33, 300};
+    int tiers = 0;
+    for (int isa = KTMOE_ISA_AVX2; isa <= KTMOE_ISA_AMX; isa++) {
+        if (!ktmoe_isa_usable((ktmoe_isa)isa)) continue;
+        const kt_kernels *kt = kt_kernels_get((ktmoe_isa)isa);
+        int before = failures;
+        tiers++;
+        for (int fi = 0; fi < (int)NFMT; fi++)
+            for (int a = 0; a < 4; a++)
+                for (int b = 0; b < 4; b++)
+                    for (int kk = 0; kk < 5; kk++) {
+                        int accum = (a + b + kk) & 1;
+                        check_dot(kt, ms[a], ns[b], Kdot[kk], fi, accum);
+                        int64_t K = Kout[kk];
+                        check_outer(kt, ms[a], ns[b], K, fi, accum, (a + kk) & 1);
+                    }
+        static const struct { int fmt; int64_t gs; } qf[] = {
+            {KT_W_I8, 32}, {KT_W_I8, 1 << 30}, {KT_W_I4S, 64}, {KT_W_I4Z, 128},
+            {KT_W_I4M, 32}, {KT_W_I4M, 1 << 30}};
+        static const int64_t Kq[] = {32, 128, 384};
+        for (int f = 0; f < 6; f++)
+            for (int deint = 0; deint < 3; deint++) {
+                if (qf[f].fmt == KT_W_I8 && deint) continue;
+                for (int a = 0; a < 4; a++)
+                    for (int kk = 0; kk < 3; kk++) {
+                        int64_t K = Kq[kk];
+                        if (deint == 2 && (K % 64 || (qf[f].gs < K && qf[f].gs % 64))) continue;
+                        check_qdot(kt, ms[a], ns[(a + kk) % 4], K, qf[f].fmt, qf[f].gs, deint);
+                    }
+            }
+        printf("tier %s%s: %s\n", ktmoe_isa_name((ktmoe_isa)isa),
+               ktmoe_isa_emulated((ktmoe_isa)isa) ? " (emulated)" : "",
+               failures == before ? "matches ref" : "FAILED");
+    }
+    printf("%d checks over %d tiers, %d failures\n", checks, tiers, failures);
+    return failures ? 1 : 0;
+}
