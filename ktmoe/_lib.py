@@ -40,6 +40,7 @@ const char *ktmoe_cpu_name(void);
 const char *ktmoe_isa_name(ktmoe_isa isa);
 int32_t ktmoe_isa_compiled(ktmoe_isa isa);
 int32_t ktmoe_isa_usable(ktmoe_isa isa);
+int32_t ktmoe_isa_emulated(ktmoe_isa isa);
 ktmoe_isa ktmoe_isa_selected(void);
 
 typedef struct ktmoe_pool ktmoe_pool;
@@ -265,6 +266,7 @@ def cpu_info() -> dict:
         "features": [n for i, n in enumerate(CPU_FEATURES) if feats & (1 << i)],
         "compiled_tiers": compiled,
         "usable_tiers": usable,
+        "emulated_tiers": [n for i, n in enumerate(ISA_NAMES) if lib.ktmoe_isa_emulated(i)],
         "selected_tier": isa_name(lib.ktmoe_isa_selected()),
         "isa_cap": os.environ.get("KTMOE_ISA") or None,
         "library": str(LIBRARY_PATH),

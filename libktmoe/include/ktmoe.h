@@ -119,6 +119,10 @@ KTMOE_API const char *ktmoe_isa_name(ktmoe_isa isa);
 KTMOE_API int32_t ktmoe_isa_compiled(ktmoe_isa isa);
 /* 1 if the tier is compiled in and this CPU and OS can run it. */
 KTMOE_API int32_t ktmoe_isa_usable(ktmoe_isa isa);
+/* 1 if the tier is compiled as a portable emulation of its instructions
+ * (the build option emulate=true: the avx512 and amx tiers then run on any
+ * AVX2 CPU, correctly but slowly; for testing). */
+KTMOE_API int32_t ktmoe_isa_emulated(ktmoe_isa isa);
 /* The tier a handle created with KTMOE_ISA_AUTO uses: the best usable tier
  * not above the KTMOE_ISA environment cap (read on each call). */
 KTMOE_API ktmoe_isa ktmoe_isa_selected(void);

@@ -315,12 +315,6 @@ typedef struct kt_kernels {
 } kt_kernels;
 
 const kt_kernels *kt_kernels_get(ktmoe_isa isa); /* NULL if not compiled */
-/* 1 if the tier is compiled in as a portable emulation of its instructions
- * (meson option emulate=true: the avx512 and amx tiers on any AVX2 CPU,
- * correct but slow).  Exported for tools and tests; it joins ktmoe.h
- * together with the cffi CDEF of the Python package (the test suite checks
- * that the two list the same functions). */
-KTMOE_API int32_t ktmoe_isa_emulated(ktmoe_isa isa);
 extern const kt_kernels kt_kernels_ref;
 extern const kt_kernels kt_kernels_avx2;
 extern const kt_kernels kt_kernels_avx512;      /* without AVX512-VNNI */
