@@ -99,6 +99,7 @@ typedef struct ktmoe_moe_config {
     int32_t activation;
     float act_alpha;
     float act_limit;
+    int32_t batch_invariant;
 } ktmoe_moe_config;
 typedef struct ktmoe_moe ktmoe_moe;
 void ktmoe_moe_config_init(ktmoe_moe_config *config);

@@ -33,7 +33,7 @@ class NativeLayer:
                  intermediate_size: int, specs: Union[QuantSpec, Sequence[QuantSpec]],
                  lora_rank: int = 1, lora_alpha: float = 1.0, max_cache_depth: int = 1,
                  isa: Optional[str] = None, activation: str = "silu", act_alpha: float = 1.702,
-                 act_limit: float = 7.0):
+                 act_limit: float = 7.0, batch_invariant: bool = True):
         if isinstance(specs, QuantSpec):
             specs = (specs, specs, specs)
         self.specs = tuple(specs)
@@ -66,6 +66,7 @@ class NativeLayer:
         cfg.activation = ACTIVATIONS[activation]
         cfg.act_alpha = act_alpha
         cfg.act_limit = act_limit
+        cfg.batch_invariant = int(batch_invariant)
         out = ffi.new("ktmoe_moe **")
         check(lib.ktmoe_moe_create(cpu_infer.handle, cfg, out))
         self._moe = ffi.gc(out[0], lib.ktmoe_moe_destroy)

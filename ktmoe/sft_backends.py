@@ -55,7 +55,8 @@ class NativeSFTMoEWrapper(BaseSFTMoEWrapper):
             hidden_size=self.hidden_size, intermediate_size=self.moe_intermediate_size, specs=spec,
             lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
             max_cache_depth=self.max_cache_depth, isa=isa, activation=activation,
-            act_alpha=self.swiglu_alpha, act_limit=self.swiglu_limit)
+            act_alpha=self.swiglu_alpha, act_limit=self.swiglu_limit,
+            batch_invariant=False)  # one call per step: the faster large-batch kernels
         self._keep = ()
 
     @property

@@ -307,7 +307,9 @@ typedef void (*kt_qdot_fn)(int64_t m, int64_t n, int64_t K, const kt_qact *x,
 
 typedef struct kt_kernels {
     ktmoe_isa isa;
-    kt_dot_fn dot;
+    kt_dot_fn dot;       /* a row's sums in an order that does not depend on m */
+    kt_dot_fn dot_many;  /* NULL, or free to order the sums by m (faster for
+                          * many rows; ktmoe_moe_config.batch_invariant = 0) */
     kt_outer_fn outer;
     kt_qdot_fn qdot;
     kt_act_fwd_fn act_fwd;
@@ -323,6 +325,8 @@ extern const kt_kernels kt_kernels_amx;
 /* The avx2 tier's kernels, which the avx512 tables share. */
 void kt_dot_avx2(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
                  const int32_t *aidx, const kt_wmat *w, float *c, int64_t ldc, int accum);
+void kt_dot_many_avx2(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
+                      const int32_t *aidx, const kt_wmat *w, float *c, int64_t ldc, int accum);
 void kt_outer_avx2(int64_t m, int64_t n, int64_t K, const float *d, int64_t dsi, int64_t dsk,
                    const int32_t *didx, const kt_wmat *w, const int32_t *widx, float *c,
                    int64_t ldc, int accum);

@@ -78,6 +78,7 @@ struct ktmoe_moe {
     int64_t E, k, H, I, Is, r;
     float scale;
     kt_activation act;
+    kt_dot_fn dot; /* kern->dot, or kern->dot_many (batch_invariant = 0) */
     int max_depth;
 
     kt_slice *slices;
@@ -204,6 +205,7 @@ KTMOE_API void ktmoe_moe_config_init(ktmoe_moe_config *c) {
     c->activation = KTMOE_ACT_SILU;
     c->act_alpha = 1.702f;
     c->act_limit = 7.0f;
+    c->batch_invariant = 1;
 }
 
 KTMOE_API ktmoe_status ktmoe_moe_create(ktmoe_pool *pool, const ktmoe_moe_config *cfg,
@@ -296,6 +298,8 @@ KTMOE_API ktmoe_status ktmoe_moe_create(ktmoe_pool *pool, const ktmoe_moe_config
     m->act.kind = c->activation;
     m->act.alpha = c->act_alpha;
     m->act.limit = c->act_limit;
+    /* the dot kernel of the big forward products */
+    m->dot = !c->batch_invariant && m->kern->dot_many ? m->kern->dot_many : m->kern->dot;
     m->max_depth = c->max_cache_depth;
     pthread_mutex_init(&m->mu, NULL);
     m->slices = calloc((size_t)tp, sizeof(kt_slice));
@@ -810,8 +814,8 @@ static void kt_fwd_gate_up(void *v, const kt_worker_ctx *w, int s, int64_t task)
         m->kern->qdot(cnt, tn, H, &xa, tok, &wg, g, Is);
         m->kern->qdot(cnt, tn, H, &xa, tok, &wu, u, Is);
     } else {
-        m->kern->dot(cnt, tn, H, F(&c->x), H, tok, &wg, g, Is, 0);
-        m->kern->dot(cnt, tn, H, F(&c->x), H, tok, &wu, u, Is, 0);
+        m->dot(cnt, tn, H, F(&c->x), H, tok, &wg, g, Is, 0);
+        m->dot(cnt, tn, H, F(&c->x), H, tok, &wu, u, Is, 0);
     }
     if (f->lora) {
         int64_t brow = (e * m->I + m->slices[s].i0 + j0) * r;
@@ -851,7 +855,7 @@ static void kt_fwd_down(void *v, const kt_worker_ctx *w, int s, int64_t task) {
         kt_qact ha = kt_hact(m, c, s, o);
         m->kern->qdot(cnt, tn, Is, &ha, NULL, &wd, y, H);
     } else {
-        m->kern->dot(cnt, tn, Is, h, Is, NULL, &wd, y, H, 0);
+        m->dot(cnt, tn, Is, h, Is, NULL, &wd, y, H, 0);
     }
     if (f->lora && s == 0) {
         kt_wmat bd = kt_lora(m, LDB, (e * H + n0) * r, r);

@@ -100,7 +100,8 @@ static void check_dot(const kt_kernels *kt, int64_t m, int64_t n, int64_t K, int
     float *bound = calloc((size_t)(m * ldc + 1), sizeof(float));
     for (int64_t i = 0; i < rowsA * lda; i++) a[i] = frand();
     for (int64_t i = 0; i < m; i++) aidx[i] = (int32_t)(rnd() % rowsA);
-    for (int64_t i = 0; i < m * ldc; i++) c[i] = cref[i] = frand();
+    float *c_in = malloc((size_t)(m * ldc + 1) * sizeof(float));
+    for (int64_t i = 0; i < m * ldc; i++) c[i] = cref[i] = c_in[i] = frand();
     for (int64_t i = 0; i < m; i++)
         for (int64_t j = 0; j < n; j++) {
             float s = accum ? fabsf(c[i * ldc + j]) : 0.0f;
@@ -113,6 +114,25 @@ static void check_dot(const kt_kernels *kt, int64_t m, int64_t n, int64_t K, int
     snprintf(shape, sizeof shape, "fmt %d gs %lld m %lld n %lld K %lld accum %d", fmt, (long long)gs,
              (long long)m, (long long)n, (long long)K, accum);
     compare("dot", ktmoe_isa_name(kt->isa), c, cref, bound, m, n, ldc, shape);
+    /* dot: each row as in a call of its own, bit for bit (batch invariance) */
+    float *one = malloc((size_t)(ldc + 1) * sizeof(float));
+    for (int64_t i = 0; i < m; i++) {
+        for (int64_t j = 0; j < n; j++) one[j] = c_in[i * ldc + j];
+        kt->dot(1, n, K, a, lda, aidx + i, &w, one, ldc, accum);
+        if (memcmp(one, c + i * ldc, (size_t)n * sizeof(float)) != 0) {
+            fprintf(stderr, "FAIL dot %s: row %lld alone differs from the batch (%s)\n",
+                    ktmoe_isa_name(kt->isa), (long long)i, shape);
+            failures++;
+            break;
+        }
+    }
+    free(one);
+    if (kt->dot_many) {
+        for (int64_t i = 0; i < m * ldc; i++) c[i] = c_in[i];
+        kt->dot_many(m, n, K, a, lda, aidx, &w, c, ldc, accum);
+        compare("dot_many", ktmoe_isa_name(kt->isa), c, cref, bound, m, n, ldc, shape);
+    }
+    free(c_in);
     free(a), free(aidx), free(c), free(cref), free(bound);
     wstore_free(&ws);
 }

@@ -248,8 +248,8 @@ KT_INLINE void dot_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const f
         }
     }
 }
-static void dot_rows(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
-                     const int32_t *aidx, const kt_wmat *w, float *c, int64_t ldc, int accum) {
+void kt_dot_avx2(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
+                 const int32_t *aidx, const kt_wmat *w, float *c, int64_t ldc, int accum) {
     if (w->fmt == KT_W_F32)
         dot_avx2(0, m, n, K, a, lda, aidx, w, c, ldc, accum);
     else
@@ -402,7 +402,10 @@ void kt_outer_avx2(int64_t m, int64_t n, int64_t K, const float *d, int64_t dsi,
  * of W are converted and transposed into a [k][32] panel, A's elements are
  * broadcast, and the outputs are whole vectors of C's rows.  The dot
  * micro-kernel above needs 7 loads per 12 FMAs and horizontal sums; this one
- * 8 (6 of them broadcasts) and none, which runs nearer the FMA peak. */
+ * 8 (6 of them broadcasts) and none, which runs nearer the FMA peak.  Its
+ * sums run in k order, kt_dot_avx2's in 8 interleaved partial sums: a
+ * row's result then depends on how many rows share the call, so this is
+ * kt_kernels.dot_many, for layers that do not promise batch invariance. */
 
 /* The 8 x 8 block v[r][q] -> v[q][r]. */
 KT_INLINE void transpose8(__m256 v[8]) {
@@ -491,16 +494,18 @@ static void dot_panels(int64_t m, int64_t n, int64_t K, const float *a, int64_t 
     }
     if (nv < n) { /* rows of W past the last multiple of 8 */
         kt_wmat rest = kt_wsub(W, nv, 0);
-        dot_rows(m, n - nv, K, a, lda, aidx, &rest, c + nv, ldc, accum);
+        kt_dot_avx2(m, n - nv, K, a, lda, aidx, &rest, c + nv, ldc, accum);
     }
 }
 
-void kt_dot_avx2(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
-                 const int32_t *aidx, const kt_wmat *w, float *c, int64_t ldc, int accum) {
+/* kt_kernels.dot_many: the panel form for a dozen rows or more (sums in k
+ * order per output, unlike kt_dot_avx2's 8 interleaved partial sums). */
+void kt_dot_many_avx2(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
+                      const int32_t *aidx, const kt_wmat *w, float *c, int64_t ldc, int accum) {
     if (m >= 12 && n >= 8 && K > 0 && K % 8 == 0)
         dot_panels(m, n, K, a, lda, aidx, w, c, ldc, accum);
     else
-        dot_rows(m, n, K, a, lda, aidx, w, c, ldc, accum);
+        kt_dot_avx2(m, n, K, a, lda, aidx, w, c, ldc, accum);
 }
 
 /* ---- integer dot form (int8 activations, inference): qdot_ymm.h ---- */
@@ -615,6 +620,7 @@ float kt_act_bwd_avx2(int64_t n, const float *dh, float *g, float *u, float w, c
 const kt_kernels kt_kernels_avx2 = {
     .isa = KTMOE_ISA_AVX2,
     .dot = kt_dot_avx2,
+    .dot_many = kt_dot_many_avx2,
     .outer = kt_outer_avx2,
     .qdot = kt_qdot_avx2,
     .act_fwd = kt_act_fwd_avx2,
