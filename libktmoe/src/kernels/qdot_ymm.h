@@ -43,6 +43,9 @@ KT_INLINE __m256i wcodes32(int fmt, int deint, const uint8_t *row, int64_t k0) {
 #define KT_QMR 4 /* activation rows per pass over a weight row */
 
 #define KT_QMAXG 2048 /* groups a row may span: K / KT_QBLK at most */
+/* Pairs of blocks whose scale vectors (d_b x4, d_b+1 x4) are built once per
+ * call: K up to 8192; longer rows build them per use. */
+#define KT_QMAXP 64
 
 /* One block (32 columns) of one weight row against MR activation rows,
  * accumulated into acc[t] with the block's activation scale. */
@@ -67,7 +70,7 @@ KT_INLINE void qdot_block(const int MR, const int fmt, const int deint, const ui
  * one vpmaddwd and one FMA serve both blocks, lanes 0-3 holding block b and
  * lanes 4-7 block b+1. */
 KT_INLINE void qdot_pair(const int MR, const uint8_t *wrow, int64_t b, const int8_t *const *xq,
-                         const float *const *xd, __m256 *acc) {
+                         const float *const *xd, const __m256 (*dpair)[KT_QMAXP], __m256 *acc) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     __m256i v = _mm256_loadu_si256((const __m256i *)(wrow + b * (KT_QBLK / 2)));
     __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
@@ -81,8 +84,9 @@ KT_INLINE void qdot_pair(const int MR, const uint8_t *wrow, int64_t b, const int
         __m256i po = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + KT_QBLK)));
         __m256i p = _mm256_madd_epi16(_mm256_add_epi16(pe, po), _mm256_set1_epi16(1));
 #endif
-        __m256 d = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(xd[t] + b)),
-                                        _mm_broadcast_ss(xd[t] + b + 1), 1);
+        __m256 d = dpair ? dpair[t][b / 2]
+                         : _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(xd[t] + b)),
+                                                _mm_broadcast_ss(xd[t] + b + 1), 1);
         acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[t]);
     }
 }
@@ -94,7 +98,8 @@ KT_INLINE void qdot_pair(const int MR, const uint8_t *wrow, int64_t b, const int
  * once per call since it does not depend on the weight row. */
 KT_INLINE void qdot_row(const int MR, const int fmt, const int deint, int64_t nb,
                         const int8_t *const *xq, const float *const *xd,
-                        float (*gsum)[KT_QMAXG], const kt_wmat *w, int64_t j, float *const *crow) {
+                        const __m256 (*dpair)[KT_QMAXP], float (*gsum)[KT_QMAXG],
+                        const kt_wmat *w, int64_t j, float *const *crow) {
     const uint8_t *wrow = (const uint8_t *)w->data + j * w->ld;
     __m256 tot[KT_QMR], ga[KT_QMR], gb[KT_QMR];
     float offs[KT_QMR];
@@ -109,8 +114,8 @@ KT_INLINE void qdot_row(const int MR, const int fmt, const int deint, int64_t nb
          * group, no bounds to compute */
         const float *sc = w->scale + j * w->ldg + g;
         for (int64_t b = 0; b < nb; b += 4, gi++) {
-            qdot_pair(MR, wrow, b, xq, xd, ga);
-            qdot_pair(MR, wrow, b + 2, xq, xd, gb);
+            qdot_pair(MR, wrow, b, xq, xd, dpair, ga);
+            qdot_pair(MR, wrow, b + 2, xq, xd, dpair, gb);
             __m256 sv = _mm256_broadcast_ss(sc + gi);
             for (int t = 0; t < MR; t++) {
                 tot[t] = _mm256_fmadd_ps(_mm256_add_ps(ga[t], gb[t]), sv, tot[t]);
@@ -128,11 +133,11 @@ KT_INLINE void qdot_row(const int MR, const int fmt, const int deint, int64_t nb
         int64_t bend = KT_MIN(nb, gend / KT_QBLK);
         if (deint == 2) { /* groups hold whole pairs of blocks */
             for (; b + 4 <= bend; b += 4) {
-                qdot_pair(MR, wrow, b, xq, xd, ga);
-                qdot_pair(MR, wrow, b + 2, xq, xd, gb);
+                qdot_pair(MR, wrow, b, xq, xd, dpair, ga);
+                qdot_pair(MR, wrow, b + 2, xq, xd, dpair, gb);
             }
             if (b < bend) {
-                qdot_pair(MR, wrow, b, xq, xd, ga);
+                qdot_pair(MR, wrow, b, xq, xd, dpair, ga);
                 b += 2;
             }
         } else {
@@ -155,13 +160,17 @@ KT_INLINE void qdot_row(const int MR, const int fmt, const int deint, int64_t nb
 
 #define QDOT_CASE(MR, FMT, DI)                                                             \
     case (MR) * 32 + (FMT) * 4 + (DI):                                                      \
-        for (int64_t j = 0; j < n; j++) qdot_row(MR, FMT, DI, nb, xq, xd, gsum, w, j, cr);  \
+        for (int64_t j = 0; j < n; j++)                                                     \
+            qdot_row(MR, FMT, DI, nb, xq, xd, dp, gsum, w, j, cr);                          \
         break;
 
 void KT_QDOT_NAME(int64_t m, int64_t n, int64_t K, const kt_qact *x, const int32_t *aidx,
                       const kt_wmat *w, float *c, int64_t ldc) {
     const int64_t nb = K / KT_QBLK;
     float gsum[KT_QMR][KT_QMAXG];
+    __m256 dpair[KT_QMR][KT_QMAXP];
+    const int pairs = x->deint == 2 && w->fmt != KT_W_I8 && nb <= 2 * KT_QMAXP;
+    const __m256(*dp)[KT_QMAXP] = pairs ? (const __m256(*)[KT_QMAXP])dpair : NULL;
     for (int64_t i0 = 0; i0 < m; i0 += KT_QMR) {
         int mr = (int)KT_MIN(KT_QMR, m - i0);
         const int8_t *xq[KT_QMR];
@@ -172,6 +181,8 @@ void KT_QDOT_NAME(int64_t m, int64_t n, int64_t K, const kt_qact *x, const int32
             xq[t] = x->q + row * x->ldq;
             xd[t] = x->d + row * x->ldb;
             cr[t] = c + (i0 + t) * ldc;
+            for (int64_t b = 0; pairs && b + 1 < nb; b += 2)
+                dpair[t][b / 2] = _mm256_insertf128_ps(_mm256_set1_ps(xd[t][b]), _mm_set1_ps(xd[t][b + 1]), 1);
             /* row t's block sums, summed per weight group */
             const float *xs = x->s + row * x->ldb;
             int64_t gi = 0, gend = w->gs - w->g0 % w->gs;
