@@ -240,12 +240,12 @@ int main(void) {
         static const struct { int fmt; int64_t gs; } qf[] = {
             {KT_W_I8, 32}, {KT_W_I8, 1 << 30}, {KT_W_I4S, 64}, {KT_W_I4Z, 128},
             {KT_W_I4M, 32}, {KT_W_I4M, 1 << 30}};
-        static const int64_t Kq[] = {32, 128, 384};
+        static const int64_t Kq[] = {32, 128, 320, 384}; /* 320: a last group of 64 */
         for (int f = 0; f < 6; f++)
             for (int deint = 0; deint < 3; deint++) {
                 if (qf[f].fmt == KT_W_I8 && deint) continue;
                 for (int a = 0; a < 4; a++)
-                    for (int kk = 0; kk < 3; kk++) {
+                    for (int kk = 0; kk < 4; kk++) {
                         int64_t K = Kq[kk];
                         if (deint == 2 && (K % 64 || (qf[f].gs < K && qf[f].gs % 64))) continue;
                         check_qdot(kt, ms[a], ns[(a + kk) % 4], K, qf[f].fmt, qf[f].gs, deint);

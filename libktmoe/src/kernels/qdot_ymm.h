@@ -109,9 +109,9 @@ KT_INLINE void qdot_row(const int MR, const int fmt, const int deint, int64_t nb
     }
     int64_t g = w->g0 / w->gs, gi = 0;
     int64_t gend = w->gs - w->g0 % w->gs; /* column where the current group ends */
-    if (deint == 2 && w->gs == 4 * KT_QBLK && w->g0 % w->gs == 0) {
-        /* groups of 128 columns (the usual K-group size): two pairs a
-         * group, no bounds to compute */
+    if (deint == 2 && w->gs == 4 * KT_QBLK && w->g0 % w->gs == 0 && nb % 4 == 0) {
+        /* groups of 128 columns (the usual K-group size) and K a multiple
+         * of them: two pairs a group, no bounds to compute */
         const float *sc = w->scale + j * w->ldg + g;
         for (int64_t b = 0; b < nb; b += 4, gi++) {
             qdot_pair(MR, wrow, b, xq, xd, dpair, ga);
