@@ -68,4 +68,26 @@ KT_INLINE void pf_some(kt_pf *p, int64_t count) {
     }
 }
 
+/* The panel after the one of columns [j, j + 8 nvec) and K rows ending at
+ * k1 (KT_PANEL_K x KT_PANEL_W panels, nv columns in all): the next K rows,
+ * else the first ones of the next column block.  Outer form: W rows are
+ * K (through widx); dot form: W rows are the columns, K runs along them. */
+KT_INLINE void pf_next_outer(kt_pf *p, const kt_wmat *W, const int32_t *widx, int64_t K,
+                             int64_t nv, int64_t j, int nvec, int64_t k1) {
+    if (k1 < K)
+        pf_init(p, W, widx, k1, KT_MIN(K, k1 + KT_PANEL_K) - k1, j, 8 * nvec);
+    else
+        pf_init(p, W, widx, 0, j + KT_PANEL_W < nv ? KT_MIN(K, KT_PANEL_K) : 0, j + KT_PANEL_W,
+                KT_MIN(KT_PANEL_W, nv - j - KT_PANEL_W));
+}
+
+KT_INLINE void pf_next_dot(kt_pf *p, const kt_wmat *W, int64_t K, int64_t nv, int64_t j, int nvec,
+                           int64_t k1) {
+    if (k1 < K)
+        pf_init(p, W, NULL, j, 8 * nvec, k1, KT_MIN(KT_PANEL_K, K - k1));
+    else
+        pf_init(p, W, NULL, j + KT_PANEL_W, KT_MIN(KT_PANEL_W, nv - j - KT_PANEL_W), 0,
+                KT_MIN(KT_PANEL_K, K));
+}
+
 #endif

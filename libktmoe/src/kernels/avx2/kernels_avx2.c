@@ -21,26 +21,11 @@
 
 /* ---- loads ---- */
 
-KT_INLINE __m256 ld8_bf16(const uint16_t *p) {
-    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-}
-
 KT_INLINE __m256 ld8_w(const void *w, int bf16, int64_t i) {
     return bf16 ? ld8_bf16((const uint16_t *)w + i) : _mm256_loadu_ps((const float *)w + i);
 }
 
 /* ---- dequantization ---- */
-
-/* The 4-bit codes of 8 columns starting at byte p (an even column), as int32. */
-KT_INLINE __m256i nib8(const uint8_t *p) {
-    int32_t v;
-    memcpy(&v, p, 4);
-    const __m128i dup = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, -1, -1, -1, -1, -1, -1, -1, -1);
-    __m256i x = _mm256_cvtepu8_epi32(_mm_shuffle_epi8(_mm_cvtsi32_si128(v), dup));
-    x = _mm256_srlv_epi32(x, _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4));
-    return _mm256_and_si256(x, _mm256_set1_epi32(15));
-}
 
 /* The dequantization constants of group g of row r. */
 typedef struct deq_grp {
@@ -63,20 +48,9 @@ KT_INLINE __m256 deq8(int fmt, const uint8_t *row, int64_t c, const deq_grp *d) 
         __m128i q = _mm_loadl_epi64((const __m128i *)(row + c));
         return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d->s);
     }
-    if (fmt == KT_W_FP8) { /* as kt_fp8_to_f32: magnitude bits rebiased, then the sign */
-        __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + c)));
-        __m256i mag = _mm256_slli_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x7F)), 20);
-        __m256i sgn = _mm256_slli_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x80)), 24);
-        __m256 f = _mm256_mul_ps(_mm256_castsi256_ps(mag), _mm256_set1_ps(0x1p120f));
-        return _mm256_mul_ps(_mm256_or_ps(f, _mm256_castsi256_ps(sgn)), d->s);
-    }
+    if (fmt == KT_W_FP8) return _mm256_mul_ps(fp8x8(row + c), d->s);
     __m256i u = nib8(row + c / 2);
-    if (fmt == KT_W_MXFP4) { /* magnitude from the 3 low bits, then the sign bit */
-        const __m256 mag = _mm256_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f);
-        __m256 v = _mm256_permutevar8x32_ps(mag, u);
-        __m256i sgn = _mm256_slli_epi32(_mm256_and_si256(u, _mm256_set1_epi32(8)), 28);
-        return _mm256_mul_ps(_mm256_xor_ps(v, _mm256_castsi256_ps(sgn)), d->s);
-    }
+    if (fmt == KT_W_MXFP4) return _mm256_mul_ps(e2m1x8(u), d->s);
     if (fmt == KT_W_I4M) return _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(u), d->s), d->mn);
     return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(u, d->z)), d->s);
 }
@@ -292,11 +266,7 @@ KT_INLINE void outer_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const
             int64_t k1 = KT_MIN(K, k0 + KT_KC);
             int load_c = accum || k0 > 0;
             kt_pf pf;
-            if (k1 < K)
-                pf_init(&pf, W, widx, k1, KT_MIN(K, k1 + KT_KC) - k1, j, 8 * nvec);
-            else
-                pf_init(&pf, W, widx, 0, j + KT_PW < nv ? KT_MIN(K, KT_KC) : 0, j + KT_PW,
-                        KT_MIN(KT_PW, nv - j - KT_PW));
+            pf_next_outer(&pf, W, widx, K, nv, j, nvec, k1);
             int64_t pf_share = (pf.total + (m + 5) / 6 - 1) / ((m + 5) / 6);
             if (!direct) kt_outer_pack_avx2(panel, W, widx, k0, k1, j, nvec);
             for (int64_t i = 0; i < m; i += 6) {
@@ -410,10 +380,7 @@ static void dot_panels(int64_t m, int64_t n, int64_t K, const float *a, int64_t 
             int64_t kc = KT_MIN(KT_KC, K - k0), k1 = k0 + kc;
             int load_c = accum || k0 > 0;
             kt_pf pf;
-            if (k1 < K)
-                pf_init(&pf, W, NULL, j, 8 * nvec, k1, KT_MIN(KT_KC, K - k1));
-            else
-                pf_init(&pf, W, NULL, j + KT_PW, KT_MIN(KT_PW, nv - j - KT_PW), 0, KT_MIN(KT_KC, K));
+            pf_next_dot(&pf, W, K, nv, j, nvec, k1);
             int64_t pf_share = (pf.total + (m + 5) / 6 - 1) / ((m + 5) / 6);
             kt_dot_tpack_avx2(panel, tmp, W, j, nvec, k0, kc);
             for (int64_t i = 0; i < m; i += 6) {

@@ -103,11 +103,7 @@ void kt_outer_avx512(int64_t m, int64_t n, int64_t K, const float *d, int64_t ds
             for (int64_t k0 = 0; k0 < K; k0 += KT_PANEL_K) {
                 int64_t k1 = KT_MIN(K, k0 + KT_PANEL_K);
                 kt_pf pf;
-                if (k1 < K)
-                    pf_init(&pf, W, widx, k1, KT_MIN(K, k1 + KT_PANEL_K) - k1, j, 8 * nvec);
-                else
-                    pf_init(&pf, W, widx, 0, j + KT_PANEL_W < nv ? KT_MIN(K, KT_PANEL_K) : 0,
-                            j + KT_PANEL_W, KT_MIN(KT_PANEL_W, nv - j - KT_PANEL_W));
+                pf_next_outer(&pf, W, widx, K, nv, j, nvec, k1);
                 kt_outer_pack_avx2(panel, W, widx, k0, k1, j, nvec);
                 for (int64_t i = 0; i < mc; i++)
                     rows[i] = d + (didx ? didx[i0 + i] : i0 + i) * dsi + k0 * dsk;
@@ -141,11 +137,7 @@ void kt_dot_many_avx512(int64_t m, int64_t n, int64_t K, const float *a, int64_t
             for (int64_t k0 = 0; k0 < K; k0 += KT_PANEL_K) {
                 int64_t kc = KT_MIN(KT_PANEL_K, K - k0), k1 = k0 + kc;
                 kt_pf pf;
-                if (k1 < K)
-                    pf_init(&pf, W, NULL, j, 8 * nvec, k1, KT_MIN(KT_PANEL_K, K - k1));
-                else
-                    pf_init(&pf, W, NULL, j + KT_PANEL_W, KT_MIN(KT_PANEL_W, nv - j - KT_PANEL_W), 0,
-                            KT_MIN(KT_PANEL_K, K));
+                pf_next_dot(&pf, W, K, nv, j, nvec, k1);
                 kt_dot_tpack_avx2(panel, tmp, W, j, nvec, k0, kc);
                 for (int64_t i = 0; i < mc; i++)
                     rows[i] = a + (aidx ? aidx[i0 + i] : i0 + i) * lda + k0;
