@@ -34,4 +34,6 @@ if [ $# -eq 0 ]; then
     tests/test_skip_lora.py tests/test_inference.py tests/test_int8_activations.py \
     -k "(amx or avx512) and not cuda"
 fi
-python -m pytest -p no:cacheprovider "$@"
+# KTMOE_ZMM=1: the avx512 tier's 512-bit panel kernels, also on CPUs where
+# they are not its default
+KTMOE_ZMM=1 python -m pytest -p no:cacheprovider "$@"

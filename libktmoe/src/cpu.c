@@ -72,6 +72,19 @@ static uint32_t kt_detect(void) {
     return f;
 }
 
+/* 1 on CPUs whose AVX-512 units are 256 bits wide (512-bit operations
+ * split in two): AMD family 19h (Zen 4; Zen 3 has no AVX-512).  Zen 5
+ * (family 1Ah) and Intel's AVX-512 cores have full-width units. */
+static int kt_detect_narrow512(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(0, &a, &b, &c, &d)) return 0;
+    int amd = b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u; /* "AuthenticAMD" */
+    if (!amd || !__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    unsigned family = (a >> 8) & 0xF;
+    if (family == 0xF) family += (a >> 20) & 0xFF;
+    return family == 0x19;
+}
+
 static void kt_brand(char *out, size_t size) {
     unsigned r[12];
     out[0] = '\0';
@@ -90,6 +103,7 @@ static void kt_brand(char *out, size_t size) {
 }
 #else
 static uint32_t kt_detect(void) { return 0; }
+static int kt_detect_narrow512(void) { return 0; }
 static void kt_brand(char *out, size_t size) {
     if (size) out[0] = '\0';
 }
@@ -98,10 +112,12 @@ static void kt_brand(char *out, size_t size) {
 #include <pthread.h>
 static pthread_once_t kt_cpu_once = PTHREAD_ONCE_INIT;
 static uint32_t kt_features;
+static int kt_narrow512;
 static char kt_brand_str[64];
 
 static void kt_cpu_init(void) {
     kt_features = kt_detect();
+    kt_narrow512 = kt_detect_narrow512();
     kt_brand(kt_brand_str, sizeof kt_brand_str);
 }
 
@@ -111,6 +127,13 @@ uint32_t kt_cpu_features(void) {
 }
 
 KTMOE_API uint32_t ktmoe_cpu_features(void) { return kt_cpu_features(); }
+
+int kt_cpu_wide512(void) {
+    const char *s = getenv("KTMOE_ZMM"); /* 0 or 1: override, for tests and measurements */
+    if (s && (s[0] == '0' || s[0] == '1') && !s[1]) return s[0] == '1';
+    pthread_once(&kt_cpu_once, kt_cpu_init);
+    return !kt_narrow512;
+}
 
 KTMOE_API const char *ktmoe_cpu_name(void) {
     pthread_once(&kt_cpu_once, kt_cpu_init);

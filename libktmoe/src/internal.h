@@ -72,6 +72,10 @@ static inline void kt_to_f32(const void *src, int dtype, float *dst, int64_t n) 
 /* ---- CPU features (cpu.c) ------------------------------------------- */
 
 uint32_t kt_cpu_features(void);
+/* 1 where 512-bit vectors run at full width (not AMD Zen 4, whose AVX-512
+ * units are 256 bits wide: there the avx512 tier keeps the 256-bit panel
+ * kernels, 5 % faster on it); KTMOE_ZMM=0|1 overrides. */
+int kt_cpu_wide512(void);
 int kt_numa_node_count(void);
 /* CPUs of NUMA node `node` into cpus[] (at most max); returns the count. */
 int kt_numa_node_cpus(int node, int *cpus, int max);
@@ -330,6 +334,24 @@ void kt_dot_many_avx2(int64_t m, int64_t n, int64_t K, const float *a, int64_t l
 void kt_outer_avx2(int64_t m, int64_t n, int64_t K, const float *d, int64_t dsi, int64_t dsk,
                    const int32_t *didx, const kt_wmat *w, const int32_t *widx, float *c,
                    int64_t ldc, int accum);
+/* The avx2 tier's panel packing, which the avx512 panel kernels share: W
+ * to fp32 panels of KT_PANEL_W floats a row (64-byte aligned rows), at most
+ * KT_PANEL_K rows.  Outer form: panel[k - k0] = W row k (widx[k] if given),
+ * columns [j, j + 8 nvec).  Dot form: panel[k] = column k0 + k of W rows
+ * [j, j + 8 nvec) (W transposed; kc a multiple of 8; tmp holds
+ * KT_PANEL_W * KT_PANEL_K floats). */
+#define KT_PANEL_W 32
+#define KT_PANEL_K 128
+/* The avx512 tier's panel kernels (kernels/avx512/panels_avx512.c). */
+void kt_outer_avx512(int64_t m, int64_t n, int64_t K, const float *d, int64_t dsi, int64_t dsk,
+                     const int32_t *didx, const kt_wmat *w, const int32_t *widx, float *c,
+                     int64_t ldc, int accum);
+void kt_dot_many_avx512(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
+                        const int32_t *aidx, const kt_wmat *w, float *c, int64_t ldc, int accum);
+void kt_outer_pack_avx2(float *panel, const kt_wmat *W, const int32_t *widx, int64_t k0,
+                        int64_t k1, int64_t j, int nvec);
+void kt_dot_tpack_avx2(float *panel, float *tmp, const kt_wmat *W, int64_t j, int nvec,
+                       int64_t k0, int64_t kc);
 void kt_qdot_avx2(int64_t m, int64_t n, int64_t K, const kt_qact *x, const int32_t *aidx,
                   const kt_wmat *w, float *c, int64_t ldc);
 void kt_act_fwd_avx2(int64_t n, const float *g, const float *u, float *h, const kt_activation *a);

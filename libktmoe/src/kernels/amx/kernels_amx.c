@@ -37,9 +37,7 @@
  * per weight group g (see kt_qdot_fn). */
 #include "../../internal.h"
 
-#include <immintrin.h>
-
-#define KT_INLINE static inline __attribute__((always_inline))
+#include "../ymm_common.h"
 
 /* ---- tile configs ---- */
 
@@ -121,21 +119,6 @@ KT_INLINE void split8(__m256 x, int np, __m128i *part) {
 
 /* ---- dequantization (kt_w_at's fp32 values) ---- */
 
-KT_INLINE __m256 ld8_bf16(const uint16_t *p) {
-    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-}
-
-/* The 4-bit codes of 8 columns starting at byte p (an even column), as int32. */
-KT_INLINE __m256i nib8(const uint8_t *p) {
-    int32_t v;
-    memcpy(&v, p, 4);
-    const __m128i dup = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, -1, -1, -1, -1, -1, -1, -1, -1);
-    __m256i x = _mm256_cvtepu8_epi32(_mm_shuffle_epi8(_mm_cvtsi32_si128(v), dup));
-    x = _mm256_srlv_epi32(x, _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4));
-    return _mm256_and_si256(x, _mm256_set1_epi32(15));
-}
-
 /* 8 columns from column c (a multiple of 8) of row r of a quantized W, all
  * in group g: integer offset first, then one multiply (I4M: multiply, then
  * add), as kt_w_at. */
@@ -148,20 +131,8 @@ KT_INLINE __m256 deq8(const kt_wmat *w, int64_t r, int64_t c, int64_t g) {
         __m128i q = _mm_loadl_epi64((const __m128i *)(row + c));
         return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), s);
     }
-    case KT_W_FP8: { /* as kt_fp8_to_f32: magnitude bits rebiased, then the sign */
-        __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + c)));
-        __m256i mag = _mm256_slli_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x7F)), 20);
-        __m256i sgn = _mm256_slli_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x80)), 24);
-        __m256 f = _mm256_mul_ps(_mm256_castsi256_ps(mag), _mm256_set1_ps(0x1p120f));
-        return _mm256_mul_ps(_mm256_or_ps(f, _mm256_castsi256_ps(sgn)), s);
-    }
-    case KT_W_MXFP4: {
-        __m256i u = nib8(row + c / 2);
-        const __m256 mag = _mm256_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f);
-        __m256 v = _mm256_permutevar8x32_ps(mag, u);
-        __m256i sgn = _mm256_slli_epi32(_mm256_and_si256(u, _mm256_set1_epi32(8)), 28);
-        return _mm256_mul_ps(_mm256_xor_ps(v, _mm256_castsi256_ps(sgn)), s);
-    }
+    case KT_W_FP8: return _mm256_mul_ps(fp8x8(row + c), s);
+    case KT_W_MXFP4: return _mm256_mul_ps(e2m1x8(nib8(row + c / 2)), s);
     case KT_W_I4M: {
         __m256 mn = _mm256_set1_ps(((const float *)w->aux)[gi]);
         return _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(nib8(row + c / 2)), s), mn);

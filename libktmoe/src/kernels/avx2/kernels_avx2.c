@@ -21,26 +21,11 @@
 
 /* ---- loads ---- */
 
-KT_INLINE __m256 ld8_bf16(const uint16_t *p) {
-    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-}
-
 KT_INLINE __m256 ld8_w(const void *w, int bf16, int64_t i) {
     return bf16 ? ld8_bf16((const uint16_t *)w + i) : _mm256_loadu_ps((const float *)w + i);
 }
 
 /* ---- dequantization ---- */
-
-/* The 4-bit codes of 8 columns starting at byte p (an even column), as int32. */
-KT_INLINE __m256i nib8(const uint8_t *p) {
-    int32_t v;
-    memcpy(&v, p, 4);
-    const __m128i dup = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, -1, -1, -1, -1, -1, -1, -1, -1);
-    __m256i x = _mm256_cvtepu8_epi32(_mm_shuffle_epi8(_mm_cvtsi32_si128(v), dup));
-    x = _mm256_srlv_epi32(x, _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4));
-    return _mm256_and_si256(x, _mm256_set1_epi32(15));
-}
 
 /* The dequantization constants of group g of row r. */
 typedef struct deq_grp {
@@ -63,20 +48,9 @@ KT_INLINE __m256 deq8(int fmt, const uint8_t *row, int64_t c, const deq_grp *d) 
         __m128i q = _mm_loadl_epi64((const __m128i *)(row + c));
         return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d->s);
     }
-    if (fmt == KT_W_FP8) { /* as kt_fp8_to_f32: magnitude bits rebiased, then the sign */
-        __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + c)));
-        __m256i mag = _mm256_slli_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x7F)), 20);
-        __m256i sgn = _mm256_slli_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x80)), 24);
-        __m256 f = _mm256_mul_ps(_mm256_castsi256_ps(mag), _mm256_set1_ps(0x1p120f));
-        return _mm256_mul_ps(_mm256_or_ps(f, _mm256_castsi256_ps(sgn)), d->s);
-    }
+    if (fmt == KT_W_FP8) return _mm256_mul_ps(fp8x8(row + c), d->s);
     __m256i u = nib8(row + c / 2);
-    if (fmt == KT_W_MXFP4) { /* magnitude from the 3 low bits, then the sign bit */
-        const __m256 mag = _mm256_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f);
-        __m256 v = _mm256_permutevar8x32_ps(mag, u);
-        __m256i sgn = _mm256_slli_epi32(_mm256_and_si256(u, _mm256_set1_epi32(8)), 28);
-        return _mm256_mul_ps(_mm256_xor_ps(v, _mm256_castsi256_ps(sgn)), d->s);
-    }
+    if (fmt == KT_W_MXFP4) return _mm256_mul_ps(e2m1x8(u), d->s);
     if (fmt == KT_W_I4M) return _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(u), d->s), d->mn);
     return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(u, d->z)), d->s);
 }
@@ -101,62 +75,7 @@ static void deq_seg(float *dst, const kt_wmat *w, int64_t r, int64_t c, int64_t 
     }
 }
 
-/* ---- prefetching ----
- * The weights stream from DRAM once per pass; the panel kernels convert a
- * panel while the next one is fetched: kt_pf spreads the next panel's
- * cache lines over the row blocks of the current one. */
-
-/* Address of W(r, c) in its data array, and the bytes of n columns. */
-KT_INLINE const char *w_addr(const kt_wmat *w, int64_t r, int64_t c) {
-    const char *d = w->data;
-    switch (w->fmt) {
-    case KT_W_F32: return d + (r * w->ld + c) * 4;
-    case KT_W_BF16: return d + (r * w->ld + c) * 2;
-    case KT_W_I8:
-    case KT_W_FP8: return d + r * w->ld + c;
-    default: return d + r * w->ld + c / 2;
-    }
-}
-
-KT_INLINE int64_t w_bytes(const kt_wmat *w, int64_t n) {
-    switch (w->fmt) {
-    case KT_W_F32: return n * 4;
-    case KT_W_BF16: return n * 2;
-    case KT_W_I8:
-    case KT_W_FP8: return n;
-    default: return (n + 1) / 2;
-    }
-}
-
-/* The lines of `rows` row segments (row r0 + t at column c, n columns;
- * row index widx[...] if given), fetched a share at a time. */
-typedef struct kt_pf {
-    const kt_wmat *w;
-    const int32_t *widx;
-    int64_t r0, rows, c, lines_per_row, next, total;
-} kt_pf;
-
-KT_INLINE void pf_init(kt_pf *p, const kt_wmat *w, const int32_t *widx, int64_t r0, int64_t rows,
-                       int64_t c, int64_t n) {
-    p->w = w;
-    p->widx = widx;
-    p->r0 = r0;
-    p->rows = rows;
-    p->c = c;
-    uintptr_t a = (uintptr_t)w_addr(w, 0, c);
-    p->lines_per_row = ((int64_t)(a & 63) + w_bytes(w, n) + 63) / 64;
-    p->next = 0;
-    p->total = rows > 0 && n > 0 ? rows * p->lines_per_row : 0;
-}
-
-KT_INLINE void pf_some(kt_pf *p, int64_t count) {
-    for (int64_t e = KT_MIN(p->total, p->next + count); p->next < e; p->next++) {
-        int64_t t = p->next / p->lines_per_row, l = p->next % p->lines_per_row;
-        int64_t r = p->widx ? p->widx[p->r0 + t] : p->r0 + t;
-        const char *a = (const char *)((uintptr_t)w_addr(p->w, r, p->c) & ~(uintptr_t)63);
-        _mm_prefetch(a + 64 * l, _MM_HINT_T0);
-    }
-}
+#include "../prefetch.h"
 
 /* ---- dot form ----
  * Rows of W are converted to fp32 once per (row block, K chunk) into a small
@@ -258,10 +177,11 @@ void kt_dot_avx2(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
 
 /* ---- outer form ---- */
 
-#define KT_KC 128 /* K chunk of the outer-form panel                       */
-#define KT_PW 32  /* panel width: a 64-byte line of bf16 weights, used whole
-                   * by one pass (a half line used per pass was fetched
-                   * twice when W's rows are 4 KB apart)                     */
+/* The panel: KT_KC = 128 rows of K, KT_PW = 32 columns, a 64-byte line of
+ * bf16 weights used whole by one pass (a half line used per pass was
+ * fetched twice when W's rows are 4 KB apart). */
+#define KT_KC KT_PANEL_K
+#define KT_PW KT_PANEL_W
 
 /* C[0..MR)[j0..j0+8*NV) (+)= sum_{k < kc} D(i,k0+k) panel[k][0..8*NV); NV = 1 or 2 */
 /* panel == NULL: read W rows k0.. directly (row (widx ? widx[k] : k) of w,
@@ -302,7 +222,7 @@ KT_INLINE void outer_micro(const int MR, const int NV, int64_t kc, const float *
         break;
 
 /* W panel rows [k0, k1), columns [j, j + 8 nvec) to fp32, KT_PW floats a row. */
-static void outer_pack(float *panel, const kt_wmat *W, const int32_t *widx, int64_t k0,
+void kt_outer_pack_avx2(float *panel, const kt_wmat *W, const int32_t *widx, int64_t k0,
                        int64_t k1, int64_t j, int nvec) {
     int64_t gc = W->g0 + j;
     int fmt = W->fmt;
@@ -346,13 +266,9 @@ KT_INLINE void outer_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const
             int64_t k1 = KT_MIN(K, k0 + KT_KC);
             int load_c = accum || k0 > 0;
             kt_pf pf;
-            if (k1 < K)
-                pf_init(&pf, W, widx, k1, KT_MIN(K, k1 + KT_KC) - k1, j, 8 * nvec);
-            else
-                pf_init(&pf, W, widx, 0, j + KT_PW < nv ? KT_MIN(K, KT_KC) : 0, j + KT_PW,
-                        KT_MIN(KT_PW, nv - j - KT_PW));
+            pf_next_outer(&pf, W, widx, K, nv, j, nvec, k1);
             int64_t pf_share = (pf.total + (m + 5) / 6 - 1) / ((m + 5) / 6);
-            if (!direct) outer_pack(panel, W, widx, k0, k1, j, nvec);
+            if (!direct) kt_outer_pack_avx2(panel, W, widx, k0, k1, j, nvec);
             for (int64_t i = 0; i < m; i += 6) {
                 int mr = (int)KT_MIN(6, m - i);
                 pf_some(&pf, pf_share);
@@ -429,7 +345,7 @@ KT_INLINE void transpose8(__m256 v[8]) {
 
 /* panel[k][t] = W(j + t, k0 + k) for t < 8 nvec, k < kc (kc a multiple of 8);
  * tmp: [32][KT_KC] floats for the dequantized formats. */
-static void dot_tpack(float *panel, float *tmp, const kt_wmat *W, int64_t j, int nvec,
+void kt_dot_tpack_avx2(float *panel, float *tmp, const kt_wmat *W, int64_t j, int nvec,
                       int64_t k0, int64_t kc) {
     const int plain = W->fmt == KT_W_F32 || W->fmt == KT_W_BF16;
     if (!plain)
@@ -464,12 +380,9 @@ static void dot_panels(int64_t m, int64_t n, int64_t K, const float *a, int64_t 
             int64_t kc = KT_MIN(KT_KC, K - k0), k1 = k0 + kc;
             int load_c = accum || k0 > 0;
             kt_pf pf;
-            if (k1 < K)
-                pf_init(&pf, W, NULL, j, 8 * nvec, k1, KT_MIN(KT_KC, K - k1));
-            else
-                pf_init(&pf, W, NULL, j + KT_PW, KT_MIN(KT_PW, nv - j - KT_PW), 0, KT_MIN(KT_KC, K));
+            pf_next_dot(&pf, W, K, nv, j, nvec, k1);
             int64_t pf_share = (pf.total + (m + 5) / 6 - 1) / ((m + 5) / 6);
-            dot_tpack(panel, tmp, W, j, nvec, k0, kc);
+            kt_dot_tpack_avx2(panel, tmp, W, j, nvec, k0, kc);
             for (int64_t i = 0; i < m; i += 6) {
                 int mr = (int)KT_MIN(6, m - i);
                 pf_some(&pf, pf_share);

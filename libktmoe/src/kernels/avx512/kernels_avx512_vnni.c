@@ -12,8 +12,8 @@
 const kt_kernels kt_kernels_avx512_vnni = {
     .isa = KTMOE_ISA_AVX512,
     .dot = kt_dot_avx2,
-    .dot_many = kt_dot_many_avx2,
-    .outer = kt_outer_avx2,
+    .dot_many = kt_dot_many_avx512,
+    .outer = kt_outer_avx512,
     .qdot = kt_qdot_avx512_vnni,
     .act_fwd = kt_act_fwd_avx2,
     .act_bwd = kt_act_bwd_avx2,

@@ -37,10 +37,15 @@
 #define KT_EMU_H
 
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
 #define KT_EMULATED 1
+
+/* __m512 values pass between the inline emulation functions of a build
+ * without -mavx512f; GCC's note on that ABI does not concern them. */
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 /* ---- AVX512-VNNI (256-bit, VL encoding) ---- */
 
@@ -55,6 +60,75 @@ static inline __m256i kt_emu_mm256_dpbusd_epi32(__m256i src, __m256i a, __m256i 
 }
 #undef _mm256_dpbusd_epi32
 #define _mm256_dpbusd_epi32 kt_emu_mm256_dpbusd_epi32
+
+/* ---- AVX-512 F (the fp32 panel kernels, kernels/avx512/panels_avx512.c) ----
+ * 16 fp32 lanes; masked loads read only the selected lanes (zero elsewhere),
+ * masked stores write only those; fmadd is fused per lane (fmaf). */
+
+static inline __attribute__((always_inline)) __m512 kt_emu_mm512_setzero_ps(void) {
+    float z[16] = {0};
+    __m512 r;
+    memcpy(&r, z, sizeof r);
+    return r;
+}
+
+static inline __attribute__((always_inline)) __m512 kt_emu_mm512_set1_ps(float x) {
+    float v[16];
+    for (int i = 0; i < 16; i++) v[i] = x;
+    __m512 r;
+    memcpy(&r, v, sizeof r);
+    return r;
+}
+
+static inline __attribute__((always_inline)) __m512 kt_emu_mm512_maskz_loadu_ps(__mmask16 k, const void *p) {
+    float v[16];
+    for (int i = 0; i < 16; i++) {
+        v[i] = 0.0f;
+        if ((k >> i) & 1) memcpy(&v[i], (const float *)p + i, sizeof(float));
+    }
+    __m512 r;
+    memcpy(&r, v, sizeof r);
+    return r;
+}
+
+static inline __attribute__((always_inline)) void kt_emu_mm512_mask_storeu_ps(void *p, __mmask16 k, __m512 a) {
+    float v[16];
+    memcpy(v, &a, sizeof v);
+    for (int i = 0; i < 16; i++)
+        if ((k >> i) & 1) memcpy((float *)p + i, &v[i], sizeof(float));
+}
+
+static inline __attribute__((always_inline)) __m512 kt_emu_mm512_fmadd_ps(__m512 a, __m512 b, __m512 c) {
+    float x[16], y[16], z[16];
+    memcpy(x, &a, sizeof x);
+    memcpy(y, &b, sizeof y);
+    memcpy(z, &c, sizeof z);
+    for (int i = 0; i < 16; i++) z[i] = fmaf(x[i], y[i], z[i]);
+    __m512 r;
+    memcpy(&r, z, sizeof r);
+    return r;
+}
+
+#undef _mm512_setzero_ps
+#define _mm512_setzero_ps kt_emu_mm512_setzero_ps
+#undef _mm512_set1_ps
+#define _mm512_set1_ps kt_emu_mm512_set1_ps
+#undef _mm512_maskz_loadu_ps
+#define _mm512_maskz_loadu_ps kt_emu_mm512_maskz_loadu_ps
+/* the aligned form: the emulation does not fault on misalignment */
+#undef _mm512_maskz_load_ps
+#define _mm512_maskz_load_ps kt_emu_mm512_maskz_loadu_ps
+static inline __attribute__((always_inline)) __m512 kt_emu_mm512_load_ps(const void *p) {
+    __m512 r;
+    memcpy(&r, p, sizeof r);
+    return r;
+}
+#undef _mm512_load_ps
+#define _mm512_load_ps kt_emu_mm512_load_ps
+#undef _mm512_mask_storeu_ps
+#define _mm512_mask_storeu_ps kt_emu_mm512_mask_storeu_ps
+#undef _mm512_fmadd_ps
+#define _mm512_fmadd_ps kt_emu_mm512_fmadd_ps
 
 /* ---- AMX ---- */
 
