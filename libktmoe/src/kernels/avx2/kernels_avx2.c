@@ -9,7 +9,9 @@
  *   micro-kernel, D broadcast from memory; W converted to an fp32 panel of
  *   128 rows x 32 columns (whole 64-byte lines of bf16) that stays in L1
  *   while all rows of D stream past it.
- * Both forms prefetch the next panel's weights while computing one.
+ * dot_many (SFT layers, 12 rows of A or more): the outer micro-kernel on
+ *   W rows transposed into the same kind of panel (k-ordered sums).
+ * The panel forms prefetch the next panel's weights while computing one.
  * Quantized W is dequantized 8 columns at a time to exactly the fp32 values
  * of kt_w_at (the ref tier's definition), so tiers differ only in the order
  * of the fp32 sums. */

@@ -2,10 +2,13 @@
  * state) allow AVX-512 F/BW/VL; compiled with those flags.  Checked against
  * the ref tier by the test suite.
  *
- * What it adds today is the integer dot form on AVX512-VNNI (vpdpbusd,
- * kernels_avx512_vnni.c, the table dispatch.c picks on CPUs that have it);
- * every other kernel is the avx2 tier's.  512-bit forms were measured on
- * Zen 4 (256-bit AVX-512 units) and not kept: see qdot_ymm.h. */
+ * What it adds: the 512-bit panel kernels of the outer form and dot_many
+ * (panels_avx512.c; on CPUs with 256-bit AVX-512 units they hand over to
+ * the avx2 ones), and the integer dot form on AVX512-VNNI (vpdpbusd,
+ * kernels_avx512_vnni.c, the table dispatch.c picks on CPUs that have it).
+ * The row-order dot form and the activations are the avx2 tier's.  512-bit
+ * forms of the integer kernel were measured on Zen 4 and not kept: see
+ * qdot_ymm.h. */
 #include "../../internal.h"
 
 const kt_kernels kt_kernels_avx512 = {
