@@ -338,8 +338,7 @@ void kt_outer_avx2(int64_t m, int64_t n, int64_t K, const float *d, int64_t dsi,
  * to fp32 panels of KT_PANEL_W floats a row (64-byte aligned rows), at most
  * KT_PANEL_K rows.  Outer form: panel[k - k0] = W row k (widx[k] if given),
  * columns [j, j + 8 nvec).  Dot form: panel[k] = column k0 + k of W rows
- * [j, j + 8 nvec) (W transposed; kc a multiple of 8; tmp holds
- * KT_PANEL_W * KT_PANEL_K floats). */
+ * [j, j + 8 nvec) (W transposed; kc a multiple of 8). */
 #define KT_PANEL_W 32
 #define KT_PANEL_K 128
 /* The avx512 tier's panel kernels (kernels/avx512/panels_avx512.c). */
@@ -350,8 +349,8 @@ void kt_dot_many_avx512(int64_t m, int64_t n, int64_t K, const float *a, int64_t
                         const int32_t *aidx, const kt_wmat *w, float *c, int64_t ldc, int accum);
 void kt_outer_pack_avx2(float *panel, const kt_wmat *W, const int32_t *widx, int64_t k0,
                         int64_t k1, int64_t j, int nvec);
-void kt_dot_tpack_avx2(float *panel, float *tmp, const kt_wmat *W, int64_t j, int nvec,
-                       int64_t k0, int64_t kc);
+void kt_dot_tpack_avx2(float *panel, const kt_wmat *W, int64_t j, int nvec, int64_t k0,
+                       int64_t kc);
 void kt_qdot_avx2(int64_t m, int64_t n, int64_t K, const kt_qact *x, const int32_t *aidx,
                   const kt_wmat *w, float *c, int64_t ldc);
 void kt_act_fwd_avx2(int64_t n, const float *g, const float *u, float *h, const kt_activation *a);

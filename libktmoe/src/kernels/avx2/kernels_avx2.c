@@ -345,25 +345,52 @@ KT_INLINE void transpose8(__m256 v[8]) {
     }
 }
 
-/* panel[k][t] = W(j + t, k0 + k) for t < 8 nvec, k < kc (kc a multiple of 8);
- * tmp: [32][KT_KC] floats for the dequantized formats. */
-void kt_dot_tpack_avx2(float *panel, float *tmp, const kt_wmat *W, int64_t j, int nvec,
-                      int64_t k0, int64_t kc) {
-    const int plain = W->fmt == KT_W_F32 || W->fmt == KT_W_BF16;
-    if (!plain)
-        for (int t = 0; t < 8 * nvec; t++) deq_seg(tmp + t * KT_KC, W, j + t, k0, kc);
-    for (int b = 0; b < nvec; b++)
+/* panel[k][t] = W(j + t, k0 + k) for t < 8 nvec, k < kc (kc a multiple of 8):
+ * 8 x 8 blocks converted or dequantized straight from the packed rows
+ * (each row's group constants looked up when the group changes), then
+ * transposed. */
+/* 8 rows of W from `row` (row stride ld) x 8 columns from k, dequantized
+ * (format fmt, a constant after inlining) with the rows' group constants d. */
+KT_INLINE void tpack_rows(const int fmt, __m256 *v, const kt_wmat *W, int64_t row, int64_t k,
+                          const deq_grp *d) {
+    for (int r = 0; r < 8; r++) {
+        int64_t rr = row + r;
+        if (fmt == KT_W_BF16) v[r] = ld8_bf16((const uint16_t *)W->data + rr * W->ld + k);
+        else if (fmt == KT_W_F32) v[r] = _mm256_loadu_ps((const float *)W->data + rr * W->ld + k);
+        else v[r] = deq8(fmt, (const uint8_t *)W->data + rr * W->ld, k, &d[r]);
+    }
+}
+
+KT_INLINE void tpack(const int fmt, float *panel, const kt_wmat *W, int64_t j, int nvec, int64_t k0,
+                     int64_t kc) {
+    deq_grp d[8];
+    memset(d, 0, sizeof d); /* set per group below; plain formats do not read it */
+    for (int b = 0; b < nvec; b++) {
+        int64_t g = -1;
         for (int64_t k = 0; k < kc; k += 8) {
             __m256 v[8];
-            for (int r = 0; r < 8; r++) {
-                int64_t row = j + 8 * b + r;
-                v[r] = W->fmt == KT_W_BF16 ? ld8_bf16((const uint16_t *)W->data + row * W->ld + k0 + k)
-                       : W->fmt == KT_W_F32 ? _mm256_loadu_ps((const float *)W->data + row * W->ld + k0 + k)
-                                            : _mm256_loadu_ps(tmp + (8 * b + r) * KT_KC + k);
+            if (fmt != KT_W_BF16 && fmt != KT_W_F32) { /* 8 columns lie in one group */
+                int64_t gk = (W->g0 + k0 + k) / W->gs;
+                if (gk != g)
+                    for (int r = 0; r < 8; r++) d[r] = deq_group(W, j + 8 * b + r, g = gk);
             }
+            tpack_rows(fmt, v, W, j + 8 * b, k0 + k, d);
             transpose8(v);
             for (int q = 0; q < 8; q++) _mm256_store_ps(panel + (k + q) * KT_PW + 8 * b, v[q]);
         }
+    }
+}
+
+void kt_dot_tpack_avx2(float *panel, const kt_wmat *W, int64_t j, int nvec, int64_t k0, int64_t kc) {
+    switch (W->fmt) {
+    case KT_W_F32: tpack(KT_W_F32, panel, W, j, nvec, k0, kc); break;
+    case KT_W_BF16: tpack(KT_W_BF16, panel, W, j, nvec, k0, kc); break;
+    case KT_W_I8: tpack(KT_W_I8, panel, W, j, nvec, k0, kc); break;
+    case KT_W_FP8: tpack(KT_W_FP8, panel, W, j, nvec, k0, kc); break;
+    case KT_W_MXFP4: tpack(KT_W_MXFP4, panel, W, j, nvec, k0, kc); break;
+    case KT_W_I4M: tpack(KT_W_I4M, panel, W, j, nvec, k0, kc); break;
+    default: tpack(KT_W_I4S, panel, W, j, nvec, k0, kc); break; /* I4S, I4Z: the integer offset */
+    }
 }
 
 #define DOTT_CASE(MR, NV)                                                                  \
@@ -374,7 +401,6 @@ void kt_dot_tpack_avx2(float *panel, float *tmp, const kt_wmat *W, int64_t j, in
 static void dot_panels(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
                        const int32_t *aidx, const kt_wmat *W, float *c, int64_t ldc, int accum) {
     float panel[KT_KC * KT_PW] __attribute__((aligned(32)));
-    float tmp[KT_PW * KT_KC] __attribute__((aligned(32)));
     int64_t nv = n & ~(int64_t)7;
     for (int64_t j = 0; j < nv; j += KT_PW) {
         int nvec = (int)KT_MIN(KT_PW, nv - j) / 8;
@@ -384,7 +410,7 @@ static void dot_panels(int64_t m, int64_t n, int64_t K, const float *a, int64_t 
             kt_pf pf;
             pf_next_dot(&pf, W, K, nv, j, nvec, k1);
             int64_t pf_share = (pf.total + (m + 5) / 6 - 1) / ((m + 5) / 6);
-            kt_dot_tpack_avx2(panel, tmp, W, j, nvec, k0, kc);
+            kt_dot_tpack_avx2(panel, W, j, nvec, k0, kc);
             for (int64_t i = 0; i < m; i += 6) {
                 int mr = (int)KT_MIN(6, m - i);
                 pf_some(&pf, pf_share);

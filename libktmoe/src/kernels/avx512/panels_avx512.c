@@ -128,7 +128,6 @@ void kt_dot_many_avx512(int64_t m, int64_t n, int64_t K, const float *a, int64_t
         return;
     }
     float panel[KT_PANEL_K * KT_PANEL_W] __attribute__((aligned(64)));
-    float tmp[KT_PANEL_W * KT_PANEL_K] __attribute__((aligned(64)));
     const float *rows[KT_ZROWS];
     for (int64_t i0 = 0; i0 < m; i0 += KT_ZROWS) {
         int64_t mc = KT_MIN(KT_ZROWS, m - i0);
@@ -138,7 +137,7 @@ void kt_dot_many_avx512(int64_t m, int64_t n, int64_t K, const float *a, int64_t
                 int64_t kc = KT_MIN(KT_PANEL_K, K - k0), k1 = k0 + kc;
                 kt_pf pf;
                 pf_next_dot(&pf, W, K, nv, j, nvec, k1);
-                kt_dot_tpack_avx2(panel, tmp, W, j, nvec, k0, kc);
+                kt_dot_tpack_avx2(panel, W, j, nvec, k0, kc);
                 for (int64_t i = 0; i < mc; i++)
                     rows[i] = a + (aidx ? aidx[i0 + i] : i0 + i) * lda + k0;
                 zpanel(mc, rows, 1, panel, kc, nvec, c + i0 * ldc, ldc, j, accum || k0 > 0, &pf);
