@@ -86,6 +86,36 @@ static void zpanel(int64_t m, const float *const *rows, int64_t dsk, const float
 /* Rows of D (or A) per pass, so that their pointers fit on the stack. */
 #define KT_ZROWS 256
 
+/* Both forms over columns [0, nv) of C: D(i, k) = d[(didx ? didx[i] : i)
+ * dsi + k dsk]; the W panel packed as the outer form reads W (rows k
+ * through widx), or transposed for the dot form (tpack). */
+static void zdrive(int tpack, int64_t m, int64_t nv, int64_t K, const float *d, int64_t dsi,
+                   int64_t dsk, const int32_t *didx, const kt_wmat *W, const int32_t *widx,
+                   float *c, int64_t ldc, int accum) {
+    float panel[KT_PANEL_K * KT_PANEL_W] __attribute__((aligned(64)));
+    const float *rows[KT_ZROWS];
+    for (int64_t i0 = 0; i0 < m; i0 += KT_ZROWS) {
+        int64_t mc = KT_MIN(KT_ZROWS, m - i0);
+        for (int64_t j = 0; j < nv; j += KT_PANEL_W) {
+            int nvec = (int)KT_MIN(KT_PANEL_W, nv - j) / 8;
+            for (int64_t k0 = 0; k0 < K; k0 += KT_PANEL_K) {
+                int64_t kc = KT_MIN(KT_PANEL_K, K - k0), k1 = k0 + kc;
+                kt_pf pf;
+                if (tpack) {
+                    pf_next_dot(&pf, W, K, nv, j, nvec, k1);
+                    kt_dot_tpack_avx2(panel, W, j, nvec, k0, kc);
+                } else {
+                    pf_next_outer(&pf, W, widx, K, nv, j, nvec, k1);
+                    kt_outer_pack_avx2(panel, W, widx, k0, k1, j, nvec);
+                }
+                for (int64_t i = 0; i < mc; i++)
+                    rows[i] = d + (didx ? didx[i0 + i] : i0 + i) * dsi + k0 * dsk;
+                zpanel(mc, rows, dsk, panel, kc, nvec, c + i0 * ldc, ldc, j, accum || k0 > 0, &pf);
+            }
+        }
+    }
+}
+
 void kt_outer_avx512(int64_t m, int64_t n, int64_t K, const float *d, int64_t dsi, int64_t dsk,
                      const int32_t *didx, const kt_wmat *W, const int32_t *widx, float *c,
                      int64_t ldc, int accum) {
@@ -94,24 +124,7 @@ void kt_outer_avx512(int64_t m, int64_t n, int64_t K, const float *d, int64_t ds
         kt_outer_avx2(m, n, K, d, dsi, dsk, didx, W, widx, c, ldc, accum);
         return;
     }
-    float panel[KT_PANEL_K * KT_PANEL_W] __attribute__((aligned(64)));
-    const float *rows[KT_ZROWS];
-    for (int64_t i0 = 0; i0 < m; i0 += KT_ZROWS) {
-        int64_t mc = KT_MIN(KT_ZROWS, m - i0);
-        for (int64_t j = 0; j < nv; j += KT_PANEL_W) {
-            int nvec = (int)KT_MIN(KT_PANEL_W, nv - j) / 8;
-            for (int64_t k0 = 0; k0 < K; k0 += KT_PANEL_K) {
-                int64_t k1 = KT_MIN(K, k0 + KT_PANEL_K);
-                kt_pf pf;
-                pf_next_outer(&pf, W, widx, K, nv, j, nvec, k1);
-                kt_outer_pack_avx2(panel, W, widx, k0, k1, j, nvec);
-                for (int64_t i = 0; i < mc; i++)
-                    rows[i] = d + (didx ? didx[i0 + i] : i0 + i) * dsi + k0 * dsk;
-                zpanel(mc, rows, dsk, panel, k1 - k0, nvec, c + i0 * ldc, ldc, j,
-                       accum || k0 > 0, &pf);
-            }
-        }
-    }
+    zdrive(0, m, nv, K, d, dsi, dsk, didx, W, widx, c, ldc, accum);
     if (nv < n) { /* columns past the last multiple of 8 */
         kt_wmat rest = kt_wsub(W, 0, nv);
         kt_outer_avx2(m, n - nv, K, d, dsi, dsk, didx, &rest, widx, c + nv, ldc, accum);
@@ -127,23 +140,7 @@ void kt_dot_many_avx512(int64_t m, int64_t n, int64_t K, const float *a, int64_t
         kt_dot_many_avx2(m, n, K, a, lda, aidx, W, c, ldc, accum);
         return;
     }
-    float panel[KT_PANEL_K * KT_PANEL_W] __attribute__((aligned(64)));
-    const float *rows[KT_ZROWS];
-    for (int64_t i0 = 0; i0 < m; i0 += KT_ZROWS) {
-        int64_t mc = KT_MIN(KT_ZROWS, m - i0);
-        for (int64_t j = 0; j < nv; j += KT_PANEL_W) {
-            int nvec = (int)KT_MIN(KT_PANEL_W, nv - j) / 8;
-            for (int64_t k0 = 0; k0 < K; k0 += KT_PANEL_K) {
-                int64_t kc = KT_MIN(KT_PANEL_K, K - k0), k1 = k0 + kc;
-                kt_pf pf;
-                pf_next_dot(&pf, W, K, nv, j, nvec, k1);
-                kt_dot_tpack_avx2(panel, W, j, nvec, k0, kc);
-                for (int64_t i = 0; i < mc; i++)
-                    rows[i] = a + (aidx ? aidx[i0 + i] : i0 + i) * lda + k0;
-                zpanel(mc, rows, 1, panel, kc, nvec, c + i0 * ldc, ldc, j, accum || k0 > 0, &pf);
-            }
-        }
-    }
+    zdrive(1, m, nv, K, a, lda, 1, aidx, W, NULL, c, ldc, accum);
     if (nv < n) { /* rows of W past the last multiple of 8 */
         kt_wmat rest = kt_wsub(W, nv, 0);
         kt_dot_avx2(m, n - nv, K, a, lda, aidx, &rest, c + nv, ldc, accum);
