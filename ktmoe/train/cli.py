@@ -22,6 +22,12 @@ def _split_positional(items: Sequence[str]) -> Tuple[Optional[str], List[str]]:
     return config, overrides
 
 
+def _fail(e: Exception) -> int:
+    """Prints the error; the exit status: 2 for a bad configuration, 1 otherwise."""
+    print(f"error: {e}", file=sys.stderr)
+    return 2 if isinstance(e, KTAMXConfigError) else 1
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value",
                    help="a YAML/JSON config (default: the bundled examples/train_tiny.yaml) and key=value "
@@ -42,18 +48,13 @@ def run_train(args: argparse.Namespace) -> int:
         data, _ = read_config(config, overrides)
         model_args, data_args, training_args, finetuning_args, generating_args = get_train_args(config, overrides)
     except KTAMXConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(e)
     try:
         from .trainer import run_sft
 
         trainer = run_sft(model_args, data_args, training_args, finetuning_args, generating_args, config=data)
-    except KTAMXConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except (KTAMXError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return _fail(e)
     s = trainer.kt_summary
 
     def fmt(v, spec):
@@ -97,12 +98,8 @@ def run_chat(args: argparse.Namespace) -> int:
 
             ov.update(parse_overrides(overrides))
         chat = ChatModel(config, ov or None)
-    except KTAMXConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except (KTAMXError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return _fail(e)
     if args.prompt:
         for i, q in enumerate(args.prompt):
             answer = chat.chat(q, system=args.system)

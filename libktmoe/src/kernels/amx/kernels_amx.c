@@ -197,6 +197,25 @@ static void pack_a_row(kt_amx_pack *pk, int i, const float *src, int64_t kc, int
     }
 }
 
+/* Rows i0 .. i0 + mr of D (D(i, k) = d[(didx ? didx[i] : i) dsi + k dsk]),
+ * columns k0 .. k0 + kc, into the A parts; the tile's other rows zero. */
+static void pack_a_rows(kt_amx_pack *pk, int mr, const float *d, int64_t dsi, int64_t dsk,
+                        const int32_t *didx, int64_t i0, int64_t k0, int64_t kc, int64_t kcp) {
+    float dv[KT_AMX_KC] __attribute__((aligned(32)));
+    for (int i = 0; i < KT_TM; i++) {
+        if (i >= mr) {
+            for (int p = 0; p < 3; p++) memset(pk->a[p] + i * KT_AMX_KC, 0, (size_t)kcp * 2);
+            continue;
+        }
+        const float *di = d + (didx ? didx[i0 + i] : i0 + i) * dsi + k0 * dsk;
+        if (dsk != 1) {
+            for (int64_t k = 0; k < kc; k++) dv[k] = di[k * dsk];
+            di = dv;
+        }
+        pack_a_row(pk, i, di, kc, kcp);
+    }
+}
+
 /* Column j of the W parts from the fp32 values v[0..kcp) along k (dot form:
  * a row of W). */
 static void pack_w_col(kt_amx_pack *pk, int np, int j, const float *v, int64_t kcp) {
@@ -284,13 +303,7 @@ static void kt_dot_amx(int64_t m, int64_t n, int64_t K, const float *a, int64_t 
         int mr = (int)KT_MIN(KT_TM, m - i0);
         for (int64_t k0 = 0; k0 < K; k0 += KT_AMX_KC) {
             int64_t kc = KT_MIN(KT_AMX_KC, K - k0), kcp = (kc + 31) & ~(int64_t)31;
-            for (int i = 0; i < KT_TM; i++) {
-                if (i < mr) {
-                    pack_a_row(&pk, i, a + (aidx ? aidx[i0 + i] : i0 + i) * lda + k0, kc, kcp);
-                } else {
-                    for (int p = 0; p < 3; p++) memset(pk.a[p] + i * KT_AMX_KC, 0, (size_t)kcp * 2);
-                }
-            }
+            pack_a_rows(&pk, mr, a, lda, 1, aidx, i0, k0, kc, kcp);
             for (int64_t j0 = 0; j0 < n; j0 += KT_TN) {
                 int nr = (int)KT_MIN(KT_TN, n - j0);
                 for (int j = 0; j < KT_TN; j++) {
@@ -317,7 +330,6 @@ static void kt_outer_amx(int64_t m, int64_t n, int64_t K, const float *d, int64_
         return;
     }
     kt_amx_pack pk;
-    float dv[KT_AMX_KC] __attribute__((aligned(32)));
     float wv[2][KT_TN] __attribute__((aligned(32)));
     float ct[KT_TM * KT_TN] __attribute__((aligned(64)));
     const int np_w = w->fmt == KT_W_BF16 ? 1 : 3;
@@ -326,19 +338,7 @@ static void kt_outer_amx(int64_t m, int64_t n, int64_t K, const float *d, int64_
         int mr = (int)KT_MIN(KT_TM, m - i0);
         for (int64_t k0 = 0; k0 < K; k0 += KT_AMX_KC) {
             int64_t kc = KT_MIN(KT_AMX_KC, K - k0), kcp = (kc + 31) & ~(int64_t)31;
-            for (int i = 0; i < KT_TM; i++) {
-                if (i < mr) {
-                    const float *di = d + (didx ? didx[i0 + i] : i0 + i) * dsi + k0 * dsk;
-                    if (dsk == 1) {
-                        pack_a_row(&pk, i, di, kc, kcp);
-                    } else {
-                        for (int64_t k = 0; k < kc; k++) dv[k] = di[k * dsk];
-                        pack_a_row(&pk, i, dv, kc, kcp);
-                    }
-                } else {
-                    for (int p = 0; p < 3; p++) memset(pk.a[p] + i * KT_AMX_KC, 0, (size_t)kcp * 2);
-                }
-            }
+            pack_a_rows(&pk, mr, d, dsi, dsk, didx, i0, k0, kc, kcp);
             for (int64_t j0 = 0; j0 < n; j0 += KT_TN) {
                 int nr = (int)KT_MIN(KT_TN, n - j0);
                 for (int64_t k = 0; k < kcp; k += 2) {

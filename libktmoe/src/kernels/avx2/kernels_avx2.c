@@ -251,26 +251,30 @@ void kt_outer_pack_avx2(float *panel, const kt_wmat *W, const int32_t *widx, int
     }
 }
 
-KT_INLINE void outer_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const float *d,
-                          int64_t dsi, int64_t dsk, const int32_t *didx, const kt_wmat *W,
-                          const int32_t *widx, float *c, int64_t ldc, int accum) {
+/* Columns [0, nv) of the outer form (tpack 0), or of dot_many (tpack 1: W's
+ * rows transposed into the panel, D = A with dsk = 1, no widx). */
+KT_INLINE void panel_loop(const int bf16, const int tpack, int64_t m, int64_t nv, int64_t K,
+                          const float *d, int64_t dsi, int64_t dsk, const int32_t *didx,
+                          const kt_wmat *W, const int32_t *widx, float *c, int64_t ldc, int accum) {
     float panel[KT_KC * KT_PW] __attribute__((aligned(32)));
-    int64_t nv = n & ~(int64_t)7;
     const void *w = W->data;
     const int64_t ldw = W->ld;
-    /* too few rows for a packed panel to pay off (plain W only) */
-    const int direct = m <= 2 && (W->fmt == KT_W_F32 || W->fmt == KT_W_BF16);
-    if (K == 0 && !accum)
-        for (int64_t i = 0; i < m; i++) memset(c + i * ldc, 0, (size_t)n * 4);
+    /* too few rows for a packed panel to pay off (outer form, plain W only) */
+    const int direct = !tpack && m <= 2 && (W->fmt == KT_W_F32 || W->fmt == KT_W_BF16);
     for (int64_t j = 0; j < nv; j += KT_PW) {
         int nvec = (int)KT_MIN(KT_PW, nv - j) / 8;
         for (int64_t k0 = 0; k0 < K; k0 += KT_KC) {
             int64_t k1 = KT_MIN(K, k0 + KT_KC);
             int load_c = accum || k0 > 0;
             kt_pf pf;
-            pf_next_outer(&pf, W, widx, K, nv, j, nvec, k1);
+            if (tpack) {
+                pf_next_dot(&pf, W, K, nv, j, nvec, k1);
+                kt_dot_tpack_avx2(panel, W, j, nvec, k0, k1 - k0);
+            } else {
+                pf_next_outer(&pf, W, widx, K, nv, j, nvec, k1);
+                if (!direct) kt_outer_pack_avx2(panel, W, widx, k0, k1, j, nvec);
+            }
             int64_t pf_share = (pf.total + (m + 5) / 6 - 1) / ((m + 5) / 6);
-            if (!direct) kt_outer_pack_avx2(panel, W, widx, k0, k1, j, nvec);
             for (int64_t i = 0; i < m; i += 6) {
                 int mr = (int)KT_MIN(6, m - i);
                 pf_some(&pf, pf_share);
@@ -293,6 +297,15 @@ KT_INLINE void outer_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const
             }
         }
     }
+}
+
+KT_INLINE void outer_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const float *d,
+                          int64_t dsi, int64_t dsk, const int32_t *didx, const kt_wmat *W,
+                          const int32_t *widx, float *c, int64_t ldc, int accum) {
+    int64_t nv = n & ~(int64_t)7;
+    if (K == 0 && !accum)
+        for (int64_t i = 0; i < m; i++) memset(c + i * ldc, 0, (size_t)n * 4);
+    panel_loop(bf16, 0, m, nv, K, d, dsi, dsk, didx, W, widx, c, ldc, accum);
     /* columns past the last multiple of 8 */
     for (int64_t i = 0; i < m && nv < n; i++) {
         const float *di = d + (didx ? didx[i] : i) * dsi;
@@ -393,46 +406,10 @@ void kt_dot_tpack_avx2(float *panel, const kt_wmat *W, int64_t j, int nvec, int6
     }
 }
 
-#define DOTT_CASE(MR, NV)                                                                  \
-    case (MR) * 4 + (NV):                                                                   \
-        outer_micro(MR, NV, kc, dp, 1, ph, 1, NULL, 0, NULL, 0, jh, cr, load_c);            \
-        break;
-
 static void dot_panels(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
                        const int32_t *aidx, const kt_wmat *W, float *c, int64_t ldc, int accum) {
-    float panel[KT_KC * KT_PW] __attribute__((aligned(32)));
     int64_t nv = n & ~(int64_t)7;
-    for (int64_t j = 0; j < nv; j += KT_PW) {
-        int nvec = (int)KT_MIN(KT_PW, nv - j) / 8;
-        for (int64_t k0 = 0; k0 < K; k0 += KT_KC) {
-            int64_t kc = KT_MIN(KT_KC, K - k0), k1 = k0 + kc;
-            int load_c = accum || k0 > 0;
-            kt_pf pf;
-            pf_next_dot(&pf, W, K, nv, j, nvec, k1);
-            int64_t pf_share = (pf.total + (m + 5) / 6 - 1) / ((m + 5) / 6);
-            kt_dot_tpack_avx2(panel, W, j, nvec, k0, kc);
-            for (int64_t i = 0; i < m; i += 6) {
-                int mr = (int)KT_MIN(6, m - i);
-                pf_some(&pf, pf_share);
-                const float *dp[6];
-                float *cr[6];
-                for (int t = 0; t < mr; t++) {
-                    dp[t] = a + (aidx ? aidx[i + t] : i + t) * lda + k0;
-                    cr[t] = c + (i + t) * ldc;
-                }
-                for (int h = 0; h < nvec; h += 2) {
-                    int64_t jh = j + 8 * h;
-                    const float *ph = panel + 8 * h;
-                    switch (mr * 4 + KT_MIN(2, nvec - h)) {
-                        DOTT_CASE(6, 2) DOTT_CASE(5, 2) DOTT_CASE(4, 2)
-                        DOTT_CASE(3, 2) DOTT_CASE(2, 2) DOTT_CASE(1, 2)
-                        DOTT_CASE(6, 1) DOTT_CASE(5, 1) DOTT_CASE(4, 1)
-                        DOTT_CASE(3, 1) DOTT_CASE(2, 1) DOTT_CASE(1, 1)
-                    }
-                }
-            }
-        }
-    }
+    panel_loop(1, 1, m, nv, K, a, lda, 1, aidx, W, NULL, c, ldc, accum);
     if (nv < n) { /* rows of W past the last multiple of 8 */
         kt_wmat rest = kt_wsub(W, nv, 0);
         kt_dot_avx2(m, n - nv, K, a, lda, aidx, &rest, c + nv, ldc, accum);
