@@ -2,8 +2,13 @@
 #include "internal.h"
 
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #define KT_MSG_MAX 512
 
@@ -48,15 +53,44 @@ KTMOE_API int32_t ktmoe_abi_version(void) { return KTMOE_ABI_VERSION; }
 
 /* ---- memory ---- */
 
+/* Allocations of KT_HUGE_MIN bytes or more (the expert weights, the
+ * activation caches) are aligned to 2 MiB and advised as transparent huge
+ * pages: the kernels stream them with rows 3-8 KB apart, and 4 KB pages
+ * cost a TLB miss every few rows (Linux's default THP mode "madvise" maps
+ * huge pages only where asked).  KTMOE_HUGEPAGES=0 turns the advice off. */
+#define KT_HUGE_PAGE ((size_t)2 << 20)
+#define KT_HUGE_MIN ((size_t)4 << 20)
+
+static int kt_hugepages_wanted(void) {
+    static atomic_int wanted = -1;
+    int w = atomic_load_explicit(&wanted, memory_order_relaxed);
+    if (w < 0) {
+        const char *e = getenv("KTMOE_HUGEPAGES");
+        w = !(e && e[0] == '0' && e[1] == '\0');
+        atomic_store_explicit(&wanted, w, memory_order_relaxed);
+    }
+    return w;
+}
+
 void *kt_alloc(size_t bytes) {
     void *p = NULL;
     if (bytes == 0) bytes = 64;
-    bytes = (bytes + 63) & ~(size_t)63;
-    if (posix_memalign(&p, 64, bytes) != 0) {
+    size_t align = 64;
+    int huge = bytes >= KT_HUGE_MIN && kt_hugepages_wanted();
+    if (huge) {
+        align = KT_HUGE_PAGE;
+        bytes = (bytes + KT_HUGE_PAGE - 1) & ~(KT_HUGE_PAGE - 1);
+    } else {
+        bytes = (bytes + 63) & ~(size_t)63;
+    }
+    if (posix_memalign(&p, align, bytes) != 0) {
         kt_error(KTMOE_ERR_OUT_OF_MEMORY, "out of memory allocating %zu bytes",
                  bytes);
         return NULL;
     }
+#if defined(MADV_HUGEPAGE)
+    if (huge) (void)madvise(p, bytes, MADV_HUGEPAGE); /* advice only: failure is harmless */
+#endif
     return p;
 }
 

@@ -298,7 +298,7 @@ KTMOE_API ktmoe_status ktmoe_moe_create(ktmoe_pool *pool, const ktmoe_moe_config
     m->act.kind = c->activation;
     m->act.alpha = c->act_alpha;
     m->act.limit = c->act_limit;
-    /* the dot kernel of the big forward products */
+    /* the dot kernel of the forward products (frozen weights and LoRA) */
     m->dot = !c->batch_invariant && m->kern->dot_many ? m->kern->dot_many : m->kern->dot;
     m->max_depth = c->max_cache_depth;
     pthread_mutex_init(&m->mu, NULL);
@@ -791,8 +791,8 @@ static void kt_fwd_lora_a(void *v, const kt_worker_ctx *w, int sub, int64_t ai) 
     const int32_t *tok = (int32_t *)c->tok.p + o;
     float *xs = F(&c->xs) + o * 2 * r;
     kt_wmat ag = kt_lora(m, LGA, e * r * H, H), au = kt_lora(m, LUA, e * r * H, H);
-    m->kern->dot(cnt, r, H, F(&c->x), H, tok, &ag, xs, 2 * r, 0);
-    m->kern->dot(cnt, r, H, F(&c->x), H, tok, &au, xs + r, 2 * r, 0);
+    m->dot(cnt, r, H, F(&c->x), H, tok, &ag, xs, 2 * r, 0);
+    m->dot(cnt, r, H, F(&c->x), H, tok, &au, xs + r, 2 * r, 0);
     for (int64_t i = 0; i < cnt * 2 * r; i++) xs[i] *= m->scale;
 }
 
@@ -821,8 +821,8 @@ static void kt_fwd_gate_up(void *v, const kt_worker_ctx *w, int s, int64_t task)
         int64_t brow = (e * m->I + m->slices[s].i0 + j0) * r;
         const float *xs = F(&c->xs) + o * 2 * r;
         kt_wmat bg = kt_lora(m, LGB, brow, r), bu = kt_lora(m, LUB, brow, r);
-        m->kern->dot(cnt, tn, r, xs, 2 * r, NULL, &bg, g, Is, 1);
-        m->kern->dot(cnt, tn, r, xs + r, 2 * r, NULL, &bu, u, Is, 1);
+        m->dot(cnt, tn, r, xs, 2 * r, NULL, &bg, g, Is, 1);
+        m->dot(cnt, tn, r, xs + r, 2 * r, NULL, &bu, u, Is, 1);
     }
     for (int64_t i = 0; i < cnt; i++) m->kern->act_fwd(tn, g + i * Is, u + i * Is, h + i * Is, &m->act);
 }
@@ -837,7 +837,7 @@ static void kt_fwd_down_a(void *v, const kt_worker_ctx *w, int s, int64_t ai) {
     const float *h = F(&m->h) + s * np * Is + o * Is;
     float *part = F(&m->part) + (s * np + o) * r;
     kt_wmat ad = kt_lora(m, LDA, e * r * m->I + m->slices[s].i0, m->I);
-    m->kern->dot(cnt, r, Is, h, Is, NULL, &ad, part, r, 0);
+    m->dot(cnt, r, Is, h, Is, NULL, &ad, part, r, 0);
 }
 
 /* F4: y = h Wd^T (+ hs Bd^T on slice 0) for one (expert, H tile) */
@@ -859,7 +859,7 @@ static void kt_fwd_down(void *v, const kt_worker_ctx *w, int s, int64_t task) {
     }
     if (f->lora && s == 0) {
         kt_wmat bd = kt_lora(m, LDB, (e * H + n0) * r, r);
-        m->kern->dot(cnt, tn, r, F(&c->hs) + o * r, r, NULL, &bd, y, H, 1);
+        m->dot(cnt, tn, r, F(&c->hs) + o * r, r, NULL, &bd, y, H, 1);
     }
 }
 

@@ -158,15 +158,33 @@ KT_INLINE void qdot_row(const int MR, const int fmt, const int deint, int64_t nb
     for (int t = 0; t < MR; t++) crow[t][j] = hsum8(tot[t]) + offs[t];
 }
 
+/* Software prefetch of the weight row `ahead` rows on (those of the call
+ * only), a few KB in front of the one being read: the rows of a call are
+ * one sequential stream, but with one or a few activation rows (decode)
+ * the kernel ran at a third of the DRAM bandwidth, stalled on the loads of
+ * the codes, with only the hardware prefetcher fetching ahead. */
+#define KT_QPF_BYTES 4096
+
+KT_INLINE void qdot_prefetch_row(const kt_wmat *w, int64_t j, int64_t n, int64_t bytes) {
+    if (j >= n) return;
+    const char *p = (const char *)w->data + j * w->ld;
+    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+}
+
 #define QDOT_CASE(MR, FMT, DI)                                                             \
     case (MR) * 32 + (FMT) * 4 + (DI):                                                      \
-        for (int64_t j = 0; j < n; j++)                                                     \
+        for (int64_t j = 0; j < n; j++) {                                                   \
+            qdot_prefetch_row(w, j + ahead, n, rowbytes);                                   \
             qdot_row(MR, FMT, DI, nb, xq, xd, dp, gsum, w, j, cr);                          \
+        }                                                                                   \
         break;
 
 void KT_QDOT_NAME(int64_t m, int64_t n, int64_t K, const kt_qact *x, const int32_t *aidx,
                       const kt_wmat *w, float *c, int64_t ldc) {
     const int64_t nb = K / KT_QBLK;
+    /* bytes of codes a row reads, and how many rows ahead to prefetch */
+    const int64_t rowbytes = w->fmt == KT_W_I8 ? K : K / 2;
+    const int64_t ahead = (KT_QPF_BYTES + rowbytes - 1) / KT_MAX(rowbytes, 1);
     float gsum[KT_QMR][KT_QMAXG];
     __m256 dpair[KT_QMR][KT_QMAXP];
     const int pairs = x->deint == 2 && w->fmt != KT_W_I8 && nb <= 2 * KT_QMAXP;

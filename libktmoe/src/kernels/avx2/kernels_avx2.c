@@ -140,7 +140,7 @@ KT_INLINE void dot_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const f
                     pf_init(&pf, W, NULL, j, nr, k0 + KT_DOT_KC, KT_MIN(KT_DOT_KC, K8 - k0 - KT_DOT_KC));
                 else
                     pf_init(&pf, W, NULL, j + 4, KT_MIN(4, n - j - 4), 0, KT_MIN(KT_DOT_KC, K8));
-                int64_t pf_share = (pf.total + (mc + 2) / 3 - 1) / ((mc + 2) / 3);
+                int64_t pf_share = (pf_total(&pf) + (mc + 2) / 3 - 1) / ((mc + 2) / 3);
                 if (!direct)
                     for (int t = 0; t < nr; t++) deq_seg(panel + t * KT_DOT_LDP, W, j + t, k0, kc);
                 for (int64_t i = 0; i < mc; i += 3) {
@@ -274,9 +274,13 @@ KT_INLINE void panel_loop(const int bf16, const int tpack, int64_t m, int64_t nv
                 pf_next_outer(&pf, W, widx, K, nv, j, nvec, k1);
                 if (!direct) kt_outer_pack_avx2(panel, W, widx, k0, k1, j, nvec);
             }
-            int64_t pf_share = (pf.total + (m + 5) / 6 - 1) / ((m + 5) / 6);
-            for (int64_t i = 0; i < m; i += 6) {
-                int mr = (int)KT_MIN(6, m - i);
+            /* row blocks of 6, or of 5 or 4 in place of a short last one:
+             * a block of 1-3 rows has too few accumulators to cover the
+             * FMA latency */
+            const int64_t nb = (m + 5) / 6, base = m / KT_MAX(nb, 1), extra = m % KT_MAX(nb, 1);
+            int64_t pf_share = (pf_total(&pf) + nb - 1) / KT_MAX(nb, 1);
+            for (int64_t bi = 0, i = 0; bi < nb; i += base + (bi < extra), bi++) {
+                int mr = (int)(base + (bi < extra));
                 pf_some(&pf, pf_share);
                 const float *dp[6];
                 float *cr[6];

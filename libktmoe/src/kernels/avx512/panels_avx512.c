@@ -66,7 +66,7 @@ static void zpanel(int64_t m, const float *const *rows, int64_t dsk, const float
     int nz = (nvec + 1) / 2;
     __mmask16 last = nvec & 1 ? (__mmask16)0x00FF : (__mmask16)0xFFFF;
     int64_t blocks = (m + KT_ZMR - 1) / KT_ZMR;
-    int64_t pf_share = (pf->total + blocks - 1) / blocks;
+    int64_t pf_share = (pf_total(pf) + blocks - 1) / blocks;
     for (int64_t i = 0; i < m; i += KT_ZMR) {
         int mr = (int)KT_MIN(KT_ZMR, m - i);
         pf_some(pf, pf_share);
