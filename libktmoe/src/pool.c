@@ -56,6 +56,7 @@ struct ktmoe_pool {
     pthread_cond_t qcv, qdone;
     kt_task *head, *tail;
     int64_t submitted, completed;
+    atomic_int queued; /* tasks in the list: read without qmu by the spinning queue thread */
     ktmoe_status first_error;
     char first_message[512];
     int qstop;
@@ -163,11 +164,21 @@ static void *kt_queue_main(void *arg) {
     ktmoe_pool *pool = self->pool;
     pthread_mutex_lock(&pool->qmu);
     for (;;) {
+        if (!pool->head && !pool->qstop) {
+            /* spin a little before sleeping: a task submitted right after
+             * the last one (a decode loop) then starts without the wake-up
+             * of a sleeping thread (tens of microseconds on a VM) */
+            pthread_mutex_unlock(&pool->qmu);
+            for (int i = 0; i < KT_SPIN_ITERS && !atomic_load_explicit(&pool->queued, memory_order_acquire); i++)
+                KT_PAUSE();
+            pthread_mutex_lock(&pool->qmu);
+        }
         while (!pool->head && !pool->qstop) pthread_cond_wait(&pool->qcv, &pool->qmu);
         if (!pool->head) break;
         kt_task *t = pool->head;
         pool->head = t->next;
         if (!pool->head) pool->tail = NULL;
+        atomic_fetch_sub_explicit(&pool->queued, 1, memory_order_relaxed);
         pthread_mutex_unlock(&pool->qmu);
 
         kt_error_clear();
@@ -210,6 +221,7 @@ ktmoe_status kt_pool_submit_owned(ktmoe_pool *pool, ktmoe_task_fn fn, void *user
     else pool->head = t;
     pool->tail = t;
     pool->submitted++;
+    atomic_fetch_add_explicit(&pool->queued, 1, memory_order_release);
     pthread_cond_signal(&pool->qcv);
     pthread_mutex_unlock(&pool->qmu);
     return KTMOE_OK;
@@ -295,6 +307,7 @@ KTMOE_API ktmoe_status ktmoe_pool_create(const ktmoe_pool_config *cfg,
     pthread_cond_init(&p->pdone, NULL);
     atomic_init(&p->generation, 0);
     atomic_init(&p->active, 0);
+    atomic_init(&p->queued, 0);
     if (!p->sub_threads || !p->sub_first || !p->threads || !p->counters) {
         ktmoe_pool_destroy(p);
         return kt_error(KTMOE_ERR_OUT_OF_MEMORY, "out of memory");

@@ -163,12 +163,17 @@ KT_INLINE void qdot_row(const int MR, const int fmt, const int deint, int64_t nb
  * one sequential stream, but with one or a few activation rows (decode)
  * the kernel ran at a third of the DRAM bandwidth, stalled on the loads of
  * the codes, with only the hardware prefetcher fetching ahead. */
+#ifndef KT_QPF_BYTES
 #define KT_QPF_BYTES 4096
+#endif
+#ifndef KT_QPF_HINT
+#define KT_QPF_HINT _MM_HINT_T1
+#endif
 
 KT_INLINE void qdot_prefetch_row(const kt_wmat *w, int64_t j, int64_t n, int64_t bytes) {
     if (j >= n) return;
     const char *p = (const char *)w->data + j * w->ld;
-    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(p + o, KT_QPF_HINT);
 }
 
 #define QDOT_CASE(MR, FMT, DI)                                                             \

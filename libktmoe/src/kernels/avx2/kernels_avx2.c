@@ -398,15 +398,103 @@ KT_INLINE void tpack(const int fmt, float *panel, const kt_wmat *W, int64_t j, i
     }
 }
 
+/* The integer formats transpose before they convert: lane r of one vector
+ * holds 4 bytes of row r (8 4-bit codes, or 4 int8 codes), and column q
+ * of all 8 rows is one shift and one mask (or two shifts) away, already in
+ * the panel's layout; the per-row group constants are vectors over the
+ * rows.  Exactly deq8's values ((code - offset) * scale, or I4M's
+ * code * scale + min), without deq8's unpacking and the 8 x 8 transpose
+ * of fp32 (half the instructions of the 4-bit panel). */
+KT_INLINE __m256i rows4(const uint8_t *p, int64_t ld) {
+    uint32_t v[8];
+    for (int r = 0; r < 8; r++) memcpy(&v[r], p + r * ld, 4);
+    return _mm256_loadu_si256((const __m256i *)v);
+}
+
+KT_INLINE void tpack_int(const int fmt, float *panel, const kt_wmat *W, int64_t j, int nvec,
+                         int64_t k0, int64_t kc) {
+    const int i4 = fmt != KT_W_I8;
+    for (int b = 0; b < nvec; b++) {
+        int64_t row0 = j + 8 * b, g = -1;
+        __m256 s = _mm256_setzero_ps(), mn = _mm256_setzero_ps();
+        __m256i z = _mm256_setzero_si256();
+        const uint8_t *base = (const uint8_t *)W->data + row0 * W->ld;
+        for (int64_t k = 0; k < kc; k += 8) {
+            int64_t gk = (W->g0 + k0 + k) / W->gs; /* 8 columns lie in one group */
+            if (gk != g) {
+                float sv[8], mv[8];
+                int32_t zv[8];
+                for (int r = 0; r < 8; r++) {
+                    int64_t gi = (row0 + r) * W->ldg + gk;
+                    sv[r] = W->scale[gi];
+                    mv[r] = fmt == KT_W_I4M ? ((const float *)W->aux)[gi] : 0.0f;
+                    zv[r] = fmt == KT_W_I4Z ? ((const uint8_t *)W->aux)[gi] : 8;
+                }
+                s = _mm256_loadu_ps(sv);
+                mn = _mm256_loadu_ps(mv);
+                z = _mm256_loadu_si256((const __m256i *)zv);
+                g = gk;
+            }
+            float *dst = panel + k * KT_PW + 8 * b;
+            if (i4) {
+                __m256i v = rows4(base + (k0 + k) / 2, W->ld), m4 = _mm256_set1_epi32(15);
+                for (int q = 0; q < 8; q++) {
+                    __m256i u = _mm256_and_si256(_mm256_srli_epi32(v, 4 * q), m4);
+                    __m256 f = fmt == KT_W_I4M
+                                   ? _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(u), s), mn)
+                                   : _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(u, z)), s);
+                    _mm256_store_ps(dst + q * KT_PW, f);
+                }
+            } else {
+                for (int h = 0; h < 2; h++) {
+                    __m256i v = rows4(base + k0 + k + 4 * h, W->ld);
+                    for (int q = 0; q < 4; q++) {
+                        __m256i c = _mm256_srai_epi32(_mm256_slli_epi32(v, 24 - 8 * q), 24);
+                        _mm256_store_ps(dst + (4 * h + q) * KT_PW, _mm256_mul_ps(_mm256_cvtepi32_ps(c), s));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* bf16 the same way: rows r and r + 4 in the halves of one vector, two
+ * rounds of 32/64-bit unpacks give, for each pair of columns, the 8 rows'
+ * 32-bit words in lane order; the even column is the word shifted left by
+ * 16, the odd one its upper half (12 shuffles for 8 panel rows, where
+ * converting first and transposing fp32 took 32). */
+KT_INLINE void tpack_bf16(float *panel, const kt_wmat *W, int64_t j, int nvec, int64_t k0, int64_t kc) {
+    const __m256i hi16 = _mm256_set1_epi32((int)0xFFFF0000u);
+    for (int b = 0; b < nvec; b++) {
+        const uint16_t *base = (const uint16_t *)W->data + (j + 8 * b) * W->ld + k0;
+        for (int64_t k = 0; k < kc; k += 8) {
+            __m256i a[4];
+            for (int r = 0; r < 4; r++)
+                a[r] = _mm256_loadu2_m128i((const __m128i *)(base + (r + 4) * W->ld + k),
+                                           (const __m128i *)(base + r * W->ld + k));
+            __m256i t0 = _mm256_unpacklo_epi32(a[0], a[1]), t1 = _mm256_unpackhi_epi32(a[0], a[1]);
+            __m256i t2 = _mm256_unpacklo_epi32(a[2], a[3]), t3 = _mm256_unpackhi_epi32(a[2], a[3]);
+            __m256i cp[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2),
+                             _mm256_unpacklo_epi64(t1, t3), _mm256_unpackhi_epi64(t1, t3)};
+            float *dst = panel + k * KT_PW + 8 * b;
+            for (int q = 0; q < 4; q++) {
+                _mm256_store_ps(dst + (2 * q) * KT_PW, _mm256_castsi256_ps(_mm256_slli_epi32(cp[q], 16)));
+                _mm256_store_ps(dst + (2 * q + 1) * KT_PW, _mm256_castsi256_ps(_mm256_and_si256(cp[q], hi16)));
+            }
+        }
+    }
+}
+
 void kt_dot_tpack_avx2(float *panel, const kt_wmat *W, int64_t j, int nvec, int64_t k0, int64_t kc) {
     switch (W->fmt) {
     case KT_W_F32: tpack(KT_W_F32, panel, W, j, nvec, k0, kc); break;
-    case KT_W_BF16: tpack(KT_W_BF16, panel, W, j, nvec, k0, kc); break;
-    case KT_W_I8: tpack(KT_W_I8, panel, W, j, nvec, k0, kc); break;
+    case KT_W_BF16: tpack_bf16(panel, W, j, nvec, k0, kc); break;
+    case KT_W_I8: tpack_int(KT_W_I8, panel, W, j, nvec, k0, kc); break;
     case KT_W_FP8: tpack(KT_W_FP8, panel, W, j, nvec, k0, kc); break;
     case KT_W_MXFP4: tpack(KT_W_MXFP4, panel, W, j, nvec, k0, kc); break;
-    case KT_W_I4M: tpack(KT_W_I4M, panel, W, j, nvec, k0, kc); break;
-    default: tpack(KT_W_I4S, panel, W, j, nvec, k0, kc); break; /* I4S, I4Z: the integer offset */
+    case KT_W_I4M: tpack_int(KT_W_I4M, panel, W, j, nvec, k0, kc); break;
+    case KT_W_I4Z: tpack_int(KT_W_I4Z, panel, W, j, nvec, k0, kc); break;
+    default: tpack_int(KT_W_I4S, panel, W, j, nvec, k0, kc); break;
     }
 }
 
