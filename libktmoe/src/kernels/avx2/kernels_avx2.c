@@ -223,6 +223,41 @@ KT_INLINE void outer_micro(const int MR, const int NV, int64_t kc, const float *
             outer_micro(MR, NV, k1 - k0, dp, dsk, ph, bf16, w, ldw, widx, k0, jh, cr, load_c); \
         break;
 
+/* 4-bit codes as fp32 values of the group d (fmt a constant after inlining). */
+KT_INLINE __m256 deq_codes(const int fmt, __m256i u, const deq_grp *d) {
+    if (fmt == KT_W_MXFP4) return _mm256_mul_ps(e2m1x8(u), d->s);
+    if (fmt == KT_W_I4M) return _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(u), d->s), d->mn);
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(u, d->z)), d->s);
+}
+
+/* Rows k0..k1 of the outer panel whose 8 nvec columns lie in one group
+ * (fmt a constant after inlining).  A whole 32-column row of 4-bit codes
+ * is 16 bytes: split into nibbles and interleaved once, not 8 codes at a
+ * time. */
+KT_INLINE void outer_pack_grp(const int fmt, float *panel, const kt_wmat *W, const int32_t *widx,
+                              int64_t k0, int64_t k1, int64_t j, int nvec) {
+    int64_t g = (W->g0 + j) / W->gs;
+    const int wide4 = kt_fmt_is_4bit(fmt) && nvec == 4;
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    for (int64_t k = k0; k < k1; k++) {
+        int64_t r = widx ? widx[k] : k;
+        const uint8_t *row = (const uint8_t *)W->data + r * W->ld;
+        deq_grp d = deq_group(W, r, g);
+        float *dst = panel + (k - k0) * KT_PW;
+        if (wide4) {
+            __m128i v = _mm_loadu_si128((const __m128i *)(row + j / 2));
+            __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+            __m128i b0 = _mm_unpacklo_epi8(lo, hi), b1 = _mm_unpackhi_epi8(lo, hi);
+            _mm256_store_ps(dst, deq_codes(fmt, _mm256_cvtepu8_epi32(b0), &d));
+            _mm256_store_ps(dst + 8, deq_codes(fmt, _mm256_cvtepu8_epi32(_mm_srli_si128(b0, 8)), &d));
+            _mm256_store_ps(dst + 16, deq_codes(fmt, _mm256_cvtepu8_epi32(b1), &d));
+            _mm256_store_ps(dst + 24, deq_codes(fmt, _mm256_cvtepu8_epi32(_mm_srli_si128(b1, 8)), &d));
+        } else {
+            for (int v = 0; v < nvec; v++) _mm256_store_ps(dst + 8 * v, deq8(fmt, row, j + 8 * v, &d));
+        }
+    }
+}
+
 /* W panel rows [k0, k1), columns [j, j + 8 nvec) to fp32, KT_PW floats a row. */
 void kt_outer_pack_avx2(float *panel, const kt_wmat *W, const int32_t *widx, int64_t k0,
                        int64_t k1, int64_t j, int nvec) {
@@ -241,13 +276,12 @@ void kt_outer_pack_avx2(float *panel, const kt_wmat *W, const int32_t *widx, int
         return;
     }
     /* the columns lie in one group: one group lookup per row */
-    int64_t g = gc / W->gs;
-    for (int64_t k = k0; k < k1; k++) {
-        int64_t r = widx ? widx[k] : k;
-        const uint8_t *row = (const uint8_t *)W->data + r * W->ld;
-        deq_grp d = deq_group(W, r, g);
-        float *dst = panel + (k - k0) * KT_PW;
-        for (int v = 0; v < nvec; v++) _mm256_store_ps(dst + 8 * v, deq8(fmt, row, j + 8 * v, &d));
+    switch (fmt) {
+    case KT_W_I8: outer_pack_grp(KT_W_I8, panel, W, widx, k0, k1, j, nvec); break;
+    case KT_W_FP8: outer_pack_grp(KT_W_FP8, panel, W, widx, k0, k1, j, nvec); break;
+    case KT_W_MXFP4: outer_pack_grp(KT_W_MXFP4, panel, W, widx, k0, k1, j, nvec); break;
+    case KT_W_I4M: outer_pack_grp(KT_W_I4M, panel, W, widx, k0, k1, j, nvec); break;
+    default: outer_pack_grp(KT_W_I4S, panel, W, widx, k0, k1, j, nvec); break; /* I4S, I4Z */
     }
 }
 
