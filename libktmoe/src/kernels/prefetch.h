@@ -7,10 +7,6 @@
 
 #include <immintrin.h>
 
-#ifndef KT_PF_HINT
-#define KT_PF_HINT _MM_HINT_T0
-#endif
-
 #ifndef KT_INLINE
 #define KT_INLINE static inline __attribute__((always_inline))
 #endif
@@ -50,7 +46,7 @@ typedef struct kt_pf {
     const kt_wmat *w;
     const int32_t *widx;
     const char *line;  /* the next line to fetch (row t's segment, line l) */
-    int64_t r0, rows, c, lines_per_row, t, l, left;
+    int64_t r0, c, lines_per_row, t, l, left;
 } kt_pf;
 
 KT_INLINE const char *pf_row(const kt_pf *p) {
@@ -63,7 +59,6 @@ KT_INLINE void pf_init(kt_pf *p, const kt_wmat *w, const int32_t *widx, int64_t 
     p->w = w;
     p->widx = widx;
     p->r0 = r0;
-    p->rows = rows;
     p->c = c;
     uintptr_t a = (uintptr_t)w_addr(w, 0, c);
     p->lines_per_row = ((int64_t)(a & 63) + w_bytes(w, n) + 63) / 64;
@@ -78,7 +73,7 @@ KT_INLINE int64_t pf_total(const kt_pf *p) { return p->left; }
 
 KT_INLINE void pf_some(kt_pf *p, int64_t count) {
     for (count = KT_MIN(count, p->left); count > 0; count--) {
-        _mm_prefetch(p->line + 64 * p->l, KT_PF_HINT);
+        _mm_prefetch(p->line + 64 * p->l, _MM_HINT_T0);
         p->left--;
         if (++p->l == p->lines_per_row) {
             p->l = 0;
@@ -92,18 +87,13 @@ KT_INLINE void pf_some(kt_pf *p, int64_t count) {
  * k1 (KT_PANEL_K x KT_PANEL_W panels, nv columns in all): the next K rows,
  * else the first ones of the next column block.  Outer form: W rows are
  * K (through widx); dot form: W rows are the columns, K runs along them. */
-KT_INLINE void pf_next_outer_kc(kt_pf *p, const kt_wmat *W, const int32_t *widx, int64_t K,
-                                int64_t nv, int64_t j, int nvec, int64_t k1, int64_t kc) {
-    if (k1 < K)
-        pf_init(p, W, widx, k1, KT_MIN(K, k1 + kc) - k1, j, 8 * nvec);
-    else
-        pf_init(p, W, widx, 0, j + KT_PANEL_W < nv ? KT_MIN(K, kc) : 0, j + KT_PANEL_W,
-                KT_MIN(KT_PANEL_W, nv - j - KT_PANEL_W));
-}
-
 KT_INLINE void pf_next_outer(kt_pf *p, const kt_wmat *W, const int32_t *widx, int64_t K,
                              int64_t nv, int64_t j, int nvec, int64_t k1) {
-    pf_next_outer_kc(p, W, widx, K, nv, j, nvec, k1, KT_PANEL_K);
+    if (k1 < K)
+        pf_init(p, W, widx, k1, KT_MIN(K, k1 + KT_PANEL_K) - k1, j, 8 * nvec);
+    else
+        pf_init(p, W, widx, 0, j + KT_PANEL_W < nv ? KT_MIN(K, KT_PANEL_K) : 0, j + KT_PANEL_W,
+                KT_MIN(KT_PANEL_W, nv - j - KT_PANEL_W));
 }
 
 KT_INLINE void pf_next_dot(kt_pf *p, const kt_wmat *W, int64_t K, int64_t nv, int64_t j, int nvec,

@@ -164,17 +164,12 @@ KT_INLINE void qdot_row(const int MR, const int fmt, const int deint, int64_t nb
  * quarter of the kernel's samples on the first use of each load of codes.
  * Paired runs (tools/kernel_ab.sh, 64 experts from DRAM, one thread):
  * 1.02-1.04x with T0 at 1-4 KB, 0.90x with the T1 hint. */
-#ifndef KT_QPF_BYTES
 #define KT_QPF_BYTES 4096
-#endif
-#ifndef KT_QPF_HINT
-#define KT_QPF_HINT _MM_HINT_T0
-#endif
 
 KT_INLINE void qdot_prefetch_row(const kt_wmat *w, int64_t j, int64_t n, int64_t bytes) {
     if (j >= n) return;
     const char *p = (const char *)w->data + j * w->ld;
-    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(p + o, KT_QPF_HINT);
+    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
 }
 
 #define QDOT_CASE(MR, FMT, DI)                                                             \

@@ -44,6 +44,14 @@ KT_INLINE deq_grp deq_group(const kt_wmat *w, int64_t r, int64_t g) {
     return d;
 }
 
+/* 4-bit codes (int32 lanes) as fp32 values of the group constants d: one
+ * group, or one per lane (fmt a constant after inlining). */
+KT_INLINE __m256 deq_codes(const int fmt, __m256i u, const deq_grp *d) {
+    if (fmt == KT_W_MXFP4) return _mm256_mul_ps(e2m1x8(u), d->s);
+    if (fmt == KT_W_I4M) return _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(u), d->s), d->mn);
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(u, d->z)), d->s);
+}
+
 /* 8 columns from column c of a quantized row, all in one group. */
 KT_INLINE __m256 deq8(int fmt, const uint8_t *row, int64_t c, const deq_grp *d) {
     if (fmt == KT_W_I8) {
@@ -51,10 +59,7 @@ KT_INLINE __m256 deq8(int fmt, const uint8_t *row, int64_t c, const deq_grp *d) 
         return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d->s);
     }
     if (fmt == KT_W_FP8) return _mm256_mul_ps(fp8x8(row + c), d->s);
-    __m256i u = nib8(row + c / 2);
-    if (fmt == KT_W_MXFP4) return _mm256_mul_ps(e2m1x8(u), d->s);
-    if (fmt == KT_W_I4M) return _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(u), d->s), d->mn);
-    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(u, d->z)), d->s);
+    return deq_codes(fmt, nib8(row + c / 2), d);
 }
 
 /* dst[0..n) = W(r, c .. c+n) in fp32; c, n and the group size multiples of 8. */
@@ -223,13 +228,6 @@ KT_INLINE void outer_micro(const int MR, const int NV, int64_t kc, const float *
             outer_micro(MR, NV, k1 - k0, dp, dsk, ph, bf16, w, ldw, widx, k0, jh, cr, load_c); \
         break;
 
-/* 4-bit codes as fp32 values of the group d (fmt a constant after inlining). */
-KT_INLINE __m256 deq_codes(const int fmt, __m256i u, const deq_grp *d) {
-    if (fmt == KT_W_MXFP4) return _mm256_mul_ps(e2m1x8(u), d->s);
-    if (fmt == KT_W_I4M) return _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(u), d->s), d->mn);
-    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(u, d->z)), d->s);
-}
-
 /* Rows k0..k1 of the outer panel whose 8 nvec columns lie in one group
  * (fmt a constant after inlining).  A whole 32-column row of 4-bit codes
  * is 16 bytes: split into nibbles and interleaved once, not 8 codes at a
@@ -397,17 +395,17 @@ KT_INLINE void transpose8(__m256 v[8]) {
 }
 
 /* panel[k][t] = W(j + t, k0 + k) for t < 8 nvec, k < kc (kc a multiple of 8):
- * 8 x 8 blocks converted or dequantized straight from the packed rows
- * (each row's group constants looked up when the group changes), then
- * transposed. */
+ * 8 x 8 blocks loaded (fp32) or dequantized (FP8, MXFP4) straight from the
+ * packed rows (each row's group constants looked up when the group
+ * changes), then transposed; bf16 and the integer formats transpose first
+ * (tpack_bf16, tpack_int below). */
 /* 8 rows of W from `row` (row stride ld) x 8 columns from k, dequantized
  * (format fmt, a constant after inlining) with the rows' group constants d. */
 KT_INLINE void tpack_rows(const int fmt, __m256 *v, const kt_wmat *W, int64_t row, int64_t k,
                           const deq_grp *d) {
     for (int r = 0; r < 8; r++) {
         int64_t rr = row + r;
-        if (fmt == KT_W_BF16) v[r] = ld8_bf16((const uint16_t *)W->data + rr * W->ld + k);
-        else if (fmt == KT_W_F32) v[r] = _mm256_loadu_ps((const float *)W->data + rr * W->ld + k);
+        if (fmt == KT_W_F32) v[r] = _mm256_loadu_ps((const float *)W->data + rr * W->ld + k);
         else v[r] = deq8(fmt, (const uint8_t *)W->data + rr * W->ld, k, &d[r]);
     }
 }
@@ -420,7 +418,7 @@ KT_INLINE void tpack(const int fmt, float *panel, const kt_wmat *W, int64_t j, i
         int64_t g = -1;
         for (int64_t k = 0; k < kc; k += 8) {
             __m256 v[8];
-            if (fmt != KT_W_BF16 && fmt != KT_W_F32) { /* 8 columns lie in one group */
+            if (fmt != KT_W_F32) { /* 8 columns lie in one group */
                 int64_t gk = (W->g0 + k0 + k) / W->gs;
                 if (gk != g)
                     for (int r = 0; r < 8; r++) d[r] = deq_group(W, j + 8 * b + r, g = gk);
@@ -450,8 +448,7 @@ KT_INLINE void tpack_int(const int fmt, float *panel, const kt_wmat *W, int64_t 
     const int i4 = fmt != KT_W_I8;
     for (int b = 0; b < nvec; b++) {
         int64_t row0 = j + 8 * b, g = -1;
-        __m256 s = _mm256_setzero_ps(), mn = _mm256_setzero_ps();
-        __m256i z = _mm256_setzero_si256();
+        deq_grp d = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_si256()};
         const uint8_t *base = (const uint8_t *)W->data + row0 * W->ld;
         for (int64_t k = 0; k < kc; k += 8) {
             int64_t gk = (W->g0 + k0 + k) / W->gs; /* 8 columns lie in one group */
@@ -464,9 +461,9 @@ KT_INLINE void tpack_int(const int fmt, float *panel, const kt_wmat *W, int64_t 
                     mv[r] = fmt == KT_W_I4M ? ((const float *)W->aux)[gi] : 0.0f;
                     zv[r] = fmt == KT_W_I4Z ? ((const uint8_t *)W->aux)[gi] : 8;
                 }
-                s = _mm256_loadu_ps(sv);
-                mn = _mm256_loadu_ps(mv);
-                z = _mm256_loadu_si256((const __m256i *)zv);
+                d.s = _mm256_loadu_ps(sv);
+                d.mn = _mm256_loadu_ps(mv);
+                d.z = _mm256_loadu_si256((const __m256i *)zv);
                 g = gk;
             }
             float *dst = panel + k * KT_PW + 8 * b;
@@ -474,17 +471,14 @@ KT_INLINE void tpack_int(const int fmt, float *panel, const kt_wmat *W, int64_t 
                 __m256i v = rows4(base + (k0 + k) / 2, W->ld), m4 = _mm256_set1_epi32(15);
                 for (int q = 0; q < 8; q++) {
                     __m256i u = _mm256_and_si256(_mm256_srli_epi32(v, 4 * q), m4);
-                    __m256 f = fmt == KT_W_I4M
-                                   ? _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(u), s), mn)
-                                   : _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(u, z)), s);
-                    _mm256_store_ps(dst + q * KT_PW, f);
+                    _mm256_store_ps(dst + q * KT_PW, deq_codes(fmt, u, &d));
                 }
             } else {
                 for (int h = 0; h < 2; h++) {
                     __m256i v = rows4(base + k0 + k + 4 * h, W->ld);
                     for (int q = 0; q < 4; q++) {
                         __m256i c = _mm256_srai_epi32(_mm256_slli_epi32(v, 24 - 8 * q), 24);
-                        _mm256_store_ps(dst + (4 * h + q) * KT_PW, _mm256_mul_ps(_mm256_cvtepi32_ps(c), s));
+                        _mm256_store_ps(dst + (4 * h + q) * KT_PW, _mm256_mul_ps(_mm256_cvtepi32_ps(c), d.s));
                     }
                 }
             }
