@@ -218,6 +218,103 @@ KT_INLINE void outer_micro(const int MR, const int NV, int64_t kc, const float *
         for (int v = 0; v < NV; v++) _mm256_storeu_ps(crow[i] + j0 + 8 * v, acc[i][v]);
 }
 
+/* Columns [j0, j0 + 16) of W row r as fp32 (format fmt, a constant after
+ * inlining; quantized: the 16 columns lie in group g): exactly kt_w_at's
+ * values. */
+KT_INLINE void w_row16(const int fmt, const kt_wmat *W, int64_t r, int64_t j0, int64_t g,
+                       __m256 *w0, __m256 *w1) {
+    if (fmt == KT_W_BF16) {
+        const uint16_t *row = (const uint16_t *)W->data + r * W->ld + j0;
+        *w0 = ld8_bf16(row), *w1 = ld8_bf16(row + 8);
+        return;
+    }
+    if (fmt == KT_W_F32) {
+        const float *row = (const float *)W->data + r * W->ld + j0;
+        *w0 = _mm256_loadu_ps(row), *w1 = _mm256_loadu_ps(row + 8);
+        return;
+    }
+    const uint8_t *row = (const uint8_t *)W->data + r * W->ld;
+    deq_grp d = deq_group(W, r, g);
+    if (kt_fmt_is_4bit(fmt)) { /* 8 bytes: 16 codes, low nibble first */
+        __m128i v = _mm_loadl_epi64((const __m128i *)(row + j0 / 2)), m4 = _mm_set1_epi8(0x0F);
+        __m128i b = _mm_unpacklo_epi8(_mm_and_si128(v, m4), _mm_and_si128(_mm_srli_epi16(v, 4), m4));
+        *w0 = deq_codes(fmt, _mm256_cvtepu8_epi32(b), &d);
+        *w1 = deq_codes(fmt, _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)), &d);
+        return;
+    }
+    *w0 = deq8(fmt, row, j0, &d), *w1 = deq8(fmt, row, j0 + 8, &d);
+}
+
+/* The first row block of a panel packs it: 16 columns of W rows k0.. are
+ * converted (format fmt, a constant after inlining; quantized: the 16
+ * columns lie in one group, g) as they are used, and stored to the panel
+ * for the other row blocks.  The conversion's loads then overlap the FMAs,
+ * where a separate packing pass waited on them. */
+KT_INLINE void outer_micro_pack(const int MR, const int fmt, int64_t kc, const float *const *dr,
+                                int64_t dsk, float *restrict panel, const kt_wmat *W, int64_t k0,
+                                int64_t j0, int64_t g, float *const *crow, int load_c,
+                                const char *pf, int64_t pf_ld, int64_t pf_n, int pf_two) {
+    /* named accumulators: with an array, the panel stores (an __m256 store
+     * may alias anything) kept gcc from holding it in registers */
+    __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
+    const float *d0 = dr[0], *d1 = dr[1], *d2 = dr[2], *d3 = dr[3];
+    const float *d4 = MR > 4 ? dr[4] : d0, *d5 = MR > 5 ? dr[5] : d0;
+#define LD_C(i, v) (load_c ? _mm256_loadu_ps(crow[i] + j0 + 8 * (v)) : _mm256_setzero_ps())
+    c00 = LD_C(0, 0), c01 = LD_C(0, 1), c10 = LD_C(1, 0), c11 = LD_C(1, 1);
+    c20 = LD_C(2, 0), c21 = LD_C(2, 1), c30 = LD_C(3, 0), c31 = LD_C(3, 1);
+    c40 = c41 = c50 = c51 = _mm256_setzero_ps();
+    if (MR > 4) c40 = LD_C(4, 0), c41 = LD_C(4, 1);
+    if (MR > 5) c50 = LD_C(5, 0), c51 = LD_C(5, 1);
+#undef LD_C
+    for (int64_t k = 0; k < kc; k++) {
+        __m256 w0, w1;
+        w_row16(fmt, W, k0 + k, j0, g, &w0, &w1);
+        if (k < pf_n) { /* the next panel's row k */
+            const char *p = pf + k * pf_ld;
+            _mm_prefetch(p, _MM_HINT_T0);
+            if (pf_two) _mm_prefetch(p + 64, _MM_HINT_T0);
+        }
+        _mm256_store_ps(panel + k * KT_PW, w0);
+        _mm256_store_ps(panel + k * KT_PW + 8, w1);
+        __m256 b;
+#define FMA2(i)                                          \
+        b = _mm256_broadcast_ss(d##i + k * dsk);         \
+        c##i##0 = _mm256_fmadd_ps(b, w0, c##i##0);       \
+        c##i##1 = _mm256_fmadd_ps(b, w1, c##i##1);
+        FMA2(0) FMA2(1) FMA2(2) FMA2(3)
+        if (MR > 4) { FMA2(4) }
+        if (MR > 5) { FMA2(5) }
+#undef FMA2
+    }
+#define ST_C(i) _mm256_storeu_ps(crow[i] + j0, c##i##0), _mm256_storeu_ps(crow[i] + j0 + 8, c##i##1)
+    ST_C(0), ST_C(1), ST_C(2), ST_C(3);
+    if (MR > 4) ST_C(4);
+    if (MR > 5) ST_C(5);
+#undef ST_C
+}
+
+#define PACK_CASE(MR, FMT)                                                                  \
+    case (MR) * 16 + (FMT):                                                                 \
+        if (dsk == 1) outer_micro_pack(MR, FMT, kc, dp, 1, ph, W, k0, jh, g, cr, load_c, pf, pf_ld, pf_n, pf_two); \
+        else outer_micro_pack(MR, FMT, kc, dp, dsk, ph, W, k0, jh, g, cr, load_c, pf, pf_ld, pf_n, pf_two);    \
+        break;
+
+static void outer_pack_block(int mr, int64_t kc, const float *const *dp, int64_t dsk, float *ph,
+                             const kt_wmat *W, int64_t k0, int64_t jh, float *const *cr, int load_c,
+                             const char *pf, int64_t pf_ld, int64_t pf_n, int pf_two) {
+    int64_t g = W->fmt == KT_W_BF16 || W->fmt == KT_W_F32 ? 0 : (W->g0 + jh) / W->gs;
+    switch (mr * 16 + W->fmt) {
+        PACK_CASE(6, KT_W_BF16) PACK_CASE(5, KT_W_BF16) PACK_CASE(4, KT_W_BF16)
+        PACK_CASE(6, KT_W_F32) PACK_CASE(5, KT_W_F32) PACK_CASE(4, KT_W_F32)
+        PACK_CASE(6, KT_W_I8) PACK_CASE(5, KT_W_I8) PACK_CASE(4, KT_W_I8)
+        PACK_CASE(6, KT_W_I4S) PACK_CASE(5, KT_W_I4S) PACK_CASE(4, KT_W_I4S)
+        PACK_CASE(6, KT_W_I4Z) PACK_CASE(5, KT_W_I4Z) PACK_CASE(4, KT_W_I4Z)
+        PACK_CASE(6, KT_W_I4M) PACK_CASE(5, KT_W_I4M) PACK_CASE(4, KT_W_I4M)
+        PACK_CASE(6, KT_W_FP8) PACK_CASE(5, KT_W_FP8) PACK_CASE(4, KT_W_FP8)
+        PACK_CASE(6, KT_W_MXFP4) PACK_CASE(5, KT_W_MXFP4) PACK_CASE(4, KT_W_MXFP4)
+    }
+}
+
 #define OUTER_CASE(MR, NV)                                                                 \
     case (MR) * 4 + (NV):                                                                   \
         if (direct)                                                                         \
@@ -298,13 +395,28 @@ KT_INLINE void panel_loop(const int bf16, const int tpack, int64_t m, int64_t nv
         for (int64_t k0 = 0; k0 < K; k0 += KT_KC) {
             int64_t k1 = KT_MIN(K, k0 + KT_KC);
             int load_c = accum || k0 > 0;
+            /* the first row block packs the panel (outer form, whole
+             * 32-column panels in one quantization group, blocks of 4-6) */
+            const int fuse = !tpack && !direct && !widx && nvec == 4 && m >= 4 &&
+                             (W->fmt == KT_W_BF16 || W->fmt == KT_W_F32 ||
+                              (W->g0 + j) % W->gs + KT_PW <= W->gs);
             kt_pf pf;
+            const char *npf = NULL;
+            int64_t npf_rows = 0, npf_ld = 0;
+            int npf_two = 0;
             if (tpack) {
                 pf_next_dot(&pf, W, K, nv, j, nvec, k1);
                 kt_dot_tpack_avx2(panel, W, j, nvec, k0, k1 - k0);
             } else {
                 pf_next_outer(&pf, W, widx, K, nv, j, nvec, k1);
-                if (!direct) kt_outer_pack_avx2(panel, W, widx, k0, k1, j, nvec);
+                if (fuse) { /* the first row block prefetches the next panel */
+                    npf_rows = pf.left / KT_MAX(pf.lines_per_row, 1);
+                    npf_two = pf.lines_per_row > 1;
+                    npf = npf_rows ? pf.line : NULL;
+                    npf_ld = npf_rows > 0 ? w_addr(W, 1, 0) - w_addr(W, 0, 0) : 0;
+                    pf.left = 0;
+                }
+                if (!direct && !fuse) kt_outer_pack_avx2(panel, W, widx, k0, k1, j, nvec);
             }
             /* row blocks of 6, or of 5 or 4 in place of a short last one:
              * a block of 1-3 rows has too few accumulators to cover the
@@ -323,6 +435,14 @@ KT_INLINE void panel_loop(const int bf16, const int tpack, int64_t m, int64_t nv
                 for (int h = 0; h < nvec; h += 2) { /* 16-column halves of the panel */
                     int64_t jh = j + 8 * h;
                     const float *ph = panel + 8 * h;
+                    if (fuse && bi == 0) {
+                        /* each half prefetches up to kc rows of the next panel */
+                        int64_t kc = k1 - k0, n0 = (h / 2) * kc;
+                        int64_t pn = KT_MAX(0, KT_MIN(kc, npf_rows - n0));
+                        outer_pack_block(mr, kc, dp, dsk, panel + 8 * h, W, k0, jh, cr, load_c,
+                                         pn ? npf + n0 * npf_ld : NULL, npf_ld, pn, npf_two);
+                        continue;
+                    }
                     switch (mr * 4 + KT_MIN(2, nvec - h)) {
                         OUTER_CASE(6, 2) OUTER_CASE(5, 2) OUTER_CASE(4, 2)
                         OUTER_CASE(3, 2) OUTER_CASE(2, 2) OUTER_CASE(1, 2)
