@@ -318,7 +318,8 @@ KTMOE_API ktmoe_status ktmoe_moe_create(ktmoe_pool *pool, const ktmoe_moe_config
             p->fmt = fmt[pj];
             p->kgs = gsz[pj];
             p->rb = kt_row_bytes(p->fmt, p->cols);
-            p->ld = kt_fmt_is_4bit(p->fmt) ? p->rb : p->cols;
+            if (p->rb % 128 == 0) p->rb += 64;
+            p->ld = kt_fmt_is_4bit(p->fmt) ? p->rb : p->rb / kt_row_bytes(p->fmt, 1);
             p->G = p->fmt == KT_W_BF16 ? 0 : (p->kgs ? p->cols / p->kgs : 1);
             p->gs = p->kgs ? p->kgs : p->cols;
         }
