@@ -137,9 +137,10 @@ static void check_dot(const kt_kernels *kt, int64_t m, int64_t n, int64_t K, int
     wstore_free(&ws);
 }
 
-/* outer form: C = D W, W [K][n] (rows through widx), D strided */
+/* outer form: C = D W, W [K][n] (rows through widx, or rows 0..K when
+ * plain_rows: the panels packed by their first row block), D strided */
 static void check_outer(const kt_kernels *kt, int64_t m, int64_t n, int64_t K, int fi, int accum,
-                        int transposed) {
+                        int transposed, int plain_rows) {
     int fmt = formats[fi].fmt;
     int64_t gs = formats[fi].gs, c0 = gs > (int64_t)1 << 29 ? 0 : 8;
     if (fmt == KT_W_F32 || fmt == KT_W_BF16) c0 = 3;
@@ -155,7 +156,7 @@ static void check_outer(const kt_kernels *kt, int64_t m, int64_t n, int64_t K, i
     float *bound = calloc((size_t)(m * ldc + 1), sizeof(float));
     for (int64_t i = 0; i < rowsD * (K + 3); i++) d[i] = frand();
     for (int64_t i = 0; i < m; i++) didx[i] = (int32_t)(rnd() % rowsD);
-    for (int64_t k = 0; k < K; k++) widx[k] = (int32_t)(rnd() % wrows);
+    for (int64_t k = 0; k < K; k++) widx[k] = plain_rows ? (int32_t)k : (int32_t)(rnd() % wrows);
     for (int64_t i = 0; i < m * ldc; i++) c[i] = cref[i] = frand();
     for (int64_t i = 0; i < m; i++)
         for (int64_t j = 0; j < n; j++) {
@@ -164,11 +165,12 @@ static void check_outer(const kt_kernels *kt, int64_t m, int64_t n, int64_t K, i
                 s += fabsf(d[didx[i] * dsi + k * dsk] * kt_w_at(&w, widx[k], j));
             bound[i * ldc + j] = s;
         }
-    kt_kernels_ref.outer(m, n, K, d, dsi, dsk, didx, &w, widx, cref, ldc, accum);
-    kt->outer(m, n, K, d, dsi, dsk, didx, &w, widx, c, ldc, accum);
-    char shape[112];
-    snprintf(shape, sizeof shape, "fmt %d gs %lld m %lld n %lld K %lld accum %d transposed %d", fmt,
-             (long long)gs, (long long)m, (long long)n, (long long)K, accum, transposed);
+    const int32_t *wi = plain_rows ? NULL : widx;
+    kt_kernels_ref.outer(m, n, K, d, dsi, dsk, didx, &w, wi, cref, ldc, accum);
+    kt->outer(m, n, K, d, dsi, dsk, didx, &w, wi, c, ldc, accum);
+    char shape[128];
+    snprintf(shape, sizeof shape, "fmt %d gs %lld m %lld n %lld K %lld accum %d transposed %d plain %d",
+             fmt, (long long)gs, (long long)m, (long long)n, (long long)K, accum, transposed, plain_rows);
     compare("outer", ktmoe_isa_name(kt->isa), c, cref, bound, m, n, ldc, shape);
     free(d), free(didx), free(widx), free(c), free(cref), free(bound);
     wstore_free(&ws);
@@ -220,7 +222,7 @@ static void check_qdot(const kt_kernels *kt, int64_t m, int64_t n, int64_t K, in
 }
 
 int main(void) {
-    static const int64_t ms[] = {1, 3, 17, 33}, ns[] = {1, 7, 16, 37};
+    static const int64_t ms[] = {1, 3, 17, 33}, ns[] = {1, 7, 16, 37}, nouter[] = {1, 7, 37, 72};
     static const int64_t Kdot[] = {0, 37, 40, 264, 520}, Kout[] = {0, 1, 31, 33, 300};
     int tiers = 0;
     for (int isa = KTMOE_ISA_AVX2; isa <= KTMOE_ISA_AMX; isa++) {
@@ -235,7 +237,8 @@ int main(void) {
                         int accum = (a + b + kk) & 1;
                         check_dot(kt, ms[a], ns[b], Kdot[kk], fi, accum);
                         int64_t K = Kout[kk];
-                        check_outer(kt, ms[a], ns[b], K, fi, accum, (a + kk) & 1);
+                        check_outer(kt, ms[a], ns[b], K, fi, accum, (a + kk) & 1, 0);
+                        check_outer(kt, ms[a], nouter[b], K, fi, accum, (b + kk) & 1, 1);
                     }
         static const struct { int fmt; int64_t gs; } qf[] = {
             {KT_W_I8, 32}, {KT_W_I8, 1 << 30}, {KT_W_I4S, 64}, {KT_W_I4Z, 128},

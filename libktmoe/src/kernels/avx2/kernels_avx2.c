@@ -218,38 +218,44 @@ KT_INLINE void outer_micro(const int MR, const int NV, int64_t kc, const float *
         for (int v = 0; v < NV; v++) _mm256_storeu_ps(crow[i] + j0 + 8 * v, acc[i][v]);
 }
 
-/* Columns [j0, j0 + 16) of W row r as fp32 (format fmt, a constant after
- * inlining; quantized: the 16 columns lie in group g): exactly kt_w_at's
- * values. */
-KT_INLINE void w_row16(const int fmt, const kt_wmat *W, int64_t r, int64_t j0, int64_t g,
-                       __m256 *w0, __m256 *w1) {
+/* The 32 panel columns [j0, j0 + 32) of one W row as fp32, exactly
+ * kt_w_at's values: p points at the row's column j0 (fmt, a constant after
+ * inlining); quantized: the columns lie in one group, of scale *s (mins *mn
+ * for I4M, zero point *z for I4Z). */
+KT_INLINE void w_row32(const int fmt, const char *p, const float *s, const float *mn,
+                       const uint8_t *z, __m256 w[4]) {
     if (fmt == KT_W_BF16) {
-        const uint16_t *row = (const uint16_t *)W->data + r * W->ld + j0;
-        *w0 = ld8_bf16(row), *w1 = ld8_bf16(row + 8);
+        for (int v = 0; v < 4; v++) w[v] = ld8_bf16((const uint16_t *)p + 8 * v);
         return;
     }
     if (fmt == KT_W_F32) {
-        const float *row = (const float *)W->data + r * W->ld + j0;
-        *w0 = _mm256_loadu_ps(row), *w1 = _mm256_loadu_ps(row + 8);
+        for (int v = 0; v < 4; v++) w[v] = _mm256_loadu_ps((const float *)p + 8 * v);
         return;
     }
-    const uint8_t *row = (const uint8_t *)W->data + r * W->ld;
-    deq_grp d = deq_group(W, r, g);
-    if (kt_fmt_is_4bit(fmt)) { /* 8 bytes: 16 codes, low nibble first */
-        __m128i v = _mm_loadl_epi64((const __m128i *)(row + j0 / 2)), m4 = _mm_set1_epi8(0x0F);
-        __m128i b = _mm_unpacklo_epi8(_mm_and_si128(v, m4), _mm_and_si128(_mm_srli_epi16(v, 4), m4));
-        *w0 = deq_codes(fmt, _mm256_cvtepu8_epi32(b), &d);
-        *w1 = deq_codes(fmt, _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)), &d);
+    deq_grp d;
+    d.s = _mm256_broadcast_ss(s);
+    d.mn = fmt == KT_W_I4M ? _mm256_broadcast_ss(mn) : _mm256_setzero_ps();
+    d.z = _mm256_set1_epi32(fmt == KT_W_I4Z ? *z : 8);
+    if (kt_fmt_is_4bit(fmt)) { /* 16 bytes: 32 codes, low nibble first */
+        __m128i v = _mm_loadu_si128((const __m128i *)p), m4 = _mm_set1_epi8(0x0F);
+        __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+        __m128i b[2] = {_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi)};
+        for (int h = 0; h < 2; h++) {
+            w[2 * h] = deq_codes(fmt, _mm256_cvtepu8_epi32(b[h]), &d);
+            w[2 * h + 1] = deq_codes(fmt, _mm256_cvtepu8_epi32(_mm_srli_si128(b[h], 8)), &d);
+        }
         return;
     }
-    *w0 = deq8(fmt, row, j0, &d), *w1 = deq8(fmt, row, j0 + 8, &d);
+    for (int v = 0; v < 4; v++) w[v] = deq8(fmt, (const uint8_t *)p, 8 * v, &d);
 }
 
-/* The first row block of a panel packs it: 16 columns of W rows k0.. are
- * converted (format fmt, a constant after inlining; quantized: the 16
- * columns lie in one group, g) as they are used, and stored to the panel
- * for the other row blocks.  The conversion's loads then overlap the FMAs,
- * where a separate packing pass waited on them. */
+/* The first row block of a panel packs it: W rows k0.. (columns [j0, j0 +
+ * 32), in one quantization group g) are converted as the block's first
+ * 16 columns use them, and stored to the panel for the other blocks (and
+ * this block's other 16 columns).  The conversion's loads then overlap the
+ * FMAs, where a separate packing pass waited on them.  Row k also
+ * prefetches row k of the next panel, pf (pf_n rows, pf_ld apart; two
+ * lines a row if pf_two). */
 KT_INLINE void outer_micro_pack(const int MR, const int fmt, int64_t kc, const float *const *dr,
                                 int64_t dsk, float *restrict panel, const kt_wmat *W, int64_t k0,
                                 int64_t j0, int64_t g, float *const *crow, int load_c,
@@ -266,21 +272,29 @@ KT_INLINE void outer_micro_pack(const int MR, const int fmt, int64_t kc, const f
     if (MR > 4) c40 = LD_C(4, 0), c41 = LD_C(4, 1);
     if (MR > 5) c50 = LD_C(5, 0), c51 = LD_C(5, 1);
 #undef LD_C
+    const char *wp = w_addr(W, k0, j0);
+    const int64_t wld = w_addr(W, 1, 0) - w_addr(W, 0, 0), ldg = W->ldg;
+    const float *sp = W->scale ? W->scale + k0 * ldg + g : NULL;
+    const float *mp = fmt == KT_W_I4M ? (const float *)W->aux + k0 * ldg + g : NULL;
+    const uint8_t *zp = fmt == KT_W_I4Z ? (const uint8_t *)W->aux + k0 * ldg + g : NULL;
     for (int64_t k = 0; k < kc; k++) {
-        __m256 w0, w1;
-        w_row16(fmt, W, k0 + k, j0, g, &w0, &w1);
+        __m256 w[4];
+        w_row32(fmt, wp, sp, mp, zp, w);
+        wp += wld;
+        if (fmt != KT_W_BF16 && fmt != KT_W_F32) sp += ldg;
+        if (fmt == KT_W_I4M) mp += ldg;
+        if (fmt == KT_W_I4Z) zp += ldg;
         if (k < pf_n) { /* the next panel's row k */
             const char *p = pf + k * pf_ld;
             _mm_prefetch(p, _MM_HINT_T0);
             if (pf_two) _mm_prefetch(p + 64, _MM_HINT_T0);
         }
-        _mm256_store_ps(panel + k * KT_PW, w0);
-        _mm256_store_ps(panel + k * KT_PW + 8, w1);
+        for (int v = 0; v < 4; v++) _mm256_store_ps(panel + k * KT_PW + 8 * v, w[v]);
         __m256 b;
 #define FMA2(i)                                          \
         b = _mm256_broadcast_ss(d##i + k * dsk);         \
-        c##i##0 = _mm256_fmadd_ps(b, w0, c##i##0);       \
-        c##i##1 = _mm256_fmadd_ps(b, w1, c##i##1);
+        c##i##0 = _mm256_fmadd_ps(b, w[0], c##i##0);     \
+        c##i##1 = _mm256_fmadd_ps(b, w[1], c##i##1);
         FMA2(0) FMA2(1) FMA2(2) FMA2(3)
         if (MR > 4) { FMA2(4) }
         if (MR > 5) { FMA2(5) }
@@ -295,14 +309,15 @@ KT_INLINE void outer_micro_pack(const int MR, const int fmt, int64_t kc, const f
 
 #define PACK_CASE(MR, FMT)                                                                  \
     case (MR) * 16 + (FMT):                                                                 \
-        if (dsk == 1) outer_micro_pack(MR, FMT, kc, dp, 1, ph, W, k0, jh, g, cr, load_c, pf, pf_ld, pf_n, pf_two); \
-        else outer_micro_pack(MR, FMT, kc, dp, dsk, ph, W, k0, jh, g, cr, load_c, pf, pf_ld, pf_n, pf_two);    \
+        if (dsk == 1) outer_micro_pack(MR, FMT, kc, dp, 1, panel, W, k0, j0, g, cr, load_c, pf, pf_ld, pf_n, pf_two); \
+        else outer_micro_pack(MR, FMT, kc, dp, dsk, panel, W, k0, j0, g, cr, load_c, pf, pf_ld, pf_n, pf_two);    \
         break;
 
-static void outer_pack_block(int mr, int64_t kc, const float *const *dp, int64_t dsk, float *ph,
-                             const kt_wmat *W, int64_t k0, int64_t jh, float *const *cr, int load_c,
+/* outer_micro_pack for a block of mr = 4..6 rows, W's format. */
+static void outer_pack_block(int mr, int64_t kc, const float *const *dp, int64_t dsk, float *panel,
+                             const kt_wmat *W, int64_t k0, int64_t j0, float *const *cr, int load_c,
                              const char *pf, int64_t pf_ld, int64_t pf_n, int pf_two) {
-    int64_t g = W->fmt == KT_W_BF16 || W->fmt == KT_W_F32 ? 0 : (W->g0 + jh) / W->gs;
+    int64_t g = W->fmt == KT_W_BF16 || W->fmt == KT_W_F32 ? 0 : (W->g0 + j0) / W->gs;
     switch (mr * 16 + W->fmt) {
         PACK_CASE(6, KT_W_BF16) PACK_CASE(5, KT_W_BF16) PACK_CASE(4, KT_W_BF16)
         PACK_CASE(6, KT_W_F32) PACK_CASE(5, KT_W_F32) PACK_CASE(4, KT_W_F32)
@@ -435,12 +450,9 @@ KT_INLINE void panel_loop(const int bf16, const int tpack, int64_t m, int64_t nv
                 for (int h = 0; h < nvec; h += 2) { /* 16-column halves of the panel */
                     int64_t jh = j + 8 * h;
                     const float *ph = panel + 8 * h;
-                    if (fuse && bi == 0) {
-                        /* each half prefetches up to kc rows of the next panel */
-                        int64_t kc = k1 - k0, n0 = (h / 2) * kc;
-                        int64_t pn = KT_MAX(0, KT_MIN(kc, npf_rows - n0));
-                        outer_pack_block(mr, kc, dp, dsk, panel + 8 * h, W, k0, jh, cr, load_c,
-                                         pn ? npf + n0 * npf_ld : NULL, npf_ld, pn, npf_two);
+                    if (fuse && bi == 0 && h == 0) {
+                        outer_pack_block(mr, k1 - k0, dp, dsk, panel, W, k0, j, cr, load_c, npf,
+                                         npf_ld, KT_MIN(npf_rows, k1 - k0), npf_two);
                         continue;
                     }
                     switch (mr * 4 + KT_MIN(2, nvec - h)) {
