@@ -8,7 +8,8 @@
  * Build: cc -O2 -Ilibktmoe/include tools/step_ab.c -ldl -lm -o step_ab
  * Usage: step_ab LIB_A LIB_B [method=0] [qlen=512] [pairs=10] [threads=2]
  *   method: ktmoe_method (0 BF16, 1 INT8, 2 INT4, ...); the avx2 tier, or
- *   the ktmoe_isa in $STEP_AB_ISA */
+ *   the ktmoe_isa in $STEP_AB_ISA.  $STEP_AB_METHOD_B gives B a method of
+ *   its own (LIB_B may then be LIB_A: two methods of one build). */
 #include "ktmoe.h"
 
 #include <dlfcn.h>
@@ -199,7 +200,8 @@ int main(int argc, char **argv) {
             ids[t * K + j] = e;
             rw[t * K + j] = 1.0f / K;
         }
-    if (setup(&A, method, threads) || setup(&B, method, threads)) return 1;
+    int method_b = getenv("STEP_AB_METHOD_B") ? atoi(getenv("STEP_AB_METHOD_B")) : method;
+    if (setup(&A, method, threads) || setup(&B, method_b, threads)) return 1;
     for (int w = 0; w < 2; w++) step(&A), step(&B); /* caches, scratch, page faults */
     double flops = 2.0 * 6 * Q * K * (double)H * I + 2.0 * 3 * Q * K * R * (double)(H + I) * 3;
     double *r = malloc(sizeof(double) * 3 * (size_t)pairs), *ta = r + pairs, *tb = ta + pairs;
@@ -212,9 +214,9 @@ int main(int argc, char **argv) {
     qsort(r, (size_t)pairs, sizeof *r, cmp);
     qsort(ta, (size_t)pairs, sizeof *ta, cmp);
     qsort(tb, (size_t)pairs, sizeof *tb, cmp);
-    printf("step_ab method %d qlen %d threads %d pairs %d: speed B/A median %.3f (quartiles %.3f %.3f); "
+    printf("step_ab method %d/%d qlen %d threads %d pairs %d: speed B/A median %.3f (quartiles %.3f %.3f); "
            "A median %.1f ms (%.1f GFLOP/s), B median %.1f ms (%.1f GFLOP/s), best A %.1f B %.1f ms\n",
-           method, Q, threads, pairs, r[pairs / 2], r[pairs / 4], r[3 * pairs / 4], 1e3 * ta[pairs / 2],
+           method, method_b, Q, threads, pairs, r[pairs / 2], r[pairs / 4], r[3 * pairs / 4], 1e3 * ta[pairs / 2],
            flops / ta[pairs / 2] / 1e9, 1e3 * tb[pairs / 2], flops / tb[pairs / 2] / 1e9, 1e3 * ta[0],
            1e3 * tb[0]);
     return 0;

@@ -88,7 +88,7 @@ static const struct { int fmt; int64_t gs; } formats[] = {
 /* dot form: C = A W^T, W [n][K] taken at column origin c0 of a wider matrix */
 static void check_dot(const kt_kernels *kt, int64_t m, int64_t n, int64_t K, int fi, int accum) {
     int fmt = formats[fi].fmt;
-    int64_t gs = formats[fi].gs, c0 = gs > (int64_t)1 << 29 ? 0 : 8;
+    int64_t gs = formats[fi].gs, c0 = gs > (int64_t)1 << 29 || K % 64 == 0 ? 0 : 8;
     if (fmt == KT_W_F32 || fmt == KT_W_BF16) c0 = 3;
     int64_t lda = K + 5, rowsA = m + 3, ldc = n + 2;
     wstore ws;
@@ -240,6 +240,10 @@ int main(void) {
                         check_outer(kt, ms[a], ns[b], K, fi, accum, (a + kk) & 1, 0);
                         check_outer(kt, ms[a], nouter[b], K, fi, accum, (b + kk) & 1, 1);
                     }
+        /* whole groups from column 0: dot_many's panels packed by their
+         * first row block, 16 bytes of each W row at a time */
+        for (int fi = 0; fi < (int)NFMT; fi++)
+            for (int a = 2; a < 4; a++) check_dot(kt, ms[a], 72, 384, fi, a & 1);
         static const struct { int fmt; int64_t gs; } qf[] = {
             {KT_W_I8, 32}, {KT_W_I8, 1 << 30}, {KT_W_I4S, 64}, {KT_W_I4Z, 128},
             {KT_W_I4M, 32}, {KT_W_I4M, 1 << 30}};

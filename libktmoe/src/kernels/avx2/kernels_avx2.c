@@ -8,7 +8,9 @@
  * outer form (dh W, backward): 6 rows of D x 16 columns of W per
  *   micro-kernel, D broadcast from memory; W converted to an fp32 panel of
  *   128 rows x 32 columns (whole 64-byte lines of bf16) that stays in L1
- *   while all rows of D stream past it.
+ *   while all rows of D stream past it.  Without a row index (widx), the
+ *   first row block converts the panel as its FMAs use it and prefetches
+ *   the next panel's rows (outer_micro_pack).
  * dot_many (SFT layers, 12 rows of A or more): the outer micro-kernel on
  *   W rows transposed into the same kind of panel (k-ordered sums).
  * The panel forms prefetch the next panel's weights while computing one.
@@ -530,7 +532,8 @@ KT_INLINE void transpose8(__m256 v[8]) {
  * 8 x 8 blocks loaded (fp32) or dequantized (FP8, MXFP4) straight from the
  * packed rows (each row's group constants looked up when the group
  * changes), then transposed; bf16 and the integer formats transpose first
- * (tpack_bf16, tpack_int below). */
+ * (tpack_words, 16 bytes of each row at a time, and tpack_int where groups
+ * or the column origin break 16-byte steps). */
 /* 8 rows of W from `row` (row stride ld) x 8 columns from k, dequantized
  * (format fmt, a constant after inlining) with the rows' group constants d. */
 KT_INLINE void tpack_rows(const int fmt, __m256 *v, const kt_wmat *W, int64_t row, int64_t k,
@@ -562,8 +565,9 @@ KT_INLINE void tpack(const int fmt, float *panel, const kt_wmat *W, int64_t j, i
     }
 }
 
-/* The integer formats transpose before they convert: lane r of one vector
- * holds 4 bytes of row r (8 4-bit codes, or 4 int8 codes), and column q
+/* The integer formats where 16-byte steps do not fit (tpack_words_ok)
+ * transpose before they convert too: lane r of one vector holds 4 bytes of
+ * row r (8 4-bit codes, or 4 int8 codes), and column q
  * of all 8 rows is one shift and one mask (or two shifts) away, already in
  * the panel's layout; the per-row group constants are vectors over the
  * rows.  Exactly deq8's values ((code - offset) * scale, or I4M's
@@ -618,37 +622,98 @@ KT_INLINE void tpack_int(const int fmt, float *panel, const kt_wmat *W, int64_t 
     }
 }
 
-/* bf16 the same way: rows r and r + 4 in the halves of one vector, two
- * rounds of 32/64-bit unpacks give, for each pair of columns, the 8 rows'
- * 32-bit words in lane order; the even column is the word shifted left by
- * 16, the odd one its upper half (12 shuffles for 8 panel rows, where
- * converting first and transposing fp32 took 32). */
-KT_INLINE void tpack_bf16(float *panel, const kt_wmat *W, int64_t j, int nvec, int64_t k0, int64_t kc) {
-    const __m256i hi16 = _mm256_set1_epi32((int)0xFFFF0000u);
+/* bf16, int8 and the integer 4-bit formats transpose before they convert,
+ * 8 W rows x 16 bytes at a time at 32-bit granularity: word q of the 8
+ * rows in one vector (rows r and r + 4 in the halves of a load, then two
+ * rounds of unpacks).  A word holds 2 (bf16), 4 (int8) or 8 (4-bit) panel
+ * rows, one shift (and mask) apiece away, already in the panel's layout,
+ * with the rows' group constants as vectors over the rows. */
+KT_INLINE void rows8x16(const char *p, int64_t ld, __m256i cp[4]) {
+    __m256i a[4];
+    for (int r = 0; r < 4; r++)
+        a[r] = _mm256_loadu2_m128i((const __m128i *)(p + (r + 4) * ld), (const __m128i *)(p + r * ld));
+    __m256i t0 = _mm256_unpacklo_epi32(a[0], a[1]), t1 = _mm256_unpackhi_epi32(a[0], a[1]);
+    __m256i t2 = _mm256_unpacklo_epi32(a[2], a[3]), t3 = _mm256_unpackhi_epi32(a[2], a[3]);
+    cp[0] = _mm256_unpacklo_epi64(t0, t2), cp[1] = _mm256_unpackhi_epi64(t0, t2);
+    cp[2] = _mm256_unpacklo_epi64(t1, t3), cp[3] = _mm256_unpackhi_epi64(t1, t3);
+}
+
+/* Panel rows per 32-bit word of W (fmt a constant after inlining). */
+KT_INLINE int word_cols(const int fmt) { return fmt == KT_W_BF16 ? 2 : fmt == KT_W_I8 ? 4 : 8; }
+
+/* Column n of the 8 rows' words w as fp32, with the rows' group constants
+ * d (one lane a row): exactly kt_w_at's values. */
+KT_INLINE __m256 word_col(const int fmt, __m256i w, int n, const deq_grp *d) {
+    if (fmt == KT_W_BF16)
+        return _mm256_castsi256_ps(n ? _mm256_and_si256(w, _mm256_set1_epi32((int)0xFFFF0000u))
+                                     : _mm256_slli_epi32(w, 16));
+    if (fmt == KT_W_I8)
+        return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(w, 24 - 8 * n), 24)), d->s);
+    return deq_codes(fmt, _mm256_and_si256(_mm256_srli_epi32(w, 4 * n), _mm256_set1_epi32(15)), d);
+}
+
+/* The group constants of group g of W rows r0 .. r0 + 8, one lane a row. */
+KT_INLINE deq_grp deq_rows8(const int fmt, const kt_wmat *W, int64_t r0, int64_t g) {
+    float sv[8], mv[8];
+    int32_t zv[8];
+    for (int r = 0; r < 8; r++) {
+        int64_t gi = (r0 + r) * W->ldg + g;
+        sv[r] = W->scale[gi];
+        mv[r] = fmt == KT_W_I4M ? ((const float *)W->aux)[gi] : 0.0f;
+        zv[r] = fmt == KT_W_I4Z ? ((const uint8_t *)W->aux)[gi] : 8;
+    }
+    deq_grp d = {_mm256_loadu_ps(sv), _mm256_loadu_ps(mv), _mm256_loadu_si256((const __m256i *)zv)};
+    return d;
+}
+
+/* Whether tpack_words can pack the dot-form panel of W's K columns k0 ..
+ * k0 + kc: bf16, int8 and the integer 4-bit formats, in whole 16-byte
+ * steps that do not cross a group. */
+static int tpack_words_ok(const kt_wmat *W, int64_t k0, int64_t kc) {
+    int fmt = W->fmt, U;
+    if (fmt == KT_W_BF16) U = 8;
+    else if (fmt == KT_W_I8) U = 16;
+    else if (kt_fmt_is_int4(fmt)) U = 32;
+    else return 0;
+    return kc % U == 0 && (fmt == KT_W_BF16 || (W->gs % U == 0 && (W->g0 + k0) % U == 0));
+}
+
+/* The panel 16 bytes of each W row at a time (tpack_words_ok). */
+KT_INLINE void tpack_words(const int fmt, float *panel, const kt_wmat *W, int64_t j, int nvec, int64_t k0,
+                           int64_t kc) {
+    const int wc = word_cols(fmt), U = 4 * wc;
+    const int64_t ldb = w_addr(W, 1, 0) - w_addr(W, 0, 0);
     for (int b = 0; b < nvec; b++) {
-        const uint16_t *base = (const uint16_t *)W->data + (j + 8 * b) * W->ld + k0;
-        for (int64_t k = 0; k < kc; k += 8) {
-            __m256i a[4];
-            for (int r = 0; r < 4; r++)
-                a[r] = _mm256_loadu2_m128i((const __m128i *)(base + (r + 4) * W->ld + k),
-                                           (const __m128i *)(base + r * W->ld + k));
-            __m256i t0 = _mm256_unpacklo_epi32(a[0], a[1]), t1 = _mm256_unpackhi_epi32(a[0], a[1]);
-            __m256i t2 = _mm256_unpacklo_epi32(a[2], a[3]), t3 = _mm256_unpackhi_epi32(a[2], a[3]);
-            __m256i cp[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2),
-                             _mm256_unpacklo_epi64(t1, t3), _mm256_unpackhi_epi64(t1, t3)};
-            float *dst = panel + k * KT_PW + 8 * b;
-            for (int q = 0; q < 4; q++) {
-                _mm256_store_ps(dst + (2 * q) * KT_PW, _mm256_castsi256_ps(_mm256_slli_epi32(cp[q], 16)));
-                _mm256_store_ps(dst + (2 * q + 1) * KT_PW, _mm256_castsi256_ps(_mm256_and_si256(cp[q], hi16)));
+        int64_t r0 = j + 8 * b, gcur = -1;
+        const char *base = w_addr(W, r0, k0);
+        deq_grp d;
+        memset(&d, 0, sizeof d); /* bf16 does not read it */
+        for (int64_t kb = 0; kb < kc; kb += U) {
+            if (fmt != KT_W_BF16) {
+                int64_t g = (W->g0 + k0 + kb) / W->gs;
+                if (g != gcur) d = deq_rows8(fmt, W, r0, g), gcur = g;
             }
+            __m256i cp[4];
+            rows8x16(base + (kb / U) * 16, ldb, cp);
+            for (int q = 0; q < 4; q++)
+                for (int n = 0; n < wc; n++)
+                    _mm256_store_ps(panel + (kb + q * wc + n) * KT_PW + 8 * b, word_col(fmt, cp[q], n, &d));
         }
     }
 }
 
 void kt_dot_tpack_avx2(float *panel, const kt_wmat *W, int64_t j, int nvec, int64_t k0, int64_t kc) {
-    switch (W->fmt) {
+    if (tpack_words_ok(W, k0, kc)) {
+        switch (W->fmt) {
+        case KT_W_BF16: tpack_words(KT_W_BF16, panel, W, j, nvec, k0, kc); return;
+        case KT_W_I8: tpack_words(KT_W_I8, panel, W, j, nvec, k0, kc); return;
+        case KT_W_I4M: tpack_words(KT_W_I4M, panel, W, j, nvec, k0, kc); return;
+        case KT_W_I4Z: tpack_words(KT_W_I4Z, panel, W, j, nvec, k0, kc); return;
+        default: tpack_words(KT_W_I4S, panel, W, j, nvec, k0, kc); return;
+        }
+    }
+    switch (W->fmt) { /* bf16 (kc a multiple of 8) always took tpack_words */
     case KT_W_F32: tpack(KT_W_F32, panel, W, j, nvec, k0, kc); break;
-    case KT_W_BF16: tpack_bf16(panel, W, j, nvec, k0, kc); break;
     case KT_W_I8: tpack_int(KT_W_I8, panel, W, j, nvec, k0, kc); break;
     case KT_W_FP8: tpack(KT_W_FP8, panel, W, j, nvec, k0, kc); break;
     case KT_W_MXFP4: tpack(KT_W_MXFP4, panel, W, j, nvec, k0, kc); break;
