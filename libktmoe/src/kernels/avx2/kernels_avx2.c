@@ -579,6 +579,20 @@ KT_INLINE __m256i rows4(const uint8_t *p, int64_t ld) {
     return _mm256_loadu_si256((const __m256i *)v);
 }
 
+/* The group constants of group g of W rows r0 .. r0 + 8, one lane a row. */
+KT_INLINE deq_grp deq_rows8(const int fmt, const kt_wmat *W, int64_t r0, int64_t g) {
+    float sv[8], mv[8];
+    int32_t zv[8];
+    for (int r = 0; r < 8; r++) {
+        int64_t gi = (r0 + r) * W->ldg + g;
+        sv[r] = W->scale[gi];
+        mv[r] = fmt == KT_W_I4M ? ((const float *)W->aux)[gi] : 0.0f;
+        zv[r] = fmt == KT_W_I4Z ? ((const uint8_t *)W->aux)[gi] : 8;
+    }
+    deq_grp d = {_mm256_loadu_ps(sv), _mm256_loadu_ps(mv), _mm256_loadu_si256((const __m256i *)zv)};
+    return d;
+}
+
 KT_INLINE void tpack_int(const int fmt, float *panel, const kt_wmat *W, int64_t j, int nvec,
                          int64_t k0, int64_t kc) {
     const int i4 = fmt != KT_W_I8;
@@ -588,20 +602,7 @@ KT_INLINE void tpack_int(const int fmt, float *panel, const kt_wmat *W, int64_t 
         const uint8_t *base = (const uint8_t *)W->data + row0 * W->ld;
         for (int64_t k = 0; k < kc; k += 8) {
             int64_t gk = (W->g0 + k0 + k) / W->gs; /* 8 columns lie in one group */
-            if (gk != g) {
-                float sv[8], mv[8];
-                int32_t zv[8];
-                for (int r = 0; r < 8; r++) {
-                    int64_t gi = (row0 + r) * W->ldg + gk;
-                    sv[r] = W->scale[gi];
-                    mv[r] = fmt == KT_W_I4M ? ((const float *)W->aux)[gi] : 0.0f;
-                    zv[r] = fmt == KT_W_I4Z ? ((const uint8_t *)W->aux)[gi] : 8;
-                }
-                d.s = _mm256_loadu_ps(sv);
-                d.mn = _mm256_loadu_ps(mv);
-                d.z = _mm256_loadu_si256((const __m256i *)zv);
-                g = gk;
-            }
+            if (gk != g) d = deq_rows8(fmt, W, row0, g = gk);
             float *dst = panel + k * KT_PW + 8 * b;
             if (i4) {
                 __m256i v = rows4(base + (k0 + k) / 2, W->ld), m4 = _mm256_set1_epi32(15);
@@ -650,20 +651,6 @@ KT_INLINE __m256 word_col(const int fmt, __m256i w, int n, const deq_grp *d) {
     if (fmt == KT_W_I8)
         return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(w, 24 - 8 * n), 24)), d->s);
     return deq_codes(fmt, _mm256_and_si256(_mm256_srli_epi32(w, 4 * n), _mm256_set1_epi32(15)), d);
-}
-
-/* The group constants of group g of W rows r0 .. r0 + 8, one lane a row. */
-KT_INLINE deq_grp deq_rows8(const int fmt, const kt_wmat *W, int64_t r0, int64_t g) {
-    float sv[8], mv[8];
-    int32_t zv[8];
-    for (int r = 0; r < 8; r++) {
-        int64_t gi = (r0 + r) * W->ldg + g;
-        sv[r] = W->scale[gi];
-        mv[r] = fmt == KT_W_I4M ? ((const float *)W->aux)[gi] : 0.0f;
-        zv[r] = fmt == KT_W_I4Z ? ((const uint8_t *)W->aux)[gi] : 8;
-    }
-    deq_grp d = {_mm256_loadu_ps(sv), _mm256_loadu_ps(mv), _mm256_loadu_si256((const __m256i *)zv)};
-    return d;
 }
 
 /* Whether tpack_words can pack the dot-form panel of W's K columns k0 ..
