@@ -279,7 +279,9 @@ KTMOE_API ktmoe_status ktmoe_moe_create(ktmoe_pool *pool,
 KTMOE_API void ktmoe_moe_destroy(ktmoe_moe *moe);
 /* The tier this layer's kernels use. */
 KTMOE_API ktmoe_isa ktmoe_moe_isa(const ktmoe_moe *moe);
-/* Bytes of frozen weights the layer holds (packed data, scales, mins). */
+/* Bytes of frozen weights the layer holds (packed data, scales, mins).
+ * Packed rows of a multiple of 1 KB are held one cache line longer
+ * (docs/architecture.md, Memory), which counts here. */
 KTMOE_API int64_t ktmoe_moe_weight_bytes(const ktmoe_moe *moe);
 /* Bytes of activation caches and scratch buffers the layer holds now. */
 KTMOE_API int64_t ktmoe_moe_buffer_bytes(const ktmoe_moe *moe);
