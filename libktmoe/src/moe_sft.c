@@ -76,7 +76,7 @@ struct ktmoe_moe {
     const kt_kernels *kern;
     int tp;
     int64_t E, k, H, I, Is, r;
-    int64_t ldh; /* row stride of the fp32 [.][H] buffers x, dO, y (kt_ld_rows) */
+    int64_t ldh; /* row stride of the fp32 [.][H] buffers x, dO, y (kt_pad_row_bytes) */
     float scale;
     kt_activation act;
     kt_dot_fn dot; /* kern->dot, or kern->dot_many (batch_invariant = 0) */
@@ -150,12 +150,15 @@ static inline void *kt_at(const void *base, int dtype, int64_t idx) {
     return (char *)base + (size_t)idx * kt_dsize(dtype);
 }
 
-/* The row stride of fp32 buffers of n columns whose rows a kernel reads or
- * writes several of at once: a row of a multiple of 1 KB is padded by one
- * cache line, so that the rows do not all fall in the same L1 sets (with
- * H = 2048 the rows were 8 KB apart: the 4K aliasing cost a tenth of the
- * backward's dx products). */
-static int64_t kt_ld_rows(int64_t n) { return n % 256 == 0 ? n + 16 : n; }
+/* The row size to allocate for rows of `bytes` that a kernel reads or
+ * writes several of at once (packed weight rows, fp32 activation rows): a
+ * multiple of 1 KB is padded by one cache line.  A weight panel reads one
+ * line of each of 128 rows, a micro-kernel tile 6 rows of C or D at one
+ * column; rows 4 KB apart put them all in one of the L1's 64 sets, where
+ * prefetched weight lines evicted each other and C rows stalled on 4K
+ * aliasing (1.6 % more memory for bf16 weight rows of 4 KB, 6.3 % for
+ * 4-bit rows of 1 KB). */
+static int64_t kt_pad_row_bytes(int64_t bytes) { return bytes % 1024 == 0 ? bytes + 64 : bytes; }
 
 /* LoRA factor `which` from element off, row stride ld. */
 static kt_wmat kt_lora(const ktmoe_moe *m, int which, int64_t off, int64_t ld) {
@@ -301,7 +304,7 @@ KTMOE_API ktmoe_status ktmoe_moe_create(ktmoe_pool *pool, const ktmoe_moe_config
     m->H = c->hidden_size;
     m->I = c->intermediate_size;
     m->Is = m->I / tp;
-    m->ldh = kt_ld_rows(m->H);
+    m->ldh = kt_pad_row_bytes(m->H * 4) / 4;
     m->r = c->lora_rank;
     m->scale = c->lora_alpha / (float)c->lora_rank;
     m->act.kind = c->activation;
@@ -326,13 +329,7 @@ KTMOE_API ktmoe_status ktmoe_moe_create(ktmoe_pool *pool, const ktmoe_moe_config
             p->cols = pj == PD ? m->Is : m->H;
             p->fmt = fmt[pj];
             p->kgs = gsz[pj];
-            /* rows of a multiple of 1 KB are padded by one cache line: a
-             * weight panel reads one line of each of 128 rows, which such
-             * rows put in 4 or fewer of the L1's 64 sets (bf16, H = 2048:
-             * one set), so prefetched lines evicted each other (1.6 % more
-             * memory for bf16 rows of 4 KB, 6.3 % for 4-bit rows of 1 KB) */
-            p->rb = kt_row_bytes(p->fmt, p->cols);
-            if (p->rb % 1024 == 0) p->rb += 64;
+            p->rb = kt_pad_row_bytes(kt_row_bytes(p->fmt, p->cols));
             p->ld = kt_fmt_is_4bit(p->fmt) ? p->rb : p->rb / kt_row_bytes(p->fmt, 1);
             p->G = p->fmt == KT_W_BF16 ? 0 : (p->kgs ? p->cols / p->kgs : 1);
             p->gs = p->kgs ? p->kgs : p->cols;

@@ -222,10 +222,9 @@ KT_INLINE void outer_micro(const int MR, const int NV, int64_t kc, const float *
 
 /* The 32 panel columns [j0, j0 + 32) of one W row as fp32, exactly
  * kt_w_at's values: p points at the row's column j0 (fmt, a constant after
- * inlining); quantized: the columns lie in one group, of scale *s (mins *mn
- * for I4M, zero point *z for I4Z). */
-KT_INLINE void w_row32(const int fmt, const char *p, const float *s, const float *mn,
-                       const uint8_t *z, __m256 w[4]) {
+ * inlining); quantized: the columns lie in one group, of constants d.  A
+ * row of 4-bit codes is decoded from its 16 bytes at once. */
+KT_INLINE void w_row32(const int fmt, const char *p, const deq_grp *d, __m256 w[4]) {
     if (fmt == KT_W_BF16) {
         for (int v = 0; v < 4; v++) w[v] = ld8_bf16((const uint16_t *)p + 8 * v);
         return;
@@ -234,21 +233,17 @@ KT_INLINE void w_row32(const int fmt, const char *p, const float *s, const float
         for (int v = 0; v < 4; v++) w[v] = _mm256_loadu_ps((const float *)p + 8 * v);
         return;
     }
-    deq_grp d;
-    d.s = _mm256_broadcast_ss(s);
-    d.mn = fmt == KT_W_I4M ? _mm256_broadcast_ss(mn) : _mm256_setzero_ps();
-    d.z = _mm256_set1_epi32(fmt == KT_W_I4Z ? *z : 8);
     if (kt_fmt_is_4bit(fmt)) { /* 16 bytes: 32 codes, low nibble first */
         __m128i v = _mm_loadu_si128((const __m128i *)p), m4 = _mm_set1_epi8(0x0F);
         __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
         __m128i b[2] = {_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi)};
         for (int h = 0; h < 2; h++) {
-            w[2 * h] = deq_codes(fmt, _mm256_cvtepu8_epi32(b[h]), &d);
-            w[2 * h + 1] = deq_codes(fmt, _mm256_cvtepu8_epi32(_mm_srli_si128(b[h], 8)), &d);
+            w[2 * h] = deq_codes(fmt, _mm256_cvtepu8_epi32(b[h]), d);
+            w[2 * h + 1] = deq_codes(fmt, _mm256_cvtepu8_epi32(_mm_srli_si128(b[h], 8)), d);
         }
         return;
     }
-    for (int v = 0; v < 4; v++) w[v] = deq8(fmt, (const uint8_t *)p, 8 * v, &d);
+    for (int v = 0; v < 4; v++) w[v] = deq8(fmt, (const uint8_t *)p, 8 * v, d);
 }
 
 /* The first row block of a panel packs it: W rows k0.. (columns [j0, j0 +
@@ -256,12 +251,12 @@ KT_INLINE void w_row32(const int fmt, const char *p, const float *s, const float
  * 16 columns use them, and stored to the panel for the other blocks (and
  * this block's other 16 columns).  The conversion's loads then overlap the
  * FMAs, where a separate packing pass waited on them.  Row k also
- * prefetches row k of the next panel, pf (pf_n rows, pf_ld apart; two
- * lines a row if pf_two). */
+ * prefetches row k of the next panel, whose first row's line is pf (pf_n
+ * rows; two lines a row if pf_two). */
 KT_INLINE void outer_micro_pack(const int MR, const int fmt, int64_t kc, const float *const *dr,
                                 int64_t dsk, float *restrict panel, const kt_wmat *W, int64_t k0,
                                 int64_t j0, int64_t g, float *const *crow, int load_c,
-                                const char *pf, int64_t pf_ld, int64_t pf_n, int pf_two) {
+                                const char *pf, int64_t pf_n, int pf_two) {
     /* named accumulators: with an array, the panel stores (an __m256 store
      * may alias anything) kept gcc from holding it in registers */
     __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
@@ -281,13 +276,17 @@ KT_INLINE void outer_micro_pack(const int MR, const int fmt, int64_t kc, const f
     const uint8_t *zp = fmt == KT_W_I4Z ? (const uint8_t *)W->aux + k0 * ldg + g : NULL;
     for (int64_t k = 0; k < kc; k++) {
         __m256 w[4];
-        w_row32(fmt, wp, sp, mp, zp, w);
+        deq_grp dq = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_set1_epi32(8)};
+        if (fmt != KT_W_BF16 && fmt != KT_W_F32) dq.s = _mm256_broadcast_ss(sp);
+        if (fmt == KT_W_I4M) dq.mn = _mm256_broadcast_ss(mp);
+        if (fmt == KT_W_I4Z) dq.z = _mm256_set1_epi32(*zp);
+        w_row32(fmt, wp, &dq, w);
         wp += wld;
         if (fmt != KT_W_BF16 && fmt != KT_W_F32) sp += ldg;
         if (fmt == KT_W_I4M) mp += ldg;
         if (fmt == KT_W_I4Z) zp += ldg;
         if (k < pf_n) { /* the next panel's row k */
-            const char *p = pf + k * pf_ld;
+            const char *p = pf + k * wld;
             _mm_prefetch(p, _MM_HINT_T0);
             if (pf_two) _mm_prefetch(p + 64, _MM_HINT_T0);
         }
@@ -309,16 +308,18 @@ KT_INLINE void outer_micro_pack(const int MR, const int fmt, int64_t kc, const f
 #undef ST_C
 }
 
-#define PACK_CASE(MR, FMT)                                                                  \
-    case (MR) * 16 + (FMT):                                                                 \
-        if (dsk == 1) outer_micro_pack(MR, FMT, kc, dp, 1, panel, W, k0, j0, g, cr, load_c, pf, pf_ld, pf_n, pf_two); \
-        else outer_micro_pack(MR, FMT, kc, dp, dsk, panel, W, k0, j0, g, cr, load_c, pf, pf_ld, pf_n, pf_two);    \
+#define PACK_CASE(MR, FMT)                                                                    \
+    case (MR) * 16 + (FMT):                                                                   \
+        if (dsk == 1)                                                                         \
+            outer_micro_pack(MR, FMT, kc, dp, 1, panel, W, k0, j0, g, cr, load_c, pf, pf_n, pf_two); \
+        else                                                                                  \
+            outer_micro_pack(MR, FMT, kc, dp, dsk, panel, W, k0, j0, g, cr, load_c, pf, pf_n, pf_two); \
         break;
 
 /* outer_micro_pack for a block of mr = 4..6 rows, W's format. */
 static void outer_pack_block(int mr, int64_t kc, const float *const *dp, int64_t dsk, float *panel,
                              const kt_wmat *W, int64_t k0, int64_t j0, float *const *cr, int load_c,
-                             const char *pf, int64_t pf_ld, int64_t pf_n, int pf_two) {
+                             const char *pf, int64_t pf_n, int pf_two) {
     int64_t g = W->fmt == KT_W_BF16 || W->fmt == KT_W_F32 ? 0 : (W->g0 + j0) / W->gs;
     switch (mr * 16 + W->fmt) {
         PACK_CASE(6, KT_W_BF16) PACK_CASE(5, KT_W_BF16) PACK_CASE(4, KT_W_BF16)
@@ -343,27 +344,19 @@ static void outer_pack_block(int mr, int64_t kc, const float *const *dp, int64_t
         break;
 
 /* Rows k0..k1 of the outer panel whose 8 nvec columns lie in one group
- * (fmt a constant after inlining).  A whole 32-column row of 4-bit codes
- * is 16 bytes: split into nibbles and interleaved once, not 8 codes at a
- * time. */
+ * (fmt a constant after inlining); whole 32-column rows through w_row32. */
 KT_INLINE void outer_pack_grp(const int fmt, float *panel, const kt_wmat *W, const int32_t *widx,
                               int64_t k0, int64_t k1, int64_t j, int nvec) {
     int64_t g = (W->g0 + j) / W->gs;
-    const int wide4 = kt_fmt_is_4bit(fmt) && nvec == 4;
-    const __m128i m4 = _mm_set1_epi8(0x0F);
     for (int64_t k = k0; k < k1; k++) {
         int64_t r = widx ? widx[k] : k;
         const uint8_t *row = (const uint8_t *)W->data + r * W->ld;
         deq_grp d = deq_group(W, r, g);
         float *dst = panel + (k - k0) * KT_PW;
-        if (wide4) {
-            __m128i v = _mm_loadu_si128((const __m128i *)(row + j / 2));
-            __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
-            __m128i b0 = _mm_unpacklo_epi8(lo, hi), b1 = _mm_unpackhi_epi8(lo, hi);
-            _mm256_store_ps(dst, deq_codes(fmt, _mm256_cvtepu8_epi32(b0), &d));
-            _mm256_store_ps(dst + 8, deq_codes(fmt, _mm256_cvtepu8_epi32(_mm_srli_si128(b0, 8)), &d));
-            _mm256_store_ps(dst + 16, deq_codes(fmt, _mm256_cvtepu8_epi32(b1), &d));
-            _mm256_store_ps(dst + 24, deq_codes(fmt, _mm256_cvtepu8_epi32(_mm_srli_si128(b1, 8)), &d));
+        if (nvec == 4) {
+            __m256 w[4];
+            w_row32(fmt, w_addr(W, r, j), &d, w);
+            for (int v = 0; v < 4; v++) _mm256_store_ps(dst + 8 * v, w[v]);
         } else {
             for (int v = 0; v < nvec; v++) _mm256_store_ps(dst + 8 * v, deq8(fmt, row, j + 8 * v, &d));
         }
@@ -419,7 +412,7 @@ KT_INLINE void panel_loop(const int bf16, const int tpack, int64_t m, int64_t nv
                               (W->g0 + j) % W->gs + KT_PW <= W->gs);
             kt_pf pf;
             const char *npf = NULL;
-            int64_t npf_rows = 0, npf_ld = 0;
+            int64_t npf_rows = 0;
             int npf_two = 0;
             if (tpack) {
                 pf_next_dot(&pf, W, K, nv, j, nvec, k1);
@@ -430,7 +423,6 @@ KT_INLINE void panel_loop(const int bf16, const int tpack, int64_t m, int64_t nv
                     npf_rows = pf.left / KT_MAX(pf.lines_per_row, 1);
                     npf_two = pf.lines_per_row > 1;
                     npf = npf_rows ? pf.line : NULL;
-                    npf_ld = npf_rows > 0 ? w_addr(W, 1, 0) - w_addr(W, 0, 0) : 0;
                     pf.left = 0;
                 }
                 if (!direct && !fuse) kt_outer_pack_avx2(panel, W, widx, k0, k1, j, nvec);
@@ -454,7 +446,7 @@ KT_INLINE void panel_loop(const int bf16, const int tpack, int64_t m, int64_t nv
                     const float *ph = panel + 8 * h;
                     if (fuse && bi == 0 && h == 0) {
                         outer_pack_block(mr, k1 - k0, dp, dsk, panel, W, k0, j, cr, load_c, npf,
-                                         npf_ld, KT_MIN(npf_rows, k1 - k0), npf_two);
+                                         KT_MIN(npf_rows, k1 - k0), npf_two);
                         continue;
                     }
                     switch (mr * 4 + KT_MIN(2, nvec - h)) {
@@ -593,6 +585,20 @@ KT_INLINE deq_grp deq_rows8(const int fmt, const kt_wmat *W, int64_t r0, int64_t
     return d;
 }
 
+/* Panel rows per 32-bit word of W (fmt a constant after inlining). */
+KT_INLINE int word_cols(const int fmt) { return fmt == KT_W_BF16 ? 2 : fmt == KT_W_I8 ? 4 : 8; }
+
+/* Column n of the 8 rows' words w as fp32, with the rows' group constants
+ * d (one lane a row): exactly kt_w_at's values. */
+KT_INLINE __m256 word_col(const int fmt, __m256i w, int n, const deq_grp *d) {
+    if (fmt == KT_W_BF16)
+        return _mm256_castsi256_ps(n ? _mm256_and_si256(w, _mm256_set1_epi32((int)0xFFFF0000u))
+                                     : _mm256_slli_epi32(w, 16));
+    if (fmt == KT_W_I8)
+        return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(w, 24 - 8 * n), 24)), d->s);
+    return deq_codes(fmt, _mm256_and_si256(_mm256_srli_epi32(w, 4 * n), _mm256_set1_epi32(15)), d);
+}
+
 KT_INLINE void tpack_int(const int fmt, float *panel, const kt_wmat *W, int64_t j, int nvec,
                          int64_t k0, int64_t kc) {
     const int i4 = fmt != KT_W_I8;
@@ -605,18 +611,13 @@ KT_INLINE void tpack_int(const int fmt, float *panel, const kt_wmat *W, int64_t 
             if (gk != g) d = deq_rows8(fmt, W, row0, g = gk);
             float *dst = panel + k * KT_PW + 8 * b;
             if (i4) {
-                __m256i v = rows4(base + (k0 + k) / 2, W->ld), m4 = _mm256_set1_epi32(15);
-                for (int q = 0; q < 8; q++) {
-                    __m256i u = _mm256_and_si256(_mm256_srli_epi32(v, 4 * q), m4);
-                    _mm256_store_ps(dst + q * KT_PW, deq_codes(fmt, u, &d));
-                }
+                __m256i v = rows4(base + (k0 + k) / 2, W->ld);
+                for (int q = 0; q < 8; q++) _mm256_store_ps(dst + q * KT_PW, word_col(fmt, v, q, &d));
             } else {
                 for (int h = 0; h < 2; h++) {
                     __m256i v = rows4(base + k0 + k + 4 * h, W->ld);
-                    for (int q = 0; q < 4; q++) {
-                        __m256i c = _mm256_srai_epi32(_mm256_slli_epi32(v, 24 - 8 * q), 24);
-                        _mm256_store_ps(dst + (4 * h + q) * KT_PW, _mm256_mul_ps(_mm256_cvtepi32_ps(c), d.s));
-                    }
+                    for (int q = 0; q < 4; q++)
+                        _mm256_store_ps(dst + (4 * h + q) * KT_PW, word_col(KT_W_I8, v, q, &d));
                 }
             }
         }
@@ -637,20 +638,6 @@ KT_INLINE void rows8x16(const char *p, int64_t ld, __m256i cp[4]) {
     __m256i t2 = _mm256_unpacklo_epi32(a[2], a[3]), t3 = _mm256_unpackhi_epi32(a[2], a[3]);
     cp[0] = _mm256_unpacklo_epi64(t0, t2), cp[1] = _mm256_unpackhi_epi64(t0, t2);
     cp[2] = _mm256_unpacklo_epi64(t1, t3), cp[3] = _mm256_unpackhi_epi64(t1, t3);
-}
-
-/* Panel rows per 32-bit word of W (fmt a constant after inlining). */
-KT_INLINE int word_cols(const int fmt) { return fmt == KT_W_BF16 ? 2 : fmt == KT_W_I8 ? 4 : 8; }
-
-/* Column n of the 8 rows' words w as fp32, with the rows' group constants
- * d (one lane a row): exactly kt_w_at's values. */
-KT_INLINE __m256 word_col(const int fmt, __m256i w, int n, const deq_grp *d) {
-    if (fmt == KT_W_BF16)
-        return _mm256_castsi256_ps(n ? _mm256_and_si256(w, _mm256_set1_epi32((int)0xFFFF0000u))
-                                     : _mm256_slli_epi32(w, 16));
-    if (fmt == KT_W_I8)
-        return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(w, 24 - 8 * n), 24)), d->s);
-    return deq_codes(fmt, _mm256_and_si256(_mm256_srli_epi32(w, 4 * n), _mm256_set1_epi32(15)), d);
 }
 
 /* Whether tpack_words can pack the dot-form panel of W's K columns k0 ..
