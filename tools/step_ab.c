@@ -9,7 +9,11 @@
  * Usage: step_ab LIB_A LIB_B [method=0] [qlen=512] [pairs=10] [threads=2]
  *   method: ktmoe_method (0 BF16, 1 INT8, 2 INT4, ...); the avx2 tier, or
  *   the ktmoe_isa in $STEP_AB_ISA.  $STEP_AB_METHOD_B gives B a method of
- *   its own (LIB_B may then be LIB_A: two methods of one build). */
+ *   its own (LIB_B may then be LIB_A: two methods of one build).
+ *   $STEP_AB_DECODE=1 times inference forwards instead (int8 activations,
+ *   no LoRA, nothing saved), each as bench_inference.py's decode rows do:
+ *   a 128 MiB read to push the weights out of the caches, an untimed call
+ *   with no expert to wake the pool, then the timed call on fresh routing. */
 #include "ktmoe.h"
 
 #include <dlfcn.h>
@@ -91,7 +95,10 @@ static float *lora[6], *glora[6];
 static uint16_t *wg, *wu, *wd, *x, *go, *gx, *out;
 static int64_t *ids;
 static float *rw;
-static int Q;
+static int Q, decode;
+static int64_t *noids;
+static float *flushbuf;
+#define FLUSH_FLOATS (32u << 20)
 
 static int check(const api *a, ktmoe_status st, const char *what) {
     if (st == KTMOE_OK) return 0;
@@ -121,6 +128,32 @@ static int setup(api *a, int method, int threads) {
     if (check(a, a->load_weights(a->moe, wg, wu, wd, KTMOE_DTYPE_BF16, NULL, E), "load")) return 1;
     return check(a, a->set_lora(a->moe, KTMOE_DTYPE_F32, lora[0], lora[1], lora[2], lora[3], lora[4],
                                 lora[5]), "lora");
+}
+
+static volatile float sink;
+
+/* one inference forward, cold: flush, wake call, timed call on routing r */
+static double decode_call(api *a, int r) {
+    float acc = 0.0f;
+    for (size_t i = 0; i < FLUSH_FLOATS; i += 16) acc += flushbuf[i];
+    sink = acc;
+    ktmoe_forward_args f;
+    memset(&f, 0, sizeof f);
+    f.struct_size = sizeof f;
+    f.qlen = Q;
+    f.expert_ids = noids;
+    f.weights = rw;
+    f.input = x;
+    f.input_dtype = KTMOE_DTYPE_BF16;
+    f.output = out;
+    f.output_dtype = KTMOE_DTYPE_BF16;
+    f.int8_activations = 1;
+    if (check(a, a->forward_submit(a->moe, &f), "wake") || check(a, a->pool_sync(a->pool), "sync")) exit(1);
+    f.expert_ids = ids + (size_t)r * Q * K;
+    double t0 = now();
+    if (check(a, a->forward_submit(a->moe, &f), "forward") || check(a, a->pool_sync(a->pool), "sync"))
+        exit(1);
+    return now() - t0;
 }
 
 static double step(api *a) {
@@ -172,7 +205,13 @@ int main(int argc, char **argv) {
     wg = malloc(nw * 2), wu = malloc(nw * 2), wd = malloc(nw * 2);
     x = malloc((size_t)Q * H * 2), go = malloc((size_t)Q * H * 2);
     gx = malloc((size_t)Q * H * 2), out = malloc((size_t)Q * H * 2);
-    ids = malloc((size_t)Q * K * 8), rw = malloc((size_t)Q * K * 4);
+    decode = getenv("STEP_AB_DECODE") && atoi(getenv("STEP_AB_DECODE"));
+    int nroute = decode ? 2 * pairs + 4 : 1; /* fresh routing for every decode call */
+    ids = malloc((size_t)nroute * Q * K * 8), rw = malloc((size_t)Q * K * 4);
+    noids = malloc((size_t)Q * K * 8), flushbuf = decode ? malloc(FLUSH_FLOATS * 4) : NULL;
+    if (!noids || (decode && !flushbuf)) return 1;
+    for (size_t i = 0; i < (size_t)Q * K; i++) noids[i] = -1;
+    for (size_t i = 0; decode && i < FLUSH_FLOATS; i++) flushbuf[i] = 1.0f;
     const size_t ln[6] = {(size_t)E * R * H, (size_t)E * I * R, (size_t)E * R * H,
                           (size_t)E * I * R, (size_t)E * R * I, (size_t)E * H * R};
     for (int i = 0; i < 6; i++) {
@@ -187,7 +226,7 @@ int main(int argc, char **argv) {
         wd[i] = bf16(0.05f * frand(&s));
     }
     for (size_t i = 0; i < (size_t)Q * H; i++) x[i] = bf16(frand(&s)), go[i] = bf16(0.01f * frand(&s));
-    for (int t = 0; t < Q; t++)
+    for (int t = 0; t < nroute * Q; t++)
         for (int j = 0; j < K; j++) {
             int64_t e;
             int dup;
@@ -198,10 +237,29 @@ int main(int argc, char **argv) {
                 for (int q = 0; q < j; q++) dup |= ids[t * K + q] == e;
             } while (dup);
             ids[t * K + j] = e;
-            rw[t * K + j] = 1.0f / K;
+            if (t < Q) rw[t * K + j] = 1.0f / K;
         }
     int method_b = getenv("STEP_AB_METHOD_B") ? atoi(getenv("STEP_AB_METHOD_B")) : method;
     if (setup(&A, method, threads) || setup(&B, method_b, threads)) return 1;
+    if (decode) {
+        double *r = malloc(sizeof(double) * 3 * (size_t)pairs), *ta = r + pairs, *tb = ta + pairs;
+        if (!r) return 1;
+        for (int w = 0; w < 2; w++) decode_call(&A, w), decode_call(&B, w + 2);
+        for (int i = 0; i < pairs; i++) {
+            int ra = 4 + 2 * i, rb = ra + 1;
+            if (i & 1) tb[i] = decode_call(&B, rb), ta[i] = decode_call(&A, ra);
+            else ta[i] = decode_call(&A, ra), tb[i] = decode_call(&B, rb);
+            r[i] = ta[i] / tb[i];
+        }
+        qsort(r, (size_t)pairs, sizeof *r, cmp);
+        qsort(ta, (size_t)pairs, sizeof *ta, cmp);
+        qsort(tb, (size_t)pairs, sizeof *tb, cmp);
+        printf("step_ab decode method %d/%d qlen %d threads %d pairs %d: speed B/A median %.3f (quartiles %.3f %.3f); "
+               "A median %.3f ms, B median %.3f ms, best A %.3f B %.3f ms\n", method, method_b, Q, threads, pairs,
+               r[pairs / 2], r[pairs / 4], r[3 * pairs / 4], 1e3 * ta[pairs / 2], 1e3 * tb[pairs / 2],
+               1e3 * ta[0], 1e3 * tb[0]);
+        return 0;
+    }
     for (int w = 0; w < 2; w++) step(&A), step(&B); /* caches, scratch, page faults */
     double flops = 2.0 * 6 * Q * K * (double)H * I + 2.0 * 3 * Q * K * R * (double)(H + I) * 3;
     double *r = malloc(sizeof(double) * 3 * (size_t)pairs), *ta = r + pairs, *tb = ta + pairs;
