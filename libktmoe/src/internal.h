@@ -278,6 +278,8 @@ typedef void (*kt_act_fwd_fn)(int64_t n, const float *g, const float *u,
  * (bounds included, as torch.clamp). */
 typedef float (*kt_act_bwd_fn)(int64_t n, const float *dh, float *g, float *u,
                                float w, const kt_activation *a);
+/* kt_quant_act's result, bit for bit */
+typedef void (*kt_quant_act_fn)(const float *x, int64_t K, int deint, int8_t *q, float *d, float *s);
 
 /* The clamped SwiGLU of one element (the scalar definition, and the vector
  * tiers' tails): the forward value, and the backward as kt_act_bwd_fn
@@ -318,6 +320,7 @@ typedef struct kt_kernels {
     kt_qdot_fn qdot;
     kt_act_fwd_fn act_fwd;
     kt_act_bwd_fn act_bwd;
+    kt_quant_act_fn quant_act;
 } kt_kernels;
 
 const kt_kernels *kt_kernels_get(ktmoe_isa isa); /* NULL if not compiled */
@@ -327,6 +330,7 @@ extern const kt_kernels kt_kernels_avx512;      /* without AVX512-VNNI */
 extern const kt_kernels kt_kernels_avx512_vnni;
 extern const kt_kernels kt_kernels_amx;
 /* The avx2 tier's kernels, which the avx512 tables share. */
+void kt_quant_act_avx2(const float *x, int64_t K, int deint, int8_t *q, float *d, float *s);
 void kt_dot_avx2(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
                  const int32_t *aidx, const kt_wmat *w, float *c, int64_t ldc, int accum);
 void kt_dot_many_avx2(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,

@@ -176,6 +176,26 @@ static void check_outer(const kt_kernels *kt, int64_t m, int64_t n, int64_t K, i
     wstore_free(&ws);
 }
 
+/* a tier's activation quantization: kt_quant_act's codes, scales and sums, bit for bit */
+static void check_quant_act(const kt_kernels *kt, int64_t K, int deint) {
+    int64_t nb = K / KT_QBLK;
+    float *x = malloc((size_t)K * sizeof(float)), *d = malloc((size_t)(2 * nb) * sizeof(float)), *s = d + nb;
+    float *dr = malloc((size_t)(2 * nb) * sizeof(float)), *sr = dr + nb;
+    int8_t *q = malloc((size_t)K), *qr = malloc((size_t)K);
+    for (int64_t k = 0; k < K; k++) /* block 1 all zero; scales from 1e-3 to 1e3 */
+        x[k] = k / KT_QBLK == 1 ? 0.0f : frand() * powf(10.0f, (float)((k / KT_QBLK) % 7) - 3.0f);
+    kt_quant_act(x, K, deint, qr, dr, sr);
+    kt->quant_act(x, K, deint, q, d, s);
+    checks++;
+    if (memcmp(q, qr, (size_t)K) || memcmp(d, dr, (size_t)nb * sizeof(float)) ||
+        memcmp(s, sr, (size_t)nb * sizeof(float))) {
+        failures++;
+        printf("FAIL quant_act %s K %lld deint %d differs from kt_quant_act\n", ktmoe_isa_name(kt->isa),
+               (long long)K, deint);
+    }
+    free(x), free(d), free(dr), free(q), free(qr);
+}
+
 /* integer dot form, activations in layout deint */
 static void check_qdot(const kt_kernels *kt, int64_t m, int64_t n, int64_t K, int fmt, int64_t gs,
                        int deint) {
@@ -244,6 +264,8 @@ int main(void) {
          * first row block, 16 bytes of each W row at a time */
         for (int fi = 0; fi < (int)NFMT; fi++)
             for (int a = 2; a < 4; a++) check_dot(kt, ms[a], 72, 384, fi, a & 1);
+        for (int deint = 0; deint < 3; deint++)
+            for (int64_t K = 64; K <= 2048; K *= 2) check_quant_act(kt, deint == 2 ? K : K - 32, deint);
         static const struct { int fmt; int64_t gs; } qf[] = {
             {KT_W_I8, 32}, {KT_W_I8, 1 << 30}, {KT_W_I4S, 64}, {KT_W_I4Z, 128},
             {KT_W_I4M, 32}, {KT_W_I4M, 1 << 30}};

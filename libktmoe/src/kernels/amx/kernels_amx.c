@@ -472,4 +472,5 @@ const kt_kernels kt_kernels_amx = {
     .qdot = kt_qdot_amx,
     .act_fwd = kt_act_fwd_avx2,
     .act_bwd = kt_act_bwd_avx2,
+    .quant_act = kt_quant_act_avx2,
 };

@@ -826,6 +826,69 @@ float kt_act_bwd_avx2(int64_t n, const float *dh, float *g, float *u, float w, c
     return dot;
 }
 
+/* ---- int8 activations: kt_quant_act, vectorized ---- */
+
+/* One block of 32 values: its codes in column order (deint 0) or even
+ * columns first (deint 1), its scale and its code sum.  The same fp32
+ * operations as kt_quant_act (max of |x|, amax / 127, x / d rounded to
+ * nearest even, clamped), so the same codes. */
+static __m256i quant_block(const float *x, int deint, float *d, int *sum) {
+    const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    __m256 v[4], mx = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+        v[i] = _mm256_loadu_ps(x + 8 * i);
+        mx = _mm256_max_ps(mx, _mm256_and_ps(v[i], absm));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    float db = _mm_cvtss_f32(m4) / 127.0f;
+    *d = db;
+    if (db == 0.0f) {
+        *sum = 0;
+        return _mm256_setzero_si256();
+    }
+    const __m256 dv = _mm256_set1_ps(db);
+    const __m256i lim = _mm256_set1_epi32(127), nlim = _mm256_set1_epi32(-127);
+    __m256i q[4], acc = _mm256_setzero_si256();
+    for (int i = 0; i < 4; i++) {
+        q[i] = _mm256_cvtps_epi32(_mm256_div_ps(v[i], dv));
+        q[i] = _mm256_max_epi32(_mm256_min_epi32(q[i], lim), nlim);
+        acc = _mm256_add_epi32(acc, q[i]);
+    }
+    __m128i a4 = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+    a4 = _mm_add_epi32(a4, _mm_shuffle_epi32(a4, 0x4E));
+    a4 = _mm_add_epi32(a4, _mm_shuffle_epi32(a4, 0xB1));
+    *sum = _mm_cvtsi128_si32(a4);
+    /* packs work per 128-bit lane: the permute puts the 32 codes back in order */
+    __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    if (deint) {
+        /* per lane: 8 even columns, then 8 odd; then evens of both lanes first */
+        const __m256i eo = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                            0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+        b = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(b, eo), 0xD8);
+    }
+    return b;
+}
+
+void kt_quant_act_avx2(const float *x, int64_t K, int deint, int8_t *q, float *d, float *s) {
+    const int64_t nb = K / KT_QBLK;
+    int sum;
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i c = quant_block(x + b * KT_QBLK, deint, d + b, &sum);
+        s[b] = d[b] * (float)sum;
+        if (deint == 2 && (b & 1)) {
+            /* pair (b - 1, b): evens of both blocks, then odds of both */
+            __m256i p = _mm256_loadu_si256((const __m256i *)(q + (b - 1) * KT_QBLK));
+            _mm256_storeu_si256((__m256i *)(q + (b - 1) * KT_QBLK), _mm256_permute2x128_si256(p, c, 0x20));
+            _mm256_storeu_si256((__m256i *)(q + b * KT_QBLK), _mm256_permute2x128_si256(p, c, 0x31));
+        } else {
+            _mm256_storeu_si256((__m256i *)(q + b * KT_QBLK), c);
+        }
+    }
+}
+
 const kt_kernels kt_kernels_avx2 = {
     .isa = KTMOE_ISA_AVX2,
     .dot = kt_dot_avx2,
@@ -834,4 +897,5 @@ const kt_kernels kt_kernels_avx2 = {
     .qdot = kt_qdot_avx2,
     .act_fwd = kt_act_fwd_avx2,
     .act_bwd = kt_act_bwd_avx2,
+    .quant_act = kt_quant_act_avx2,
 };

@@ -89,4 +89,5 @@ const kt_kernels kt_kernels_ref = {
     .qdot = qdot_ref,
     .act_fwd = act_fwd_ref,
     .act_bwd = act_bwd_ref,
+    .quant_act = kt_quant_act,
 };
