@@ -414,6 +414,10 @@ class NativeMoEWrapper(BaseMoEWrapper):
         queued = False
         try:
             with self.cpu_infer._call_lock:
+                if n <= c:  # one chunk: no slicing (a decode token's few microseconds)
+                    layer.submit_forward(x, ids, wts, out, int8_activations=self.int8_activations)
+                    queued = True
+                    return
                 for a in range(0, n, c):
                     b = min(n, a + c)
                     layer.submit_forward(x[a:b], ids[a:b], wts[a:b], out[a:b],
