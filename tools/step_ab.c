@@ -132,21 +132,27 @@ static int setup(api *a, int method, int threads) {
 
 static volatile float sink;
 
-/* one inference forward, cold: flush, wake call, timed call on routing r */
-static double decode_call(api *a, int r) {
-    float acc = 0.0f;
-    for (size_t i = 0; i < FLUSH_FLOATS; i += 16) acc += flushbuf[i];
-    sink = acc;
+/* The forward arguments both modes share: Q tokens of x, routing `route`. */
+static ktmoe_forward_args fwd_args(const int64_t *route) {
     ktmoe_forward_args f;
     memset(&f, 0, sizeof f);
     f.struct_size = sizeof f;
     f.qlen = Q;
-    f.expert_ids = noids;
+    f.expert_ids = route;
     f.weights = rw;
     f.input = x;
     f.input_dtype = KTMOE_DTYPE_BF16;
     f.output = out;
     f.output_dtype = KTMOE_DTYPE_BF16;
+    return f;
+}
+
+/* one inference forward, cold: flush, wake call, timed call on routing r */
+static double decode_call(api *a, int r) {
+    float acc = 0.0f;
+    for (size_t i = 0; i < FLUSH_FLOATS; i += 16) acc += flushbuf[i];
+    sink = acc;
+    ktmoe_forward_args f = fwd_args(noids);
     f.int8_activations = 1;
     if (check(a, a->forward_submit(a->moe, &f), "wake") || check(a, a->pool_sync(a->pool), "sync")) exit(1);
     f.expert_ids = ids + (size_t)r * Q * K;
@@ -157,16 +163,7 @@ static double decode_call(api *a, int r) {
 }
 
 static double step(api *a) {
-    ktmoe_forward_args f;
-    memset(&f, 0, sizeof f);
-    f.struct_size = sizeof f;
-    f.qlen = Q;
-    f.expert_ids = ids;
-    f.weights = rw;
-    f.input = x;
-    f.input_dtype = KTMOE_DTYPE_BF16;
-    f.output = out;
-    f.output_dtype = KTMOE_DTYPE_BF16;
+    ktmoe_forward_args f = fwd_args(ids);
     f.save_for_backward = 1;
     f.use_lora = 1;
     ktmoe_backward_args b;
@@ -186,6 +183,9 @@ static double step(api *a) {
         exit(1);
     return now() - t0;
 }
+
+/* Call n of one side: a decode forward on routing n, or a whole step. */
+static double timed(api *a, int n) { return decode ? decode_call(a, n) : step(a); }
 
 int main(int argc, char **argv) {
     if (argc < 3) {
@@ -241,41 +241,29 @@ int main(int argc, char **argv) {
         }
     int method_b = getenv("STEP_AB_METHOD_B") ? atoi(getenv("STEP_AB_METHOD_B")) : method;
     if (setup(&A, method, threads) || setup(&B, method_b, threads)) return 1;
-    if (decode) {
-        double *r = malloc(sizeof(double) * 3 * (size_t)pairs), *ta = r + pairs, *tb = ta + pairs;
-        if (!r) return 1;
-        for (int w = 0; w < 2; w++) decode_call(&A, w), decode_call(&B, w + 2);
-        for (int i = 0; i < pairs; i++) {
-            int ra = 4 + 2 * i, rb = ra + 1;
-            if (i & 1) tb[i] = decode_call(&B, rb), ta[i] = decode_call(&A, ra);
-            else ta[i] = decode_call(&A, ra), tb[i] = decode_call(&B, rb);
-            r[i] = ta[i] / tb[i];
-        }
-        qsort(r, (size_t)pairs, sizeof *r, cmp);
-        qsort(ta, (size_t)pairs, sizeof *ta, cmp);
-        qsort(tb, (size_t)pairs, sizeof *tb, cmp);
-        printf("step_ab decode method %d/%d qlen %d threads %d pairs %d: speed B/A median %.3f (quartiles %.3f %.3f); "
-               "A median %.3f ms, B median %.3f ms, best A %.3f B %.3f ms\n", method, method_b, Q, threads, pairs,
-               r[pairs / 2], r[pairs / 4], r[3 * pairs / 4], 1e3 * ta[pairs / 2], 1e3 * tb[pairs / 2],
-               1e3 * ta[0], 1e3 * tb[0]);
-        return 0;
-    }
-    for (int w = 0; w < 2; w++) step(&A), step(&B); /* caches, scratch, page faults */
-    double flops = 2.0 * 6 * Q * K * (double)H * I + 2.0 * 3 * Q * K * R * (double)(H + I) * 3;
+    int n = 0; /* calls so far: decode routing index */
+    for (int w = 0; w < 2; w++) timed(&A, n++), timed(&B, n++); /* caches, scratch, page faults */
     double *r = malloc(sizeof(double) * 3 * (size_t)pairs), *ta = r + pairs, *tb = ta + pairs;
     if (!r) return 1;
-    for (int i = 0; i < pairs; i++) {
-        if (i & 1) tb[i] = step(&B), ta[i] = step(&A);
-        else ta[i] = step(&A), tb[i] = step(&B);
+    for (int i = 0; i < pairs; i++, n += 2) {
+        if (i & 1) tb[i] = timed(&B, n + 1), ta[i] = timed(&A, n);
+        else ta[i] = timed(&A, n), tb[i] = timed(&B, n + 1);
         r[i] = ta[i] / tb[i];
     }
     qsort(r, (size_t)pairs, sizeof *r, cmp);
     qsort(ta, (size_t)pairs, sizeof *ta, cmp);
     qsort(tb, (size_t)pairs, sizeof *tb, cmp);
-    printf("step_ab method %d/%d qlen %d threads %d pairs %d: speed B/A median %.3f (quartiles %.3f %.3f); "
-           "A median %.1f ms (%.1f GFLOP/s), B median %.1f ms (%.1f GFLOP/s), best A %.1f B %.1f ms\n",
-           method, method_b, Q, threads, pairs, r[pairs / 2], r[pairs / 4], r[3 * pairs / 4], 1e3 * ta[pairs / 2],
-           flops / ta[pairs / 2] / 1e9, 1e3 * tb[pairs / 2], flops / tb[pairs / 2] / 1e9, 1e3 * ta[0],
-           1e3 * tb[0]);
+    printf("step_ab%s method %d/%d qlen %d threads %d pairs %d: speed B/A median %.3f (quartiles %.3f %.3f); ",
+           decode ? " decode" : "", method, method_b, Q, threads, pairs, r[pairs / 2], r[pairs / 4],
+           r[3 * pairs / 4]);
+    if (decode) {
+        printf("A median %.3f ms, B median %.3f ms, best A %.3f B %.3f ms\n", 1e3 * ta[pairs / 2],
+               1e3 * tb[pairs / 2], 1e3 * ta[0], 1e3 * tb[0]);
+    } else {
+        double flops = 2.0 * 6 * Q * K * (double)H * I + 2.0 * 3 * Q * K * R * (double)(H + I) * 3;
+        printf("A median %.1f ms (%.1f GFLOP/s), B median %.1f ms (%.1f GFLOP/s), best A %.1f B %.1f ms\n",
+               1e3 * ta[pairs / 2], flops / ta[pairs / 2] / 1e9, 1e3 * tb[pairs / 2],
+               flops / tb[pairs / 2] / 1e9, 1e3 * ta[0], 1e3 * tb[0]);
+    }
     return 0;
 }

@@ -779,7 +779,7 @@ static void kt_fwd_input(void *v, const kt_worker_ctx *w, int sub, int64_t t) {
     kt_to_f32(kt_at(f->a.input, f->a.input_dtype, t * H), f->a.input_dtype, x, H);
     if (f->qact)
         m->kern->quant_act(x, H, kt_x_deint(m), (int8_t *)m->xq.p + t * H, F(&m->xd) + t * (H / KT_QBLK),
-                     F(&m->xsum) + t * (H / KT_QBLK));
+                           F(&m->xsum) + t * (H / KT_QBLK));
 }
 
 /* F2b (integer path): int8 activations of h, one pair of a slice */
@@ -789,7 +789,7 @@ static void kt_fwd_quant_h(void *v, const kt_worker_ctx *w, int s, int64_t p) {
     ktmoe_moe *m = f->m;
     int64_t Is = m->Is, row = s * f->c->npairs + p;
     m->kern->quant_act(F(&m->h) + row * Is, Is, kt_h_deint(m), (int8_t *)m->hq.p + row * Is,
-                 F(&m->hd) + row * (Is / KT_QBLK), F(&m->hsum) + row * (Is / KT_QBLK));
+                       F(&m->hd) + row * (Is / KT_QBLK), F(&m->hsum) + row * (Is / KT_QBLK));
 }
 
 /* F1: xs = s [x Ag^T | x Au^T] */

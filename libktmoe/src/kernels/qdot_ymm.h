@@ -148,12 +148,13 @@ KT_INLINE void qdot_row(const int MR, const int fmt, const int deint, int64_t nb
             if (b < bend) qdot_block(MR, fmt, deint, wrow, b++, xq, xd, ga);
         }
         __m256 sv = _mm256_set1_ps(w->scale[j * w->ldg + g]);
+        /* int8 weights have no offset, and their gsum is never set:
+         * 0 * garbage is NaN when the garbage is Inf or NaN */
+        const float off = fmt == KT_W_I8 ? 0.0f : kt_w_offset(w, j, g);
         for (int t = 0; t < MR; t++) {
             tot[t] = _mm256_fmadd_ps(_mm256_add_ps(ga[t], gb[t]), sv, tot[t]);
             ga[t] = gb[t] = _mm256_setzero_ps();
-            /* int8 weights have no offset, and their gsum is never set:
-             * 0 * garbage is NaN when the garbage is Inf or NaN */
-            if (fmt != KT_W_I8) offs[t] += kt_w_offset(w, j, g) * gsum[t][gi];
+            if (fmt != KT_W_I8) offs[t] += off * gsum[t][gi];
         }
     }
     for (int t = 0; t < MR; t++) crow[t][j] = hsum8(tot[t]) + offs[t];

@@ -875,16 +875,17 @@ static __m256i quant_block(const float *x, int deint, float *d, int *sum) {
 void kt_quant_act_avx2(const float *x, int64_t K, int deint, int8_t *q, float *d, float *s) {
     const int64_t nb = K / KT_QBLK;
     int sum;
+    __m256i prev = _mm256_setzero_si256(); /* deint 2: the even block of the pair */
     for (int64_t b = 0; b < nb; b++) {
         __m256i c = quant_block(x + b * KT_QBLK, deint, d + b, &sum);
         s[b] = d[b] * (float)sum;
-        if (deint == 2 && (b & 1)) {
-            /* pair (b - 1, b): evens of both blocks, then odds of both */
-            __m256i p = _mm256_loadu_si256((const __m256i *)(q + (b - 1) * KT_QBLK));
-            _mm256_storeu_si256((__m256i *)(q + (b - 1) * KT_QBLK), _mm256_permute2x128_si256(p, c, 0x20));
-            _mm256_storeu_si256((__m256i *)(q + b * KT_QBLK), _mm256_permute2x128_si256(p, c, 0x31));
-        } else {
+        if (deint != 2) {
             _mm256_storeu_si256((__m256i *)(q + b * KT_QBLK), c);
+        } else if (!(b & 1)) {
+            prev = c;
+        } else { /* pair (b - 1, b): evens of both blocks, then odds of both */
+            _mm256_storeu_si256((__m256i *)(q + (b - 1) * KT_QBLK), _mm256_permute2x128_si256(prev, c, 0x20));
+            _mm256_storeu_si256((__m256i *)(q + b * KT_QBLK), _mm256_permute2x128_si256(prev, c, 0x31));
         }
     }
 }
