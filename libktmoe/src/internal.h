@@ -354,7 +354,9 @@ void kt_dot_many_avx512(int64_t m, int64_t n, int64_t K, const float *a, int64_t
 void kt_outer_pack_avx2(float *panel, const kt_wmat *W, const int32_t *widx, int64_t k0,
                         int64_t k1, int64_t j, int nvec);
 void kt_dot_tpack_avx2(float *panel, const kt_wmat *W, int64_t j, int nvec, int64_t k0,
-                       int64_t kc);
+                       int64_t kc, int raw);
+int kt_dot_fold_ok(const kt_wmat *W, int64_t K, int accum);
+void kt_dot_col_scales(const kt_wmat *W, int64_t j, int nvec, float *cs);
 void kt_qdot_avx2(int64_t m, int64_t n, int64_t K, const kt_qact *x, const int32_t *aidx,
                   const kt_wmat *w, float *c, int64_t ldc);
 void kt_act_fwd_avx2(int64_t n, const float *g, const float *u, float *h, const kt_activation *a);

@@ -1090,6 +1090,37 @@ static void kt_write_grad(kt_bwd *b, int which, int64_t off, int64_t ldd, const 
              rows, cols, b->a.accumulate);
 }
 
+/* Whether B4 takes the gate and up scales out of Wg, Wu: int8 or
+ * symmetric 4-bit codes with one scale a row.  dx = dg Wg = (dg diag(s))
+ * codes: once dg, du have no other reader left (after B3, or B2 without
+ * LoRA), their columns are multiplied by the rows' scales, and B4 reads Wg,
+ * Wu with unit scales (kt_unit_scales), whose panels the kernels convert
+ * without a multiply an element. */
+static int kt_fold_gu(const ktmoe_moe *m) {
+    const kt_proj *p = &m->slices[0].p[PG];
+    return (p->fmt == KT_W_I8 || p->fmt == KT_W_I4S) && p->kgs == 0 && m->slices[0].p[PU].kgs == 0;
+}
+
+/* dg[i][n] *= scale of Wg row n0 + n, du likewise with Wu, for i < rows,
+ * n < tn; rows ld floats apart (kt_fold_gu). */
+static void kt_fold_dgu(const ktmoe_moe *m, int s, int64_t e, float *dg, float *du, int64_t ld,
+                        int64_t rows, int64_t n0, int64_t tn) {
+    const kt_proj *pg = &m->slices[s].p[PG], *pu = &m->slices[s].p[PU];
+    const float *sg = pg->scale + e * pg->rows + n0, *su = pu->scale + e * pu->rows + n0;
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t n = 0; n < tn; n++) {
+            dg[i * ld + n] *= sg[n];
+            du[i * ld + n] *= su[n];
+        }
+}
+
+/* W with every scale 1 (one group a row): the codes' integer values. */
+static void kt_unit_scales(kt_wmat *w) {
+    static const float one = 1.0f;
+    w->scale = &one;
+    w->ldg = 0;
+}
+
 /* B2: for one (expert, I tile) of a slice: dhu, dw partials, dg, du, and
  * the tile's dAd, dBg, dBu. */
 static void kt_bwd_down(void *v, const kt_worker_ctx *w, int s, int64_t task) {
@@ -1127,6 +1158,7 @@ static void kt_bwd_down(void *v, const kt_worker_ctx *w, int s, int64_t task) {
         }
         for (int64_t i = 0; i < mc; i++)
             dwp[q + i] = m->kern->act_bwd(tn, dhu + i * KT_TN, g + i * Is, u + i * Is, pw[q + i], &m->act);
+        if (!lora && kt_fold_gu(m)) kt_fold_dgu(m, s, e, g, u, Is, mc, j0, tn);
         if (lora) {
             const float *xs = F(&c->xs) + q * 2 * r;
             kt_wmat xg = kt_act(xs, 2 * r), xu = kt_act(xs + r, 2 * r);
@@ -1151,8 +1183,10 @@ static void kt_bwd_lora_gu(void *v, const kt_worker_ctx *w, int s, int64_t ai) {
     int64_t brow = (e * m->I + m->slices[s].i0) * r;
     float *part = F(&m->part) + (s * np + o) * 2 * r;
     kt_wmat bg = kt_lora(m, LGB, brow, r), bu = kt_lora(m, LUB, brow, r);
-    m->kern->outer(cnt, r, Is, F(&c->g) + s * np * Is + o * Is, Is, 1, NULL, &bg, NULL, part, 2 * r, 0);
-    m->kern->outer(cnt, r, Is, F(&c->u) + s * np * Is + o * Is, Is, 1, NULL, &bu, NULL, part + r, 2 * r, 0);
+    float *dg = F(&c->g) + s * np * Is + o * Is, *du = F(&c->u) + s * np * Is + o * Is;
+    m->kern->outer(cnt, r, Is, dg, Is, 1, NULL, &bg, NULL, part, 2 * r, 0);
+    m->kern->outer(cnt, r, Is, du, Is, 1, NULL, &bu, NULL, part + r, 2 * r, 0);
+    if (kt_fold_gu(m)) kt_fold_dgu(m, s, e, dg, du, Is, cnt, 0, Is);
 }
 
 /* B4: dx per pair for one (expert, H tile) of a slice; on slice 0 also the
@@ -1166,6 +1200,7 @@ static void kt_bwd_gate_up(void *v, const kt_worker_ctx *w, int s, int64_t task)
     const float *dg = F(&c->g) + s * np * Is + o * Is, *du = F(&c->u) + s * np * Is + o * Is;
     float *dx = F(&m->y) + (s * np + o) * m->ldh + n0;
     kt_wmat wg = kt_frozen(m, s, PG, e, 0, n0), wu = kt_frozen(m, s, PU, e, 0, n0);
+    if (kt_fold_gu(m)) kt_unit_scales(&wg), kt_unit_scales(&wu);
     m->kern->outer(cnt, tn, Is, dg, Is, 1, NULL, &wg, NULL, dx, m->ldh, 0);
     m->kern->outer(cnt, tn, Is, du, Is, 1, NULL, &wu, NULL, dx, m->ldh, 1);
     if (!c->use_lora || s != 0) return;

@@ -81,7 +81,7 @@ static void compare(const char *what, const char *tier, const float *c, const fl
 static const struct { int fmt; int64_t gs; } formats[] = {
     {KT_W_F32, INT64_MAX}, {KT_W_BF16, INT64_MAX}, {KT_W_I8, 32}, {KT_W_I8, 1 << 30},
     {KT_W_I4S, 64}, {KT_W_I4Z, 32}, {KT_W_I4M, 128}, {KT_W_FP8, 128}, {KT_W_MXFP4, 32},
-    {KT_W_I4S, 8},
+    {KT_W_I4S, 8}, {KT_W_I4S, 1 << 30},
 };
 #define NFMT (sizeof formats / sizeof formats[0])
 
@@ -138,9 +138,12 @@ static void check_dot(const kt_kernels *kt, int64_t m, int64_t n, int64_t K, int
 }
 
 /* outer form: C = D W, W [K][n] (rows through widx, or rows 0..K when
- * plain_rows: the panels packed by their first row block), D strided */
+ * plain_rows: the panels packed by their first row block), D strided;
+ * unit_scales: every scale 1 (ldg 0), as the SFT backward passes int8 and
+ * I4S weights whose scales it has folded into D */
 static void check_outer(const kt_kernels *kt, int64_t m, int64_t n, int64_t K, int fi, int accum,
-                        int transposed, int plain_rows) {
+                        int transposed, int plain_rows, int unit_scales) {
+    static const float one = 1.0f;
     int fmt = formats[fi].fmt;
     int64_t gs = formats[fi].gs, c0 = gs > (int64_t)1 << 29 ? 0 : 8;
     if (fmt == KT_W_F32 || fmt == KT_W_BF16) c0 = 3;
@@ -148,6 +151,7 @@ static void check_outer(const kt_kernels *kt, int64_t m, int64_t n, int64_t K, i
     wstore ws;
     wstore_make(&ws, fmt, gs, wrows, c0 + n + 8);
     kt_wmat w = kt_wsub(&ws.w, 0, c0);
+    if (unit_scales) w.scale = &one, w.ldg = 0;
     int64_t rowsD = m + 2;
     int64_t dsi = transposed ? 1 : K + 3, dsk = transposed ? rowsD : 1;
     float *d = malloc((size_t)(rowsD * (K + 3) + 1) * sizeof(float));
@@ -169,8 +173,9 @@ static void check_outer(const kt_kernels *kt, int64_t m, int64_t n, int64_t K, i
     kt_kernels_ref.outer(m, n, K, d, dsi, dsk, didx, &w, wi, cref, ldc, accum);
     kt->outer(m, n, K, d, dsi, dsk, didx, &w, wi, c, ldc, accum);
     char shape[128];
-    snprintf(shape, sizeof shape, "fmt %d gs %lld m %lld n %lld K %lld accum %d transposed %d plain %d",
-             fmt, (long long)gs, (long long)m, (long long)n, (long long)K, accum, transposed, plain_rows);
+    snprintf(shape, sizeof shape, "fmt %d gs %lld m %lld n %lld K %lld accum %d transposed %d plain %d unit %d",
+             fmt, (long long)gs, (long long)m, (long long)n, (long long)K, accum, transposed, plain_rows,
+             unit_scales);
     compare("outer", ktmoe_isa_name(kt->isa), c, cref, bound, m, n, ldc, shape);
     free(d), free(didx), free(widx), free(c), free(cref), free(bound);
     wstore_free(&ws);
@@ -257,13 +262,22 @@ int main(void) {
                         int accum = (a + b + kk) & 1;
                         check_dot(kt, ms[a], ns[b], Kdot[kk], fi, accum);
                         int64_t K = Kout[kk];
-                        check_outer(kt, ms[a], ns[b], K, fi, accum, (a + kk) & 1, 0);
-                        check_outer(kt, ms[a], nouter[b], K, fi, accum, (b + kk) & 1, 1);
+                        check_outer(kt, ms[a], ns[b], K, fi, accum, (a + kk) & 1, 0, 0);
+                        check_outer(kt, ms[a], nouter[b], K, fi, accum, (b + kk) & 1, 1, 0);
                     }
-        /* whole groups from column 0: dot_many's panels packed by their
-         * first row block, 16 bytes of each W row at a time */
+        /* whole groups from column 0: dot_many's panels packed 16 bytes of
+         * each W row at a time; one scale a row (int8, I4S): the scales
+         * folded out of the panels when C is written (K = 416: a short
+         * last panel) */
         for (int fi = 0; fi < (int)NFMT; fi++)
-            for (int a = 2; a < 4; a++) check_dot(kt, ms[a], 72, 384, fi, a & 1);
+            for (int a = 2; a < 4; a++)
+                for (int64_t K = 384; K <= 416; K += 32) check_dot(kt, ms[a], 72, K, fi, (a + (K > 384)) & 1);
+        /* int8 and I4S with unit scales: the outer panels converted without
+         * a multiply */
+        for (int fi = 0; fi < (int)NFMT; fi++)
+            if ((formats[fi].fmt == KT_W_I8 || formats[fi].fmt == KT_W_I4S) && formats[fi].gs > (int64_t)1 << 29)
+                for (int a = 2; a < 4; a++)
+                    for (int kk = 2; kk < 5; kk++) check_outer(kt, ms[a], nouter[a], Kout[kk], fi, kk & 1, a & 1, 1, 1);
         for (int deint = 0; deint < 3; deint++)
             for (int64_t K = 64; K <= 2048; K *= 2) check_quant_act(kt, deint == 2 ? K : K - 32, deint);
         static const struct { int fmt; int64_t gs; } qf[] = {

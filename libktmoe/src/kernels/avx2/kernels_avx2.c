@@ -194,11 +194,13 @@ void kt_dot_avx2(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
 
 /* C[0..MR)[j0..j0+8*NV) (+)= sum_{k < kc} D(i,k0+k) panel[k][0..8*NV); NV = 1 or 2 */
 /* panel == NULL: read W rows k0.. directly (row (widx ? widx[k] : k) of w,
- * converting as they load), for calls with few rows of D. */
+ * converting as they load), for calls with few rows of D.  cs != NULL: the
+ * sums are multiplied by the column scales cs[0 .. 8 NV) as they are stored
+ * (the dot form's folded weight scales, kt_dot_fold_ok). */
 KT_INLINE void outer_micro(const int MR, const int NV, int64_t kc, const float *const *d,
                            int64_t dsk, const float *panel, const int bf16, const void *w,
                            int64_t ldw, const int32_t *widx, int64_t k0, int64_t j0,
-                           float *const *crow, int load_c) {
+                           float *const *crow, int load_c, const float *cs) {
     __m256 acc[6][2];
     for (int i = 0; i < MR; i++)
         for (int v = 0; v < NV; v++)
@@ -216,15 +218,40 @@ KT_INLINE void outer_micro(const int MR, const int NV, int64_t kc, const float *
             for (int v = 0; v < NV; v++) acc[i][v] = _mm256_fmadd_ps(dv, wv[v], acc[i][v]);
         }
     }
+    if (cs)
+        for (int v = 0; v < NV; v++) {
+            __m256 sv = _mm256_loadu_ps(cs + 8 * v);
+            for (int i = 0; i < MR; i++) acc[i][v] = _mm256_mul_ps(acc[i][v], sv);
+        }
     for (int i = 0; i < MR; i++)
         for (int v = 0; v < NV; v++) _mm256_storeu_ps(crow[i] + j0 + 8 * v, acc[i][v]);
 }
+
+/* Pseudo-formats of the fused outer block: int8 or I4S codes whose scales
+ * are all 1 (W->ldg == 0, W->scale[0] == 1: the caller has folded the
+ * scales into D), converted without the multiply. */
+enum { KT_RAW_I8 = 8, KT_RAW_I4S = 9 };
 
 /* The 32 panel columns [j0, j0 + 32) of one W row as fp32, exactly
  * kt_w_at's values: p points at the row's column j0 (fmt, a constant after
  * inlining); quantized: the columns lie in one group, of constants d.  A
  * row of 4-bit codes is decoded from its 16 bytes at once. */
 KT_INLINE void w_row32(const int fmt, const char *p, const deq_grp *d, __m256 w[4]) {
+    if (fmt == KT_RAW_I8) {
+        for (int v = 0; v < 4; v++)
+            w[v] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * v))));
+        return;
+    }
+    if (fmt == KT_RAW_I4S) { /* codes u - 8 as signed bytes */
+        __m128i v = _mm_loadu_si128((const __m128i *)p), m4 = _mm_set1_epi8(0x0F), e8 = _mm_set1_epi8(8);
+        __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+        __m128i b[2] = {_mm_sub_epi8(_mm_unpacklo_epi8(lo, hi), e8), _mm_sub_epi8(_mm_unpackhi_epi8(lo, hi), e8)};
+        for (int h = 0; h < 2; h++) {
+            w[2 * h] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b[h]));
+            w[2 * h + 1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b[h], 8)));
+        }
+        return;
+    }
     if (fmt == KT_W_BF16) {
         for (int v = 0; v < 4; v++) w[v] = ld8_bf16((const uint16_t *)p + 8 * v);
         return;
@@ -271,18 +298,19 @@ KT_INLINE void outer_micro_pack(const int MR, const int fmt, int64_t kc, const f
 #undef LD_C
     const char *wp = w_addr(W, k0, j0);
     const int64_t wld = w_addr(W, 1, 0) - w_addr(W, 0, 0), ldg = W->ldg;
+    const int scaled = fmt != KT_W_BF16 && fmt != KT_W_F32 && fmt != KT_RAW_I8 && fmt != KT_RAW_I4S;
     const float *sp = W->scale ? W->scale + k0 * ldg + g : NULL;
     const float *mp = fmt == KT_W_I4M ? (const float *)W->aux + k0 * ldg + g : NULL;
     const uint8_t *zp = fmt == KT_W_I4Z ? (const uint8_t *)W->aux + k0 * ldg + g : NULL;
     for (int64_t k = 0; k < kc; k++) {
         __m256 w[4];
         deq_grp dq = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_set1_epi32(8)};
-        if (fmt != KT_W_BF16 && fmt != KT_W_F32) dq.s = _mm256_broadcast_ss(sp);
+        if (scaled) dq.s = _mm256_broadcast_ss(sp);
         if (fmt == KT_W_I4M) dq.mn = _mm256_broadcast_ss(mp);
         if (fmt == KT_W_I4Z) dq.z = _mm256_set1_epi32(*zp);
         w_row32(fmt, wp, &dq, w);
         wp += wld;
-        if (fmt != KT_W_BF16 && fmt != KT_W_F32) sp += ldg;
+        if (scaled) sp += ldg;
         if (fmt == KT_W_I4M) mp += ldg;
         if (fmt == KT_W_I4Z) zp += ldg;
         if (k < pf_n) { /* the next panel's row k */
@@ -321,7 +349,10 @@ static void outer_pack_block(int mr, int64_t kc, const float *const *dp, int64_t
                              const kt_wmat *W, int64_t k0, int64_t j0, float *const *cr, int load_c,
                              const char *pf, int64_t pf_n, int pf_two) {
     int64_t g = W->fmt == KT_W_BF16 || W->fmt == KT_W_F32 ? 0 : (W->g0 + j0) / W->gs;
-    switch (mr * 16 + W->fmt) {
+    int fmt = W->fmt;
+    if ((fmt == KT_W_I8 || fmt == KT_W_I4S) && W->ldg == 0 && W->scale[0] == 1.0f)
+        fmt = fmt == KT_W_I8 ? KT_RAW_I8 : KT_RAW_I4S;
+    switch (mr * 16 + fmt) {
         PACK_CASE(6, KT_W_BF16) PACK_CASE(5, KT_W_BF16) PACK_CASE(4, KT_W_BF16)
         PACK_CASE(6, KT_W_F32) PACK_CASE(5, KT_W_F32) PACK_CASE(4, KT_W_F32)
         PACK_CASE(6, KT_W_I8) PACK_CASE(5, KT_W_I8) PACK_CASE(4, KT_W_I8)
@@ -330,17 +361,19 @@ static void outer_pack_block(int mr, int64_t kc, const float *const *dp, int64_t
         PACK_CASE(6, KT_W_I4M) PACK_CASE(5, KT_W_I4M) PACK_CASE(4, KT_W_I4M)
         PACK_CASE(6, KT_W_FP8) PACK_CASE(5, KT_W_FP8) PACK_CASE(4, KT_W_FP8)
         PACK_CASE(6, KT_W_MXFP4) PACK_CASE(5, KT_W_MXFP4) PACK_CASE(4, KT_W_MXFP4)
+        PACK_CASE(6, KT_RAW_I8) PACK_CASE(5, KT_RAW_I8) PACK_CASE(4, KT_RAW_I8)
+        PACK_CASE(6, KT_RAW_I4S) PACK_CASE(5, KT_RAW_I4S) PACK_CASE(4, KT_RAW_I4S)
     }
 }
 
 #define OUTER_CASE(MR, NV)                                                                 \
     case (MR) * 4 + (NV):                                                                   \
         if (direct)                                                                         \
-            outer_micro(MR, NV, k1 - k0, dp, dsk, NULL, bf16, w, ldw, widx, k0, jh, cr, load_c); \
+            outer_micro(MR, NV, k1 - k0, dp, dsk, NULL, bf16, w, ldw, widx, k0, jh, cr, load_c, NULL); \
         else if (dsk == 1)                                                                  \
-            outer_micro(MR, NV, k1 - k0, dp, 1, ph, bf16, w, ldw, widx, k0, jh, cr, load_c);  \
+            outer_micro(MR, NV, k1 - k0, dp, 1, ph, bf16, w, ldw, widx, k0, jh, cr, load_c, csh); \
         else                                                                                \
-            outer_micro(MR, NV, k1 - k0, dp, dsk, ph, bf16, w, ldw, widx, k0, jh, cr, load_c); \
+            outer_micro(MR, NV, k1 - k0, dp, dsk, ph, bf16, w, ldw, widx, k0, jh, cr, load_c, NULL); \
         break;
 
 /* Rows k0..k1 of the outer panel whose 8 nvec columns lie in one group
@@ -396,12 +429,15 @@ KT_INLINE void panel_loop(const int bf16, const int tpack, int64_t m, int64_t nv
                           const float *d, int64_t dsi, int64_t dsk, const int32_t *didx,
                           const kt_wmat *W, const int32_t *widx, float *c, int64_t ldc, int accum) {
     float panel[KT_KC * KT_PW] __attribute__((aligned(32)));
+    float cs[KT_PW]; /* column scales folded out of the panel */
     const void *w = W->data;
     const int64_t ldw = W->ld;
     /* too few rows for a packed panel to pay off (outer form, plain W only) */
     const int direct = !tpack && m <= 2 && (W->fmt == KT_W_F32 || W->fmt == KT_W_BF16);
+    const int fold = tpack && kt_dot_fold_ok(W, K, accum);
     for (int64_t j = 0; j < nv; j += KT_PW) {
         int nvec = (int)KT_MIN(KT_PW, nv - j) / 8;
+        if (fold) kt_dot_col_scales(W, j, nvec, cs);
         for (int64_t k0 = 0; k0 < K; k0 += KT_KC) {
             int64_t k1 = KT_MIN(K, k0 + KT_KC);
             int load_c = accum || k0 > 0;
@@ -416,7 +452,7 @@ KT_INLINE void panel_loop(const int bf16, const int tpack, int64_t m, int64_t nv
             int npf_two = 0;
             if (tpack) {
                 pf_next_dot(&pf, W, K, nv, j, nvec, k1);
-                kt_dot_tpack_avx2(panel, W, j, nvec, k0, k1 - k0);
+                kt_dot_tpack_avx2(panel, W, j, nvec, k0, k1 - k0, fold);
             } else {
                 pf_next_outer(&pf, W, widx, K, nv, j, nvec, k1);
                 if (fuse) { /* the first row block prefetches the next panel */
@@ -444,6 +480,7 @@ KT_INLINE void panel_loop(const int bf16, const int tpack, int64_t m, int64_t nv
                 for (int h = 0; h < nvec; h += 2) { /* 16-column halves of the panel */
                     int64_t jh = j + 8 * h;
                     const float *ph = panel + 8 * h;
+                    const float *csh = fold && k1 == K ? cs + 8 * h : NULL;
                     if (fuse && bi == 0 && h == 0) {
                         outer_pack_block(mr, k1 - k0, dp, dsk, panel, W, k0, j, cr, load_c, npf,
                                          KT_MIN(npf_rows, k1 - k0), npf_two);
@@ -652,9 +689,18 @@ static int tpack_words_ok(const kt_wmat *W, int64_t k0, int64_t kc) {
     return kc % U == 0 && (fmt == KT_W_BF16 || (W->gs % U == 0 && (W->g0 + k0) % U == 0));
 }
 
-/* The panel 16 bytes of each W row at a time (tpack_words_ok). */
-KT_INLINE void tpack_words(const int fmt, float *panel, const kt_wmat *W, int64_t j, int nvec, int64_t k0,
-                           int64_t kc) {
+/* Column n of the 8 rows' words w as the codes' integer values, without the
+ * scale (raw panels, kt_dot_fold_ok): int8 as it is; I4S codes u as u - 8,
+ * w's nibbles already flipped (u ^ 8 read as a signed nibble is u - 8). */
+KT_INLINE __m256 word_col_raw(const int fmt, __m256i w, int n) {
+    if (fmt == KT_W_I8) return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(w, 24 - 8 * n), 24));
+    return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(w, 28 - 4 * n), 28));
+}
+
+/* The panel 16 bytes of each W row at a time (tpack_words_ok); raw: the
+ * codes without their scales (word_col_raw). */
+KT_INLINE void tpack_words(const int fmt, const int raw, float *panel, const kt_wmat *W, int64_t j,
+                           int nvec, int64_t k0, int64_t kc) {
     const int wc = word_cols(fmt), U = 4 * wc;
     const int64_t ldb = w_addr(W, 1, 0) - w_addr(W, 0, 0);
     for (int b = 0; b < nvec; b++) {
@@ -663,27 +709,52 @@ KT_INLINE void tpack_words(const int fmt, float *panel, const kt_wmat *W, int64_
         deq_grp d;
         memset(&d, 0, sizeof d); /* bf16 does not read it */
         for (int64_t kb = 0; kb < kc; kb += U) {
-            if (fmt != KT_W_BF16) {
+            if (fmt != KT_W_BF16 && !raw) {
                 int64_t g = (W->g0 + k0 + kb) / W->gs;
                 if (g != gcur) d = deq_rows8(fmt, W, r0, g), gcur = g;
             }
             __m256i cp[4];
             rows8x16(base + (kb / U) * 16, ldb, cp);
-            for (int q = 0; q < 4; q++)
+            for (int q = 0; q < 4; q++) {
+                if (raw && fmt == KT_W_I4S) cp[q] = _mm256_xor_si256(cp[q], _mm256_set1_epi32((int)0x88888888u));
                 for (int n = 0; n < wc; n++)
-                    _mm256_store_ps(panel + (kb + q * wc + n) * KT_PW + 8 * b, word_col(fmt, cp[q], n, &d));
+                    _mm256_store_ps(panel + (kb + q * wc + n) * KT_PW + 8 * b,
+                                    raw ? word_col_raw(fmt, cp[q], n) : word_col(fmt, cp[q], n, &d));
+            }
         }
     }
 }
 
-void kt_dot_tpack_avx2(float *panel, const kt_wmat *W, int64_t j, int nvec, int64_t k0, int64_t kc) {
+/* Whether the dot form may fold W's scales out of its panels: int8 or
+ * symmetric 4-bit codes with one scale a row over all K columns, whole
+ * 16-byte steps, C written (not added to).  The panel then holds the codes'
+ * integer values (exact in fp32), and C = (sum_k A(i, k) code(j, k)) *
+ * scale(j), one multiply an output instead of one an element of W. */
+int kt_dot_fold_ok(const kt_wmat *W, int64_t K, int accum) {
+    if (accum || (W->fmt != KT_W_I8 && W->fmt != KT_W_I4S)) return 0;
+    const int64_t U = W->fmt == KT_W_I8 ? 16 : 32;
+    return W->g0 + K <= W->gs && K % U == 0 && W->g0 % U == 0;
+}
+
+/* cs[t] = the scale of W row j + t, t < 8 nvec (kt_dot_fold_ok's W). */
+void kt_dot_col_scales(const kt_wmat *W, int64_t j, int nvec, float *cs) {
+    for (int t = 0; t < 8 * nvec; t++) cs[t] = W->scale[(j + t) * W->ldg + W->g0 / W->gs];
+}
+
+void kt_dot_tpack_avx2(float *panel, const kt_wmat *W, int64_t j, int nvec, int64_t k0, int64_t kc,
+                       int raw) {
+    if (raw) { /* kt_dot_fold_ok */
+        if (W->fmt == KT_W_I8) tpack_words(KT_W_I8, 1, panel, W, j, nvec, k0, kc);
+        else tpack_words(KT_W_I4S, 1, panel, W, j, nvec, k0, kc);
+        return;
+    }
     if (tpack_words_ok(W, k0, kc)) {
         switch (W->fmt) {
-        case KT_W_BF16: tpack_words(KT_W_BF16, panel, W, j, nvec, k0, kc); return;
-        case KT_W_I8: tpack_words(KT_W_I8, panel, W, j, nvec, k0, kc); return;
-        case KT_W_I4M: tpack_words(KT_W_I4M, panel, W, j, nvec, k0, kc); return;
-        case KT_W_I4Z: tpack_words(KT_W_I4Z, panel, W, j, nvec, k0, kc); return;
-        default: tpack_words(KT_W_I4S, panel, W, j, nvec, k0, kc); return;
+        case KT_W_BF16: tpack_words(KT_W_BF16, 0, panel, W, j, nvec, k0, kc); return;
+        case KT_W_I8: tpack_words(KT_W_I8, 0, panel, W, j, nvec, k0, kc); return;
+        case KT_W_I4M: tpack_words(KT_W_I4M, 0, panel, W, j, nvec, k0, kc); return;
+        case KT_W_I4Z: tpack_words(KT_W_I4Z, 0, panel, W, j, nvec, k0, kc); return;
+        default: tpack_words(KT_W_I4S, 0, panel, W, j, nvec, k0, kc); return;
         }
     }
     switch (W->fmt) { /* bf16 (kc a multiple of 8) always took tpack_words */

@@ -25,10 +25,11 @@
 #define KT_ZMR 12 /* rows of D per micro-kernel */
 
 /* C[i][j0 .. j0 + 16 NZ) (+)= sum_{k < kc} D(i, k) panel[k][0 .. 16 NZ) for
- * i < MR; the last zmm's columns masked by `last`. */
+ * i < MR; the last zmm's columns masked by `last`; cs != NULL: the sums
+ * times the column scales cs[0 .. 16 NZ) (folded weight scales). */
 KT_INLINE void zmicro(const int MR, const int NZ, const int FULL, __mmask16 last, int64_t kc,
                       const float *const *d, int64_t dsk, const float *panel,
-                      float *const *crow, int64_t j0, int load_c) {
+                      float *const *crow, int64_t j0, int load_c, const float *cs) {
     __m512 acc[KT_ZMR][2];
     for (int i = 0; i < MR; i++)
         for (int v = 0; v < NZ; v++) {
@@ -45,6 +46,11 @@ KT_INLINE void zmicro(const int MR, const int NZ, const int FULL, __mmask16 last
             for (int v = 0; v < NZ; v++) acc[i][v] = _mm512_fmadd_ps(b, w[v], acc[i][v]);
         }
     }
+    if (cs)
+        for (int v = 0; v < NZ; v++) {
+            __m512 sv = _mm512_maskz_loadu_ps(v == NZ - 1 ? last : (__mmask16)0xFFFF, cs + 16 * v);
+            for (int i = 0; i < MR; i++) acc[i][v] = _mm512_mul_ps(acc[i][v], sv);
+        }
     for (int i = 0; i < MR; i++)
         for (int v = 0; v < NZ; v++)
             _mm512_mask_storeu_ps(crow[i] + j0 + 16 * v, v == NZ - 1 ? last : (__mmask16)0xFFFF,
@@ -53,16 +59,16 @@ KT_INLINE void zmicro(const int MR, const int NZ, const int FULL, __mmask16 last
 
 #define ZCASE(MR)                                                                          \
     case MR:                                                                                \
-        if (nz == 2 && last == 0xFFFF) zmicro(MR, 2, 1, last, kc, dp, dsk, panel, cr, j, load_c); \
-        else if (nz == 2) zmicro(MR, 2, 0, last, kc, dp, dsk, panel, cr, j, load_c);       \
-        else zmicro(MR, 1, 0, last, kc, dp, dsk, panel, cr, j, load_c);                     \
+        if (nz == 2 && last == 0xFFFF) zmicro(MR, 2, 1, last, kc, dp, dsk, panel, cr, j, load_c, cs); \
+        else if (nz == 2) zmicro(MR, 2, 0, last, kc, dp, dsk, panel, cr, j, load_c, cs);   \
+        else zmicro(MR, 1, 0, last, kc, dp, dsk, panel, cr, j, load_c, cs);                 \
         break;
 
 /* One panel (kc rows of k, 8 nvec columns from j) against all m rows of D:
  * D(i, k) = d[i][k * dsk] through the row pointers rows[i]. */
 static void zpanel(int64_t m, const float *const *rows, int64_t dsk, const float *panel,
                    int64_t kc, int nvec, float *c, int64_t ldc, int64_t j, int load_c,
-                   kt_pf *pf) {
+                   const float *cs, kt_pf *pf) {
     int nz = (nvec + 1) / 2;
     __mmask16 last = nvec & 1 ? (__mmask16)0x00FF : (__mmask16)0xFFFF;
     int64_t blocks = (m + KT_ZMR - 1) / KT_ZMR;
@@ -93,24 +99,28 @@ static void zdrive(int tpack, int64_t m, int64_t nv, int64_t K, const float *d, 
                    int64_t dsk, const int32_t *didx, const kt_wmat *W, const int32_t *widx,
                    float *c, int64_t ldc, int accum) {
     float panel[KT_PANEL_K * KT_PANEL_W] __attribute__((aligned(64)));
+    float cs[KT_PANEL_W]; /* column scales folded out of the panel */
     const float *rows[KT_ZROWS];
+    const int fold = tpack && kt_dot_fold_ok(W, K, accum);
     for (int64_t i0 = 0; i0 < m; i0 += KT_ZROWS) {
         int64_t mc = KT_MIN(KT_ZROWS, m - i0);
         for (int64_t j = 0; j < nv; j += KT_PANEL_W) {
             int nvec = (int)KT_MIN(KT_PANEL_W, nv - j) / 8;
+            if (fold) kt_dot_col_scales(W, j, nvec, cs);
             for (int64_t k0 = 0; k0 < K; k0 += KT_PANEL_K) {
                 int64_t kc = KT_MIN(KT_PANEL_K, K - k0), k1 = k0 + kc;
                 kt_pf pf;
                 if (tpack) {
                     pf_next_dot(&pf, W, K, nv, j, nvec, k1);
-                    kt_dot_tpack_avx2(panel, W, j, nvec, k0, kc);
+                    kt_dot_tpack_avx2(panel, W, j, nvec, k0, kc, fold);
                 } else {
                     pf_next_outer(&pf, W, widx, K, nv, j, nvec, k1);
                     kt_outer_pack_avx2(panel, W, widx, k0, k1, j, nvec);
                 }
                 for (int64_t i = 0; i < mc; i++)
                     rows[i] = d + (didx ? didx[i0 + i] : i0 + i) * dsi + k0 * dsk;
-                zpanel(mc, rows, dsk, panel, kc, nvec, c + i0 * ldc, ldc, j, accum || k0 > 0, &pf);
+                zpanel(mc, rows, dsk, panel, kc, nvec, c + i0 * ldc, ldc, j, accum || k0 > 0,
+                       fold && k1 == K ? cs : NULL, &pf);
             }
         }
     }

@@ -109,6 +109,16 @@ static inline __attribute__((always_inline)) __m512 kt_emu_mm512_fmadd_ps(__m512
     return r;
 }
 
+static inline __attribute__((always_inline)) __m512 kt_emu_mm512_mul_ps(__m512 a, __m512 b) {
+    float x[16], y[16];
+    memcpy(x, &a, sizeof x);
+    memcpy(y, &b, sizeof y);
+    for (int i = 0; i < 16; i++) x[i] *= y[i];
+    __m512 r;
+    memcpy(&r, x, sizeof r);
+    return r;
+}
+
 #undef _mm512_setzero_ps
 #define _mm512_setzero_ps kt_emu_mm512_setzero_ps
 #undef _mm512_set1_ps
@@ -129,6 +139,8 @@ static inline __attribute__((always_inline)) __m512 kt_emu_mm512_load_ps(const v
 #define _mm512_mask_storeu_ps kt_emu_mm512_mask_storeu_ps
 #undef _mm512_fmadd_ps
 #define _mm512_fmadd_ps kt_emu_mm512_fmadd_ps
+#undef _mm512_mul_ps
+#define _mm512_mul_ps kt_emu_mm512_mul_ps
 
 /* ---- AMX ---- */
 
