@@ -16,7 +16,11 @@
  * The panel forms prefetch the next panel's weights while computing one.
  * Quantized W is dequantized 8 columns at a time to exactly the fp32 values
  * of kt_w_at (the ref tier's definition), so tiers differ only in the order
- * of the fp32 sums. */
+ * of the fp32 sums; except that int8 and I4S weights with one scale a row
+ * may leave the scale out of the panel: dot_many multiplies each output by
+ * it once (kt_dot_fold_ok), and an outer-form W whose scales are all 1 (the
+ * SFT backward's dx, whose dg and du carry the scales) converts its codes
+ * without a multiply.  One rounding fewer or moved, within the same bound. */
 #include "../../internal.h"
 
 #include "../ymm_common.h"
