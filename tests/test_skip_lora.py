@@ -18,7 +18,8 @@ from reference import (LORA_NAMES, make_inputs, make_layer, make_routing,  # noq
 F32 = torch.float32
 TOL = 2e-5  # fp32 accumulation vs float64 (observed ~4e-7)
 
-METHODS = ["AMXBF16_SkipLoRA", "AMXINT4_KGroup_SkipLoRA", "MXFP4_SkipLoRA", "AMXFP8_SkipLoRA"]
+METHODS = ["AMXBF16_SkipLoRA", "AMXINT8_SkipLoRA", "AMXINT4_SkipLoRA", "AMXINT4_KGroup_SkipLoRA",
+           "MXFP4_SkipLoRA", "AMXFP8_SkipLoRA"]
 
 
 def _zero_loras(layer):
