@@ -735,14 +735,13 @@ KT_INLINE void tpack_words(const int fmt, const int raw, float *panel, const kt_
  * integer values (exact in fp32), and C = (sum_k A(i, k) code(j, k)) *
  * scale(j), one multiply an output instead of one an element of W. */
 int kt_dot_fold_ok(const kt_wmat *W, int64_t K, int accum) {
-    if (accum || (W->fmt != KT_W_I8 && W->fmt != KT_W_I4S)) return 0;
-    const int64_t U = W->fmt == KT_W_I8 ? 16 : 32;
-    return W->g0 + K <= W->gs && K % U == 0 && W->g0 % U == 0;
+    return !accum && (W->fmt == KT_W_I8 || W->fmt == KT_W_I4S) && W->g0 + K <= W->gs &&
+           tpack_words_ok(W, 0, K); /* then every K block's panel too */
 }
 
-/* cs[t] = the scale of W row j + t, t < 8 nvec (kt_dot_fold_ok's W). */
+/* cs[t] = the scale of W row j + t, t < 8 nvec (kt_dot_fold_ok's W: group 0). */
 void kt_dot_col_scales(const kt_wmat *W, int64_t j, int nvec, float *cs) {
-    for (int t = 0; t < 8 * nvec; t++) cs[t] = W->scale[(j + t) * W->ldg + W->g0 / W->gs];
+    for (int t = 0; t < 8 * nvec; t++) cs[t] = W->scale[(j + t) * W->ldg];
 }
 
 void kt_dot_tpack_avx2(float *panel, const kt_wmat *W, int64_t j, int nvec, int64_t k0, int64_t kc,
