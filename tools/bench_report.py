@@ -383,13 +383,16 @@ def inf_tables(inf: dict):
                                 f(r["bytes_per_call"] / 1e6, ".1f"), f(r["gbs"], ".1f"), f(r["bw_row_gbs"], ".1f"),
                                 f(r["frac_bw_row"] and 100 * r["frac_bw_row"], ".0f"),
                                 f(d["dram_read_gbs"], ".1f"), f(r["frac_bw"] and 100 * r["frac_bw"], ".0f"),
+                                f(r.get("burst_gbs"), ".1f"),
+                                f(r.get("frac_burst") and 100 * r["frac_burst"], ".0f"),
                                 vs_txt, f(r["other_load_cores"], ".2f")])
                 else:
                     pre.append([str(t), str(q), name, f(r["ms"], ".1f"), f(r["gflops"], ".1f"),
                                 f(r["frac_peak"] and 100 * r["frac_peak"], ".1f"), vs_txt,
                                 f(r["other_load_cores"], ".2f")])
     dec_t = table(["threads", "qlen", "method", "ms", "hot ms", "MB read", "GB/s", "BW now", "% now", "BW ref",
-                   "% ref", "vs PyTorch bf16", "other load"], dec, ["r", "r", "l"] + ["r"] * 10) if dec else ""
+                   "% ref", "burst", "% burst", "vs PyTorch bf16", "other load"], dec,
+                  ["r", "r", "l"] + ["r"] * 12) if dec else ""
     pre_t = table(["threads", "qlen", "method", "ms", "GFLOP/s", "% peak", "vs PyTorch bf16", "other load"], pre,
                   ["r", "r", "l"] + ["r"] * 5) if pre else ""
     return dec_t, pre_t
@@ -419,7 +422,10 @@ def headlines(sft: dict, inf: dict) -> list:
                            f"{r['gbs']:.1f} GB/s = {f(r['frac_bw_row'] and 100 * r['frac_bw_row'], '.0f')} % of the "
                            f"bandwidth measured just before ({f(r['bw_row_gbs'], '.1f')} GB/s), "
                            f"{f(r['frac_bw'] and 100 * r['frac_bw'], '.0f')} % of the run's reference "
-                           f"({f(d['dram_read_gbs'], '.1f')} GB/s); {f(r['vs_torch_bf16'], '.1f')}× PyTorch bf16.")
+                           f"({f(d['dram_read_gbs'], '.1f')} GB/s)"
+                           + (f", {100 * r['frac_burst']:.0f} % of what a load-only loop read of the same bytes "
+                              f"just after ({r['burst_gbs']:.1f} GB/s)" if r.get("frac_burst") else "")
+                           + f"; {f(r['vs_torch_bf16'], '.1f')}× PyTorch bf16.")
         pre = [r for r in d["rows"] if r["kind"] == "prefill"]
         if pre:
             b = max(pre, key=lambda r: r["gflops"])
@@ -543,7 +549,9 @@ def write_page(out_dir: str, meta: dict, sft: dict, inf: dict, figs: dict) -> st
         if dec_t:
             L.append(f"Decode (qlen ≤ 16; median of {d0['decode_repeat']} calls): GB/s = bytes of the routed "
                      "experts' weights / time; BW now = the C read loop just before the row, BW ref = the larger "
-                     "of the start and end measurements; hot ms = the same call repeated without a flush.\n")
+                     "of the start and end measurements; burst = a loop that only loads, reading as many experts' bytes the "
+                     "same way just after the row (flush, wake-up, the same threads; median), % burst = GB/s / "
+                     "burst; hot ms = the same call repeated without a flush.\n")
             L.append(dec_t)
             L.append("")
         if pre_t:
