@@ -144,11 +144,9 @@ import math
 import os
 import platform
 import re
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
@@ -157,8 +155,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_sft import (  # noqa: E402  (same directory: the house helpers)
     C_THREADS_HARNESS,
-    PEAK_C_SOURCE,
+    FmaProbe,
     OtherLoad,
+    _CProbe,
     _faults,
     current_rss_mib,
     loadavg1,
@@ -466,42 +465,6 @@ int main(int argc, char **argv) {
 }
 """
 
-class _CProbe:
-    """A C micro-benchmark compiled once per run into a temporary directory."""
-
-    SOURCE = ""
-    FLAGS = ("-O2", "-mavx2", "-pthread")
-
-    def __init__(self):
-        self.exe, self.error, self._tmp = None, None, None
-        if platform.machine() not in ("x86_64", "AMD64"):
-            self.error = f"not x86-64 ({platform.machine()})"
-            return
-        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-        if not cc:
-            self.error = "no C compiler"
-            return
-        self.cc = os.path.basename(cc)
-        self._tmp = tempfile.TemporaryDirectory(prefix="ktmoe_probe_")
-        src, exe = os.path.join(self._tmp.name, "probe.c"), os.path.join(self._tmp.name, "probe")
-        with open(src, "w") as f:
-            f.write(self.SOURCE)
-        try:
-            r = subprocess.run([cc, *self.FLAGS, "-o", exe, src], capture_output=True, text=True, timeout=120)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            self.error = f"compile failed: {e}"
-            return
-        if r.returncode != 0:
-            self.error = "compile failed: " + (r.stderr.strip().splitlines() or ["?"])[-1]
-            return
-        self.exe = exe
-
-    def close(self):
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
-
-
 class ReadBandwidthProbe(_CProbe):
     """The C read loop (BW_C_SOURCE); ``run(threads, mib, trials)`` -> (best
     GB/s or None, [GB/s per pass], note)."""
@@ -544,26 +507,6 @@ class BurstReadProbe(_CProbe):
         if r.returncode != 0 or not m:
             return None
         return dict(zip(("gbs", "q1", "q3", "best"), (float(v) for v in m.groups())))
-
-class FmaProbe(_CProbe):
-    """bench_sft's FP32 FMA peak micro-kernel (PEAK_C_SOURCE), compiled once,
-    run with short trials (``seconds`` each, best of 5): a quick look at what
-    the cores deliver right now (a VM's vCPU slows down when its host's SMT
-    sibling or neighbours get busy, which /proc/stat does not show)."""
-
-    SOURCE = PEAK_C_SOURCE
-    FLAGS = ("-O2", "-mavx2", "-mfma", "-pthread")
-
-    def run(self, threads: int, seconds: float = 0.02):
-        if self.exe is None:
-            return None
-        try:
-            r = subprocess.run([self.exe, str(threads), str(seconds)], capture_output=True, text=True, timeout=120)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        m = re.search(r"GFLOPS=([0-9.]+)", r.stdout)
-        return float(m.group(1)) if r.returncode == 0 and m else None
-
 
 def measure_read_bw_torch(threads: int, mib: int, trials: int = 7):
     """(best GB/s, [GB/s per pass], note) of torch.sum over a float32 buffer."""

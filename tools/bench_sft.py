@@ -255,13 +255,14 @@ static double run(long iters) {
 
 int main(int argc, char **argv) {
     kt_init_threads(argc, argv);
-    double target = argc > 2 ? atof(argv[2]) : 0.25; /* seconds per trial */
+    double target = argc > 2 ? atof(argv[2]) : 0.25; /* seconds per trial; argv[3]: trials (5) */
     long iters = 1 << 16;
     double t = run(iters);
     while (t < 0.05) { iters *= 4; t = run(iters); }
     iters = (long)((double)iters * target / t) + 1;
+    int trials = argc > 3 ? atoi(argv[3]) : 5;
     double best = 0.0;
-    for (int trial = 0; trial < 5; ++trial) {
+    for (int trial = 0; trial < (trials > 0 ? trials : 1); ++trial) {
         t = run(iters);
         double gflops = (double)iters * 12.0 * 8.0 * 2.0 * (double)g_nthreads / t * 1e-9;
         if (gflops > best) best = gflops;
@@ -272,6 +273,68 @@ int main(int argc, char **argv) {
     return 0;
 }
 """
+
+
+class _CProbe:
+    """A C micro-benchmark compiled once per run into a temporary directory."""
+
+    SOURCE = ""
+    FLAGS = ("-O2", "-mavx2", "-pthread")
+
+    def __init__(self):
+        self.exe, self.error, self._tmp = None, None, None
+        if platform.machine() not in ("x86_64", "AMD64"):
+            self.error = f"not x86-64 ({platform.machine()})"
+            return
+        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+        if not cc:
+            self.error = "no C compiler"
+            return
+        self.cc = os.path.basename(cc)
+        self._tmp = tempfile.TemporaryDirectory(prefix="ktmoe_probe_")
+        src, exe = os.path.join(self._tmp.name, "probe.c"), os.path.join(self._tmp.name, "probe")
+        with open(src, "w") as f:
+            f.write(self.SOURCE)
+        try:
+            r = subprocess.run([cc, *self.FLAGS, "-o", exe, src], capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            self.error = f"compile failed: {e}"
+            return
+        if r.returncode != 0:
+            self.error = "compile failed: " + (r.stderr.strip().splitlines() or ["?"])[-1]
+            return
+        self.exe = exe
+
+    def close(self):
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+class FmaProbe(_CProbe):
+    """PEAK_C_SOURCE compiled once: ``run(threads, seconds)`` -> the best of 5
+    trials of ``seconds`` each (GFLOP/s or None), a quick look at what the
+    cores deliver right now (a VM's vCPU slows down when its host's SMT
+    sibling or neighbours get busy, which /proc/stat does not show);
+    ``rate(threads, seconds)`` -> one trial of ``seconds``: the peak kernel
+    over the same span as a timed step, for a paired ratio."""
+
+    SOURCE = PEAK_C_SOURCE
+    FLAGS = ("-O2", "-mavx2", "-mfma", "-pthread")
+
+    def run(self, threads: int, seconds: float = 0.02, trials: int = 5):
+        if self.exe is None:
+            return None
+        try:
+            r = subprocess.run([self.exe, str(threads), str(seconds), str(trials)], capture_output=True,
+                               text=True, timeout=120 + 2 * trials * seconds)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        m = re.search(r"GFLOPS=([0-9.]+)", r.stdout)
+        return float(m.group(1)) if r.returncode == 0 and m else None
+
+    def rate(self, threads: int, seconds: float):
+        return self.run(threads, max(seconds, 0.01), 1)
 
 
 def _cpu_has_avx2_fma() -> bool:
@@ -461,10 +524,12 @@ def warm_up_ktmoe(wrapper, qlens, x_dtype: torch.dtype, max_rounds: int = 4):
     return per_round
 
 
-def bench_ktmoe(wrapper, q: int, repeat: int, x_dtype: torch.dtype):
-    """Median (fwd, bwd, step) ms and the last output (fp32 copy)."""
+def bench_ktmoe(wrapper, q: int, repeat: int, x_dtype: torch.dtype, paired=None):
+    """Median (fwd, bwd, step) ms, the last output (fp32 copy) and, with
+    ``paired`` (a callable seconds -> GFLOP/s), [(step s, the FMA peak kernel's
+    GFLOP/s over as long, run right after it)] for each timed iteration."""
     x, ids, weights, go = make_batch(q, seed=q, dtype=x_dtype)
-    fwd, bwd, step = [], [], []
+    fwd, bwd, step, pairs = [], [], [], []
     out = None
     for it in range(repeat + 1):  # iteration 0 = warm-up
         t0 = time.perf_counter()
@@ -476,7 +541,9 @@ def bench_ktmoe(wrapper, q: int, repeat: int, x_dtype: torch.dtype):
             fwd.append(t1 - t0)
             bwd.append(t2 - t1)
             step.append(t2 - t0)
-    return median_ms(fwd), median_ms(bwd), median_ms(step), out.float().clone()
+            if paired is not None:
+                pairs.append((t2 - t0, paired(t2 - t0)))
+    return median_ms(fwd), median_ms(bwd), median_ms(step), out.float().clone(), pairs
 
 
 class TorchMoE:
@@ -618,6 +685,9 @@ def main(argv=None) -> int:
                    help="qlens >= this use --large-repeat timed iterations (default: off)")
     p.add_argument("--large-repeat", type=int, default=1, help="timed iterations at qlens >= --large-qlen (default 1)")
     p.add_argument("--no-peak", action="store_true", help="skip the FP32 FMA peak measurement")
+    p.add_argument("--paired-qlens", default="512",
+                   help="qlens whose ktmoe rows also get the paired peak ('%% paired'; comma list, default 512; "
+                        "'none': off)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON")
     args = p.parse_args(argv)
     if args.threads < 1 or args.repeat < 1 or args.large_repeat < 1:
@@ -668,6 +738,8 @@ def main(argv=None) -> int:
     print(f"  weights   : bf16 size 3*E*H*I*2 = {BF16_WEIGHT_BYTES / 2**20:.1f} MiB (the 'x bf16' reference)")
 
     peak, peak_note = (None, "skipped (--no-peak)") if args.no_peak else measure_fp32_peak(args.threads)
+    paired_q = set() if args.no_peak or args.paired_qlens == "none" else set(parse_qlens(args.paired_qlens))
+    fma = FmaProbe() if paired_q and peak else None
     peak_txt = f"{peak:.1f} GFLOP/s" if peak else "unknown"
     print(f"  FP32 peak : {peak_txt} ({peak_note})")
     la = loadavg1()
@@ -726,18 +798,25 @@ def main(argv=None) -> int:
         for q in args.qlens:
             f0 = _faults()
             with OtherLoad() as other:
-                fwd, bwd, step, kt_out = bench_ktmoe(wrapper, q, repeat_for(q), x_dtype)
+                fwd, bwd, step, kt_out, _ = bench_ktmoe(wrapper, q, repeat_for(q), x_dtype)
             row_faults = _faults() - f0
+            # the paired peak: each step again, the FMA peak kernel right after
+            # it for as long (outside the other-load window: it is load)
+            pairs = (bench_ktmoe(wrapper, q, repeat_for(q), x_dtype, lambda sec: fma.rate(args.threads, sec))[4]
+                     if fma is not None and q in paired_q else [])
             if not skip:
                 kt_outs[(label, q)] = kt_out
             base, lora = step_flops(q)
             lora = 0 if skip else lora
             gflops = (base + lora) / (step * 1e-3) * 1e-9
+            ratios = [(base + lora) / t * 1e-9 / g for t, g in pairs if g]
             rows.append(dict(method=method, label=label, format=fmt, group_size=args.group_size if spec.kgroup else None,
                              zero_point=bool(zp) if method == "AMXINT4_KGroup_SFT" else None, isa=tier,
                              qlen=q, repeat=repeat_for(q), kt_fwd_ms=fwd, kt_bwd_ms=bwd, kt_step_ms=step,
                              flops_base=base, flops_lora=lora, gflops=gflops,
                              pct_peak=(100.0 * gflops / peak) if peak else None,
+                             pct_paired_peak=100.0 * statistics.median(ratios) if ratios else None,
+                             paired_steps=[dict(step_ms=1e3 * t, peak_gflops=g) for t, g in pairs],
                              weight_bytes=wbytes, weight_ratio_bf16=wbytes / BF16_WEIGHT_BYTES,
                              other_load_cores=other.cores, page_faults=row_faults))
         buffer_bytes = int(getattr(wrapper, "buffer_bytes", 0) or 0)
@@ -785,12 +864,14 @@ def main(argv=None) -> int:
         for t in torch_rows:
             t.update(loadavg1_before=torch_load_before, loadavg1_after=loadavg1())
     rss_all = peak_rss_mib()
+    if fma is not None:
+        fma.close()
 
     def fmt_other(v):
         return f"{v:.2f}" if v is not None else "?"
 
     # ---- table: per qlen, the torch loop first, then every method ----
-    hdr = ["qlen", "method", "format", "fwd ms", "bwd ms", "step ms", "GFLOP/s", "% peak",
+    hdr = ["qlen", "method", "format", "fwd ms", "bwd ms", "step ms", "GFLOP/s", "% peak", "% paired",
            "speedup", "weights MiB", "x bf16", "rel err", "other load"]
     table = []
     blank_before = []
@@ -802,7 +883,7 @@ def main(argv=None) -> int:
         if t is not None:
             table.append([str(q), "PyTorch fp32 loop", "fp32", f"{t['torch_fwd_ms']:.2f}", f"{t['torch_bwd_ms']:.2f}",
                           f"{t['torch_step_ms']:.2f}", f"{t['gflops']:.1f}",
-                          f"{t['pct_peak']:.1f}" if t["pct_peak"] is not None else "unknown",
+                          f"{t['pct_peak']:.1f}" if t["pct_peak"] is not None else "unknown", "-",
                           "1.00x", f"{t['weight_bytes'] / 2**20:.0f}", f"{t['weight_ratio_bf16']:.3f}", "-",
                           fmt_other(t["other_load_cores"])])
         for row in rows:
@@ -815,6 +896,7 @@ def main(argv=None) -> int:
                 f"{row['kt_step_ms']:.2f}",
                 f"{row['gflops']:.1f}",
                 f"{row['pct_peak']:.1f}" if row["pct_peak"] is not None else "unknown",
+                f"{row['pct_paired_peak']:.1f}" if row.get("pct_paired_peak") is not None else "-",
                 f"{row['speedup']:.2f}x" if "speedup" in row else "-",
                 f"{row['weight_bytes'] / 2**20:.0f}",
                 f"{row['weight_ratio_bf16']:.3f}",
@@ -852,6 +934,15 @@ def main(argv=None) -> int:
     print()
     print(f"peak RSS: {rss_kt:.0f} MiB after the ktmoe runs, {rss_all:.0f} MiB at the end"
           + ("" if args.no_torch else " (incl. the fp32 torch baseline)"))
+    paired_rows = [r for r in rows if r.get("pct_paired_peak") is not None]
+    if paired_rows:
+        print()
+        print("paired peak: the row's steps again, each followed by the FP32 FMA peak kernel for as long as it took; "
+              "% paired = median of step GFLOP/s / that kernel's GFLOP/s (a machine that slows down for minutes "
+              "slows both); per step: step ms @ kernel GFLOP/s")
+        for r in paired_rows:
+            print(f"  qlen {r['qlen']} {r['label']}: {r['pct_paired_peak']:.1f} % paired ("
+                  + ", ".join(f"{p['step_ms']:.0f} ms @ {p['peak_gflops']:.0f}" for p in r["paired_steps"]) + ")")
 
     if args.json:
         result = dict(
@@ -872,6 +963,7 @@ def main(argv=None) -> int:
             bf16_weight_bytes=BF16_WEIGHT_BYTES,
             fp32_peak_gflops=peak,
             fp32_peak_note=peak_note,
+            paired_qlens=sorted(paired_q),
             loadavg1_start=la,
             peak_rss_mib_kt=rss_kt,
             peak_rss_mib_end=rss_all,
