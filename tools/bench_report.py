@@ -156,7 +156,8 @@ def run_all(args, data_dir: str, argv: list) -> dict:
     t_start = time.perf_counter()
     for t in args.threads:
         sft_args = ["--methods", args.methods, "--threads", str(t), "--qlens", qlens, "--repeat", str(args.repeat),
-                    "--large-qlen", str(args.large_qlen), "--large-repeat", str(args.large_repeat), *isa]
+                    "--large-qlen", str(args.large_qlen), "--large-repeat", str(args.large_repeat),
+                    "--paired-qlens", args.paired_qlens, *isa]
         if args.torch_max_qlen is not None:
             sft_args += ["--torch-max-qlen", str(args.torch_max_qlen)]
         inf_args = ["--methods", args.inf_methods, "--threads", str(t), "--qlens", qlens, "--repeat",
@@ -356,17 +357,18 @@ def sft_table(d: dict) -> str:
         if t:
             rows.append([str(q), TORCH_SFT, str(t.get("repeat", d["repeat"])), f(t["torch_fwd_ms"], ".1f"),
                          f(t["torch_bwd_ms"], ".1f"), f(t["torch_step_ms"], ".1f"), f(t["gflops"], ".1f"),
-                         f(t["pct_peak"], ".1f"), "1.00×", f(t["other_load_cores"], ".2f")])
+                         f(t["pct_peak"], ".1f"), "–", "1.00×", f(t["other_load_cores"], ".2f")])
         else:
-            rows.append([str(q), TORCH_SFT, "–", "not run (`--torch-max-qlen`)", "", "", "", "", "", ""])
+            rows.append([str(q), TORCH_SFT, "–", "not run (`--torch-max-qlen`)", "", "", "", "", "", "", ""])
         for r in d["rows"]:
             if r["qlen"] == q:
                 rows.append([str(q), r["label"], str(r.get("repeat", d["repeat"])), f(r["kt_fwd_ms"], ".1f"),
                              f(r["kt_bwd_ms"], ".1f"), f(r["kt_step_ms"], ".1f"), f(r["gflops"], ".1f"),
-                             f(r["pct_peak"], ".1f"), f(r.get("speedup"), ".2f") + ("×" if r.get("speedup") else ""),
+                             f(r["pct_peak"], ".1f"), f(r.get("pct_paired_peak"), ".1f"),
+                             f(r.get("speedup"), ".2f") + ("×" if r.get("speedup") else ""),
                              f(r["other_load_cores"], ".2f")])
-    return table(["qlen", "method", "n", "fwd ms", "bwd ms", "step ms", "GFLOP/s", "% peak", "speedup",
-                  "other load"], rows, ["r", "l"] + ["r"] * 8)
+    return table(["qlen", "method", "n", "fwd ms", "bwd ms", "step ms", "GFLOP/s", "% peak", "% paired", "speedup",
+                  "other load"], rows, ["r", "l"] + ["r"] * 9)
 
 
 def inf_tables(inf: dict):
@@ -415,6 +417,11 @@ def headlines(sft: dict, inf: dict) -> list:
                    "best " + "; ".join(parts)
                    + (f"; PyTorch fp32 loop best {tbest['gflops']:.0f} GFLOP/s at qlen {tbest['qlen']}" if tbest else "")
                    + (f"; speedup over it {min(sps):.2f}-{max(sps):.2f}×." if sps else "."))
+        paired = [r for r in d["rows"] if r.get("pct_paired_peak") is not None]
+        for q in sorted({r["qlen"] for r in paired}):
+            out.append(f"SFT, {thr(t)}, qlen {q}, each step against the FMA peak kernel run right after it for as "
+                       "long: " + "; ".join(f"{r['label']} {r['pct_paired_peak']:.1f} %"
+                                            for r in paired if r["qlen"] == q) + ".")
     for t, d in sorted(inf.items()):
         for r in d["rows"]:
             if r["qlen"] == min(x["qlen"] for x in d["rows"]) and r["kind"] == "decode":
@@ -529,7 +536,9 @@ def write_page(out_dir: str, meta: dict, sft: dict, inf: dict, figs: dict) -> st
                  "`backward(return_grad_weights=True)`; FLOPs " + d0["flops_formula"] + ". "
                  f"n = timed iterations after one warm-up (median; --repeat {meta['repeat']}, "
                  f"{meta['large_repeat']} at qlen ≥ {meta['large_qlen']}). speedup = PyTorch fp32 loop step / "
-                 "ktmoe step, same process and qlen; % peak = of that process's FP32 FMA peak; other load = "
+                 "ktmoe step, same process and qlen; % peak = of that process's FP32 FMA peak; % paired (rows "
+                 "of the qlens in `--paired-qlens`) = the row's steps run again, each followed by the FMA peak "
+                 "kernel for as long as the step took, median of the per-step ratios; other load = "
                  "cores used by other processes during the row (well above 0: inflated times)."
                  + (f" The PyTorch loop was not run above qlen {meta['torch_max_qlen']} (`--torch-max-qlen`)."
                     if meta.get("torch_max_qlen") else "") + "\n")
@@ -588,6 +597,8 @@ def main(argv=None) -> int:
                    help="run the PyTorch SFT loop only up to this qlen (default: every qlen)")
     p.add_argument("--decode-repeat", type=int, default=None, help="inference decode calls (default 50; --quick 5)")
     p.add_argument("--bw-mib", type=int, default=1024, help="DRAM bandwidth buffer in MiB (default 1024)")
+    p.add_argument("--paired-qlens", default=None,
+                   help="SFT qlens that also get the paired FMA peak (bench_sft; default 512, --quick the largest)")
     p.add_argument("--render-only", action="store_true",
                    help="redraw figures and the page from <out>/figures/data without running anything")
     args = p.parse_args(argv)
@@ -597,6 +608,7 @@ def main(argv=None) -> int:
     args.qlens = parse_qlens(args.qlens or ("1,16,128" if args.quick else DEFAULT_QLENS))
     args.repeat = args.repeat or (1 if args.quick else 3)
     args.decode_repeat = args.decode_repeat or (5 if args.quick else 50)
+    args.paired_qlens = args.paired_qlens or (str(max(args.qlens)) if args.quick else "512")
     out_dir = args.out or (QUICK_OUT if args.quick else os.path.join(ROOT, "docs"))
     fig_dir = os.path.join(out_dir, "figures")
     data_dir = os.path.join(fig_dir, "data")
