@@ -195,6 +195,38 @@ def test_default_int8_activations(make_inf, layer, method, tier):
     assert torch.equal(w.sync_forward(), out)
 
 
+@pytest.mark.parametrize("threads,pools", [(4, 1), (3, 2)], ids=["4threads", "3threads-2pools"])
+@pytest.mark.parametrize("method", ["AMXINT8", "MOE_INT4"])
+def test_threads_and_pools_match_reference(make_inf, layer, method, tier, threads, pools):
+    """Gate/up and down run in one parallel region, each expert's down tiles
+    waiting for its gate/up tiles: with more threads than cores, and with two
+    sub-pools (the intermediate dimension split), every path and qlen still
+    gives the reference, and the same as one thread."""
+    from test_int8_activations import EMULATED_TOL, reference as act_reference
+
+    deq = dequantized(layer, expected_spec(method))
+    outs = {}
+    for n, tp in ((1, 1), (threads, pools)):
+        gc.collect()  # the CPUInfer singleton is re-shaped once no wrapper is alive
+        for int8 in (False, True):
+            w = make_inf(method, layer, isa=tier, int8_activations=int8, cpuinfer_threads=n, threadpool_count=tp)
+            for q in (1, 2, Q):
+                x, ids, wts = batch(q=q, seed=q)
+                out = w.forward(x, ids, wts)
+                if int8:
+                    assert rel_err(out, act_reference(x, ids, wts, *deq, True)) < EMULATED_TOL, (n, tp, q)
+                else:
+                    assert rel_err(out, reference(x, ids, wts, *deq)) < KERNEL_TOL, (n, tp, q)
+                outs[(n, tp, int8, q)] = out
+            del w
+    for (n, tp, int8, q), out in outs.items():
+        if n == 1:
+            continue
+        # one pool: the same sums in the same order as one thread
+        if tp == 1:
+            assert torch.equal(out, outs[(1, 1, int8, q)]), (int8, q)
+
+
 def test_int32_ids_and_other_weight_dtypes_accepted(make_inf, layer):
     w = make_inf("AMXINT8", layer)
     x, ids, wts = batch()

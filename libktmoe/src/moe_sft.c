@@ -17,6 +17,8 @@
  *   F3  hs = s * sum_slices h Ad^T                     [pairs, r]
  *   F4  y = sum_slices h Wd^T + hs Bd^T                [pairs, H]
  *   F5  out[t] = sum_j w_tj y[pair(t, j)]
+ * Without LoRA (no F1, F3), F2 and F4 share one parallel region
+ * (kt_fwd_fused): an expert's F4 tiles start once its F2 tiles are done.
  * Backward with dO = dOut (the weight w is applied after the down GEMM):
  *   B1  dbs = s * dO Bd,  whs = w * hs                 [pairs, r]
  *   B2  dhu = dO Wd + dbs Ad;  dw += <dhu, h>;  dg, du from w * dhu;
@@ -30,6 +32,7 @@
 
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -739,6 +742,9 @@ typedef struct kt_fwd {
     int lora;
     int qact; /* the integer kernels on int8 activations */
     int64_t tn, ntile_i, ntile_h; /* column tile of F2 and F4, tiles of I and H */
+    /* F2-F4 in one parallel region (kt_fwd_fused): per (slice, active
+     * expert), the F2 tiles not done yet, and whether its h is ready */
+    atomic_int *left, *ready;
 } kt_fwd;
 
 /* The activation layout (kt_act_pos) for projections pj0..pj1 reading K
@@ -875,6 +881,38 @@ static void kt_fwd_down(void *v, const kt_worker_ctx *w, int s, int64_t task) {
     }
 }
 
+/* F2 and F4 without LoRA in one parallel region, so that no thread waits at
+ * a barrier between them: tasks [0, nactive ntile_i) are F2's, in expert
+ * order, the rest F4's, in the same order.  The thread that finishes an
+ * expert's last F2 tile quantizes its h rows (integer path) and marks them
+ * ready; an F4 task waits for its expert's mark.  Every F2 task is claimed
+ * before any F4 task (one counter per slice, taken in order), and F2 tasks
+ * wait for nothing, so the wait ends.  A decode token's threads otherwise
+ * idled at each barrier for up to a task (a quarter-MB weight tile). */
+static void kt_fwd_fused(void *v, const kt_worker_ctx *w, int s, int64_t task) {
+    kt_fwd *f = v;
+    kt_cache *c = f->c;
+    int64_t nf2 = c->nactive * f->ntile_i;
+    if (task < nf2) {
+        kt_fwd_gate_up(v, w, s, task);
+        int64_t ai = task / f->ntile_i, slot = s * c->nactive + ai;
+        if (atomic_fetch_sub_explicit(&f->left[slot], 1, memory_order_acq_rel) == 1) {
+            if (f->qact) {
+                int64_t o, cnt;
+                kt_expert(c, ai, &o, &cnt);
+                for (int64_t p = o; p < o + cnt; p++) kt_fwd_quant_h(v, w, s, p);
+            }
+            atomic_store_explicit(&f->ready[slot], 1, memory_order_release);
+        }
+        return;
+    }
+    task -= nf2;
+    atomic_int *ready = &f->ready[s * c->nactive + task / f->ntile_h];
+    for (int n = 0; !atomic_load_explicit(ready, memory_order_acquire); n++)
+        if (n >= 64) sched_yield();
+    kt_fwd_down(v, w, s, task);
+}
+
 /* F5: out[t] = sum_j w_tj y[pair(t, j)] */
 static void kt_fwd_combine(void *v, const kt_worker_ctx *w, int sub, int64_t t) {
     KT_UNUSED(sub);
@@ -938,6 +976,26 @@ static int64_t kt_fwd_tile(const ktmoe_moe *m, int64_t nactive) {
     return tn;
 }
 
+/* F2-F4 without LoRA: one parallel region (kt_fwd_fused). */
+static ktmoe_status kt_fwd_run_fused(kt_fwd *f) {
+    ktmoe_moe *m = f->m;
+    int64_t nact = f->c->nactive, n[KT_MAX_SUBPOOLS];
+    if (nact == 0) return KTMOE_OK;
+    size_t slots = (size_t)(m->tp * nact);
+    if (!(f->left = malloc(2 * slots * sizeof *f->left)))
+        return kt_error(KTMOE_ERR_OUT_OF_MEMORY, "out of memory");
+    f->ready = f->left + slots;
+    for (size_t i = 0; i < slots; i++) {
+        atomic_init(&f->left[i], (int)f->ntile_i);
+        atomic_init(&f->ready[i], 0);
+    }
+    for (int s = 0; s < m->tp; s++) n[s] = nact * (f->ntile_i + f->ntile_h);
+    kt_pool_parallel(m->pool, n, kt_fwd_fused, f);
+    free(f->left);
+    f->left = f->ready = NULL;
+    return KTMOE_OK;
+}
+
 static ktmoe_status kt_forward_run(kt_fwd *f) {
     ktmoe_moe *m = f->m;
     kt_cache *c = f->c;
@@ -953,14 +1011,12 @@ static ktmoe_status kt_forward_run(kt_fwd *f) {
     f->ntile_h = (m->H + f->tn - 1) / f->tn;
 
     kt_pool_parallel_all(m->pool, a->qlen, kt_fwd_input, f);
-    if (f->lora) kt_pool_parallel_all(m->pool, c->nactive, kt_fwd_lora_a, f);
-    for (int s = 0; s < tp; s++) n[s] = c->nactive * f->ntile_i;
-    kt_pool_parallel(m->pool, n, kt_fwd_gate_up, f);
-    if (f->qact) {
-        for (int s = 0; s < tp; s++) n[s] = np;
-        kt_pool_parallel(m->pool, n, kt_fwd_quant_h, f);
-    }
-    if (f->lora) {
+    if (!f->lora) {
+        if ((st = kt_fwd_run_fused(f)) != KTMOE_OK) return st;
+    } else {
+        kt_pool_parallel_all(m->pool, c->nactive, kt_fwd_lora_a, f);
+        for (int s = 0; s < tp; s++) n[s] = c->nactive * f->ntile_i;
+        kt_pool_parallel(m->pool, n, kt_fwd_gate_up, f);
         for (int s = 0; s < tp; s++) n[s] = c->nactive;
         kt_pool_parallel(m->pool, n, kt_fwd_down_a, f);
         float *hs = F(&c->hs), *part = F(&m->part);
@@ -969,9 +1025,9 @@ static ktmoe_status kt_forward_run(kt_fwd *f) {
             for (int s = 0; s < tp; s++) acc += part[s * np * r + i];
             hs[i] = m->scale * acc;
         }
+        for (int s = 0; s < tp; s++) n[s] = c->nactive * f->ntile_h;
+        kt_pool_parallel(m->pool, n, kt_fwd_down, f);
     }
-    for (int s = 0; s < tp; s++) n[s] = c->nactive * f->ntile_h;
-    kt_pool_parallel(m->pool, n, kt_fwd_down, f);
     kt_pool_parallel_all(m->pool, a->qlen, kt_fwd_combine, f);
     return KTMOE_OK;
 }
