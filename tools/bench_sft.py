@@ -349,34 +349,19 @@ def _cpu_has_avx2_fma() -> bool:
 
 
 def measure_fp32_peak(threads: int):
-    """Return (GFLOP/s or None, note)."""
-    if platform.machine() not in ("x86_64", "AMD64", "i686", "i386"):
-        return None, f"not x86 ({platform.machine()})"
-    if not _cpu_has_avx2_fma():
+    """Return (GFLOP/s or None, note): FmaProbe, 5 trials of 0.25 s, the best."""
+    if platform.machine() in ("x86_64", "AMD64") and not _cpu_has_avx2_fma():
         return None, "CPU lacks AVX2/FMA"
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not cc:
-        return None, "no C compiler"
-    with tempfile.TemporaryDirectory(prefix="ktmoe_peak_") as tmp:
-        src = os.path.join(tmp, "peak.c")
-        exe = os.path.join(tmp, "peak")
-        with open(src, "w") as f:
-            f.write(PEAK_C_SOURCE)
-        cmd = [cc, "-O2", "-mavx2", "-mfma", "-pthread", "-o", exe, src]
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            return None, f"compile failed: {e}"
-        if r.returncode != 0:
-            return None, "compile failed: " + (r.stderr.strip().splitlines() or ["?"])[-1]
-        try:
-            r = subprocess.run([exe, str(threads)], capture_output=True, text=True, timeout=300)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            return None, f"run failed: {e}"
-        m = re.search(r"GFLOPS=([0-9.]+)", r.stdout)
-        if r.returncode != 0 or not m:
-            return None, f"run failed (rc={r.returncode})"
-        return float(m.group(1)), f"AVX2 FMA micro-kernel, {threads} threads, compiled with {os.path.basename(cc)}"
+    probe = FmaProbe()
+    try:
+        if probe.exe is None:
+            return None, probe.error
+        gflops = probe.run(threads, 0.25)
+        if gflops is None:
+            return None, "run failed"
+        return gflops, f"AVX2 FMA micro-kernel, {threads} threads, compiled with {probe.cc}"
+    finally:
+        probe.close()
 
 
 # ---------------------------------------------------------------------------

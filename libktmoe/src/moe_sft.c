@@ -99,6 +99,7 @@ struct ktmoe_moe {
 
     /* scratch reused between calls */
     kt_buf h, y, dO, part, dgus, dbs, whs, dwp, cursor;
+    kt_buf f2left; /* atomic_int [tp][nactive]: kt_fwd_fused's counters */
     kt_buf xq, xd, xsum, hq, hd, hsum; /* int8 activations (inference forward) */
 };
 
@@ -349,7 +350,7 @@ KTMOE_API void ktmoe_moe_destroy(ktmoe_moe *m) {
         for (int i = 0; i < m->max_depth; i++) kt_cache_free(&m->caches[i]);
     kt_cache_free(&m->nosave);
     kt_buf *bufs[] = {&m->h,  &m->y,  &m->dO,   &m->part, &m->dgus, &m->dbs, &m->whs, &m->dwp,
-                      &m->cursor, &m->xq, &m->xd, &m->xsum, &m->hq, &m->hd, &m->hsum};
+                      &m->cursor, &m->f2left, &m->xq, &m->xd, &m->xsum, &m->hq, &m->hd, &m->hsum};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) kt_buf_free(bufs[i]);
     pthread_mutex_destroy(&m->mu);
     free(m->slices);
@@ -743,8 +744,8 @@ typedef struct kt_fwd {
     int qact; /* the integer kernels on int8 activations */
     int64_t tn, ntile_i, ntile_h; /* column tile of F2 and F4, tiles of I and H */
     /* F2-F4 in one parallel region (kt_fwd_fused): per (slice, active
-     * expert), the F2 tiles not done yet, and whether its h is ready */
-    atomic_int *left, *ready;
+     * expert), 1 + its F2 tiles not done yet; 0 once its h is ready */
+    atomic_int *left;
 } kt_fwd;
 
 /* The activation layout (kt_act_pos) for projections pj0..pj1 reading K
@@ -884,8 +885,8 @@ static void kt_fwd_down(void *v, const kt_worker_ctx *w, int s, int64_t task) {
 /* F2 and F4 without LoRA in one parallel region, so that no thread waits at
  * a barrier between them: tasks [0, nactive ntile_i) are F2's, in expert
  * order, the rest F4's, in the same order.  The thread that finishes an
- * expert's last F2 tile quantizes its h rows (integer path) and marks them
- * ready; an F4 task waits for its expert's mark.  Every F2 task is claimed
+ * expert's last F2 tile quantizes its h rows (integer path), then sets the
+ * expert's counter to 0; an F4 task waits for that 0.  Every F2 task is claimed
  * before any F4 task (one counter per slice, taken in order), and F2 tasks
  * wait for nothing, so the wait ends.  A decode token's threads otherwise
  * idled at each barrier for up to a task (a quarter-MB weight tile). */
@@ -895,20 +896,21 @@ static void kt_fwd_fused(void *v, const kt_worker_ctx *w, int s, int64_t task) {
     int64_t nf2 = c->nactive * f->ntile_i;
     if (task < nf2) {
         kt_fwd_gate_up(v, w, s, task);
-        int64_t ai = task / f->ntile_i, slot = s * c->nactive + ai;
-        if (atomic_fetch_sub_explicit(&f->left[slot], 1, memory_order_acq_rel) == 1) {
+        int64_t ai = task / f->ntile_i;
+        atomic_int *left = &f->left[s * c->nactive + ai];
+        if (atomic_fetch_sub_explicit(left, 1, memory_order_acq_rel) == 2) { /* the expert's last tile */
             if (f->qact) {
                 int64_t o, cnt;
                 kt_expert(c, ai, &o, &cnt);
                 for (int64_t p = o; p < o + cnt; p++) kt_fwd_quant_h(v, w, s, p);
             }
-            atomic_store_explicit(&f->ready[slot], 1, memory_order_release);
+            atomic_store_explicit(left, 0, memory_order_release);
         }
         return;
     }
     task -= nf2;
-    atomic_int *ready = &f->ready[s * c->nactive + task / f->ntile_h];
-    for (int n = 0; !atomic_load_explicit(ready, memory_order_acquire); n++)
+    atomic_int *left = &f->left[s * c->nactive + task / f->ntile_h];
+    for (int n = 0; atomic_load_explicit(left, memory_order_acquire) != 0; n++)
         if (n >= 64) sched_yield();
     kt_fwd_down(v, w, s, task);
 }
@@ -982,17 +984,12 @@ static ktmoe_status kt_fwd_run_fused(kt_fwd *f) {
     int64_t nact = f->c->nactive, n[KT_MAX_SUBPOOLS];
     if (nact == 0) return KTMOE_OK;
     size_t slots = (size_t)(m->tp * nact);
-    if (!(f->left = malloc(2 * slots * sizeof *f->left)))
-        return kt_error(KTMOE_ERR_OUT_OF_MEMORY, "out of memory");
-    f->ready = f->left + slots;
-    for (size_t i = 0; i < slots; i++) {
-        atomic_init(&f->left[i], (int)f->ntile_i);
-        atomic_init(&f->ready[i], 0);
-    }
+    ktmoe_status st = kt_buf_reserve(&m->f2left, slots * sizeof *f->left);
+    if (st != KTMOE_OK) return st;
+    f->left = m->f2left.p;
+    for (size_t i = 0; i < slots; i++) atomic_init(&f->left[i], (int)f->ntile_i + 1);
     for (int s = 0; s < m->tp; s++) n[s] = nact * (f->ntile_i + f->ntile_h);
     kt_pool_parallel(m->pool, n, kt_fwd_fused, f);
-    free(f->left);
-    f->left = f->ready = NULL;
     return KTMOE_OK;
 }
 
