@@ -206,6 +206,7 @@ SWEEP = [
     (4, 77, 96, 6, 3, 2, F32, None),
     (16, 32, 16, 2, 3, 1, F32, None),  # most experts get no token
     (4, 40, 24, 2, 40, 4, F32, None),  # k == E: every expert gets every token
+    (2, 400, 24, 256, 5, 2, F32, None),  # r = 256: LoRA gradients of H in two column chunks
 ]
 
 

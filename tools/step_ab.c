@@ -10,6 +10,8 @@
  *   method: ktmoe_method (0 BF16, 1 INT8, 2 INT4, ...); the avx2 tier, or
  *   the ktmoe_isa in $STEP_AB_ISA.  $STEP_AB_METHOD_B gives B a method of
  *   its own (LIB_B may then be LIB_A: two methods of one build).
+ *   $STEP_AB_NOLORA_B=1 runs B's steps without LoRA (the ratio then
+ *   shows what the LoRA terms cost; its GFLOP/s still count their FLOPs).
  *   $STEP_AB_DECODE=1 times inference forwards instead (int8 activations,
  *   no LoRA, nothing saved), each as bench_inference.py's decode rows do:
  *   a 128 MiB read to push the weights out of the caches, an untimed call
@@ -38,6 +40,7 @@ typedef struct api {
     ktmoe_status (*backward_submit)(ktmoe_moe *, const ktmoe_backward_args *);
     const char *(*last_error)(void);
     ktmoe_pool *pool;
+    int lora; /* steps with LoRA (1) or base weights only (0) */
     ktmoe_moe *moe;
 } api;
 
@@ -165,7 +168,7 @@ static double decode_call(api *a, int r) {
 static double step(api *a) {
     ktmoe_forward_args f = fwd_args(ids);
     f.save_for_backward = 1;
-    f.use_lora = 1;
+    f.use_lora = a->lora;
     ktmoe_backward_args b;
     memset(&b, 0, sizeof b);
     b.struct_size = sizeof b;
@@ -174,9 +177,11 @@ static double step(api *a) {
     b.grad_output_dtype = KTMOE_DTYPE_BF16;
     b.grad_input = gx;
     b.grad_input_dtype = KTMOE_DTYPE_BF16;
-    b.grad_gate_a = glora[0], b.grad_gate_b = glora[1], b.grad_up_a = glora[2];
-    b.grad_up_b = glora[3], b.grad_down_a = glora[4], b.grad_down_b = glora[5];
-    b.grad_lora_dtype = KTMOE_DTYPE_F32;
+    if (a->lora) {
+        b.grad_gate_a = glora[0], b.grad_gate_b = glora[1], b.grad_up_a = glora[2];
+        b.grad_up_b = glora[3], b.grad_down_a = glora[4], b.grad_down_b = glora[5];
+        b.grad_lora_dtype = KTMOE_DTYPE_F32;
+    }
     double t0 = now();
     if (check(a, a->forward_submit(a->moe, &f), "forward") ||
         check(a, a->backward_submit(a->moe, &b), "backward") || check(a, a->pool_sync(a->pool), "sync"))
@@ -240,6 +245,8 @@ int main(int argc, char **argv) {
             if (t < Q) rw[t * K + j] = 1.0f / K;
         }
     int method_b = getenv("STEP_AB_METHOD_B") ? atoi(getenv("STEP_AB_METHOD_B")) : method;
+    A.lora = 1;
+    B.lora = !(getenv("STEP_AB_NOLORA_B") && atoi(getenv("STEP_AB_NOLORA_B")));
     if (setup(&A, method, threads) || setup(&B, method_b, threads)) return 1;
     int n = 0; /* calls so far: decode routing index */
     for (int w = 0; w < 2; w++) timed(&A, n++), timed(&B, n++); /* caches, scratch, page faults */

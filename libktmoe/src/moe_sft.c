@@ -1174,6 +1174,17 @@ static void kt_unit_scales(kt_wmat *w) {
     w->ldg = 0;
 }
 
+/* Asks for the lines of columns [c0, c0 + n) of `rows` fp32 rows (row p
+ * at base + p ld) to be brought into the caches (L2): rows that a task
+ * reads only after its big product, which takes long enough for them to
+ * arrive. */
+static void kt_prefetch_rows(const float *base, int64_t ld, int64_t rows, int64_t c0, int64_t n) {
+    for (int64_t p = 0; p < rows; p++) {
+        const char *a = (const char *)(base + p * ld + c0), *end = (const char *)(base + p * ld + c0 + n);
+        for (a = (const char *)((uintptr_t)a & ~(uintptr_t)63); a < end; a += 64) __builtin_prefetch(a, 0, 2);
+    }
+}
+
 /* B2: for one (expert, I tile) of a slice: dhu, dw partials, dg, du, and
  * the tile's dAd, dBg, dBu. */
 static void kt_bwd_down(void *v, const kt_worker_ctx *w, int s, int64_t task) {
@@ -1194,6 +1205,9 @@ static void kt_bwd_down(void *v, const kt_worker_ctx *w, int s, int64_t task) {
     float *gBu = gBg + KT_TN * r;              /* [KT_TN][r]     */
     float *dwp = F(&m->dwp) + (s * b->ntile_i + jt) * np;
     const float *pw = F(&c->pw);
+    /* g and u: read after dO Wd by the activation's backward (and forward) */
+    kt_prefetch_rows(F(&c->g) + s * np * Is + o * Is + j0, Is, KT_MIN(cnt, KT_MC), 0, tn);
+    kt_prefetch_rows(F(&c->u) + s * np * Is + o * Is + j0, Is, KT_MIN(cnt, KT_MC), 0, tn);
     for (int64_t p0 = 0; p0 < cnt; p0 += KT_MC) {
         int64_t mc = KT_MIN(KT_MC, cnt - p0), q = o + p0;
         float *g = F(&c->g) + s * np * Is + q * Is + j0;
@@ -1242,9 +1256,10 @@ static void kt_bwd_lora_gu(void *v, const kt_worker_ctx *w, int s, int64_t ai) {
     if (kt_fold_gu(m)) kt_fold_dgu(m, s, e, dg, du, Is, cnt, 0, Is);
 }
 
-/* B4: dx per pair for one (expert, H tile) of a slice; on slice 0 also the
- * LoRA terms and the tile's dAg, dAu, dBd. */
+/* B4: dx per pair for one (expert, H tile) of a slice, with the LoRA
+ * terms on slice 0. */
 static void kt_bwd_gate_up(void *v, const kt_worker_ctx *w, int s, int64_t task) {
+    KT_UNUSED(w);
     kt_bwd *b = v;
     ktmoe_moe *m = b->m;
     kt_cache *c = b->c;
@@ -1258,22 +1273,56 @@ static void kt_bwd_gate_up(void *v, const kt_worker_ctx *w, int s, int64_t task)
     m->kern->outer(cnt, tn, Is, du, Is, 1, NULL, &wu, NULL, dx, m->ldh, 1);
     if (!c->use_lora || s != 0) return;
     const float *dgus = F(&m->dgus) + o * 2 * r;
-    const int32_t *tok = (int32_t *)c->tok.p + o;
     kt_wmat ag = kt_lora(m, LGA, e * r * H + n0, H), au = kt_lora(m, LUA, e * r * H + n0, H);
     m->kern->outer(cnt, tn, r, dgus, 2 * r, 1, NULL, &ag, NULL, dx, m->ldh, 1);
     m->kern->outer(cnt, tn, r, dgus + r, 2 * r, 1, NULL, &au, NULL, dx, m->ldh, 1);
-    float *acc = w->scratch;            /* [r][KT_TN] */
-    float *acc2 = acc + r * KT_TN;      /* [KT_TN][r] */
-    kt_wmat xm = kt_act(F(&c->x) + n0, m->ldh), dom = kt_act(F(&m->dO) + n0, m->ldh);
-    m->kern->outer(r, tn, cnt, dgus, 1, 2 * r, NULL, &xm, tok, acc, KT_TN, 0);
-    kt_write_grad(b, LGA, e * r * H + n0, H, acc, KT_TN, r, tn);
-    m->kern->outer(r, tn, cnt, dgus + r, 1, 2 * r, NULL, &xm, tok, acc, KT_TN, 0);
-    kt_write_grad(b, LUA, e * r * H + n0, H, acc, KT_TN, r, tn);
-    /* dBd[n0 + n, :] = sum_p dO[tok_p, n0 + n] whs[p, :], built transposed */
-    m->kern->outer(r, tn, cnt, F(&m->whs) + o * r, 1, r, NULL, &dom, tok, acc, KT_TN, 0);
-    for (int64_t n = 0; n < tn; n++)
-        for (int64_t j = 0; j < r; j++) acc2[n * r + j] = acc[j * KT_TN + n];
-    kt_write_grad(b, LDB, (e * H + n0) * r, r, acc2, r, tn, r);
+}
+
+/* B4's LoRA gradients of one expert: dAg = dgus_g^T x, dAu = dgus_u^T x
+ * (one product: dgus's 2r columns are the rows of [dAg; dAu]) and dBd =
+ * (whs^T dO)^T, x and dO rows gathered by the expert's tokens; all of H per
+ * product (column chunks that fit the scratch), so that the gathered rows
+ * stream through the kernels' panel prefetch: per (expert, 64-column tile),
+ * three small products waited on their rows and their gradient rows, at
+ * a quarter of the kernels' speed.  Skipped where no gradient is asked. */
+static void kt_bwd_lora_grads(kt_bwd *b, const kt_worker_ctx *w, int64_t ai) {
+    ktmoe_moe *m = b->m;
+    kt_cache *c = b->c;
+    int64_t o, cnt, e = kt_expert(c, ai, &o, &cnt), H = m->H, r = m->r;
+    const float *dgus = F(&m->dgus) + o * 2 * r, *whs = F(&m->whs) + o * r;
+    const int32_t *tok = (int32_t *)c->tok.p + o;
+    int ga = b->grad[LGA] || b->grad[LUA], gd = b->grad[LDB] != NULL;
+    /* scratch: acc [2r][ld], acc2 [ch][r]; ld = ch + 16 (rows a line apart
+     * from a multiple of 1 KB) */
+    int64_t ch = KT_MIN(H, ((int64_t)(KT_SCRATCH_BYTES / 4) / (3 * r) - 16) / KT_TN * KT_TN);
+    for (int64_t n0 = 0; n0 < H; n0 += ch) {
+        int64_t tn = KT_MIN(ch, H - n0), ld = tn + 16;
+        float *acc = w->scratch, *acc2 = acc + 2 * r * ld;
+        if (ga) {
+            kt_wmat xm = kt_act(F(&c->x) + n0, m->ldh);
+            m->kern->outer(2 * r, tn, cnt, dgus, 1, 2 * r, NULL, &xm, tok, acc, ld, 0);
+            kt_write_grad(b, LGA, e * r * H + n0, H, acc, ld, r, tn);
+            kt_write_grad(b, LUA, e * r * H + n0, H, acc + r * ld, ld, r, tn);
+        }
+        if (gd) {
+            kt_wmat dom = kt_act(F(&m->dO) + n0, m->ldh);
+            m->kern->outer(r, tn, cnt, whs, 1, r, NULL, &dom, tok, acc, ld, 0);
+            for (int64_t n = 0; n < tn; n++)
+                for (int64_t j = 0; j < r; j++) acc2[n * r + j] = acc[j * ld + n];
+            kt_write_grad(b, LDB, (e * H + n0) * r, r, acc2, r, tn, r);
+        }
+    }
+}
+
+/* B4's tasks: nactive ntile_h (expert, H tile) products, then on slice 0
+ * with LoRA the experts' LoRA gradients (b->ngrads tasks). */
+static void kt_bwd_gate_up_task(void *v, const kt_worker_ctx *w, int s, int64_t task) {
+    kt_bwd *b = v;
+    int64_t nt = b->c->nactive * b->ntile_h;
+    if (task < nt)
+        kt_bwd_gate_up(v, w, s, task);
+    else
+        kt_bwd_lora_grads(b, w, task - nt);
 }
 
 /* B5: dx[t], dw[t, j] */
@@ -1340,7 +1389,8 @@ static ktmoe_status kt_backward_run(kt_bwd *b) {
         }
     }
     for (int s = 0; s < tp; s++) n[s] = c->nactive * b->ntile_h;
-    kt_pool_parallel(m->pool, n, kt_bwd_gate_up, b);
+    if (c->use_lora && (b->grad[LGA] || b->grad[LUA] || b->grad[LDB])) n[0] += c->nactive;
+    kt_pool_parallel(m->pool, n, kt_bwd_gate_up_task, b);
     kt_pool_parallel_all(m->pool, qlen, kt_bwd_combine, b);
     return KTMOE_OK;
 }

@@ -61,7 +61,7 @@ static ktmoe_moe_config small_config(int32_t method) {
 
 static int run_layer(ktmoe_pool *pool, ktmoe_isa isa, const uint16_t *wg, const uint16_t *wu,
                      const uint16_t *wd, float *const lora[6], const float *x, const int64_t *ids,
-                     const float *rw, const float *gout, layer_out *res) {
+                     const float *rw, const float *gout, int grad_mask, layer_out *res) {
     ktmoe_moe_config cfg = small_config(KTMOE_METHOD_BF16);
     cfg.lora_rank = R;
     cfg.lora_alpha = 8.0f;
@@ -90,12 +90,10 @@ static int run_layer(ktmoe_pool *pool, ktmoe_isa isa, const uint16_t *wg, const 
     ba.grad_input = res->gin;
     ba.grad_input_dtype = KTMOE_DTYPE_F32;
     ba.grad_weights = res->gw;
-    ba.grad_gate_a = res->grads[0];
-    ba.grad_gate_b = res->grads[1];
-    ba.grad_up_a = res->grads[2];
-    ba.grad_up_b = res->grads[3];
-    ba.grad_down_a = res->grads[4];
-    ba.grad_down_b = res->grads[5];
+    /* LoRA gradients: bit j of grad_mask gives the j-th, else NULL (skipped) */
+    void **gp[6] = {&ba.grad_gate_a, &ba.grad_gate_b, &ba.grad_up_a, &ba.grad_up_b, &ba.grad_down_a,
+                    &ba.grad_down_b};
+    for (int j = 0; j < 6; j++) *gp[j] = (grad_mask >> j) & 1 ? res->grads[j] : NULL;
     ba.grad_lora_dtype = KTMOE_DTYPE_F32;
     CHECK(ktmoe_moe_backward_submit(moe, &ba) == KTMOE_OK);
     CHECK(ktmoe_pool_sync(pool) == KTMOE_OK);
@@ -245,16 +243,38 @@ int main(void) {
     CHECK(ktmoe_pool_create(&pc, &pool) == KTMOE_OK);
     if (!pool) return 1;
     static layer_out ref, other;
-    CHECK(run_layer(pool, KTMOE_ISA_REF, wg, wu, wd, lora, x, ids, rw, gout, &ref));
+    CHECK(run_layer(pool, KTMOE_ISA_REF, wg, wu, wd, lora, x, ids, rw, gout, 63, &ref));
     for (int isa = KTMOE_ISA_AVX2; isa <= KTMOE_ISA_AMX; isa++) {
         if (!ktmoe_isa_usable((ktmoe_isa)isa)) continue;
-        CHECK(run_layer(pool, (ktmoe_isa)isa, wg, wu, wd, lora, x, ids, rw, gout, &other));
+        CHECK(run_layer(pool, (ktmoe_isa)isa, wg, wu, wd, lora, x, ids, rw, gout, 63, &other));
         CHECK(rel_err(other.out, ref.out, Q * H) < 1e-4);
         CHECK(rel_err(other.gin, ref.gin, Q * H) < 1e-4);
         CHECK(rel_err(other.gw, ref.gw, Q * K) < 1e-4);
         int sizes[6] = {E * R * H, E * I * R, E * R * H, E * I * R, E * R * I, E * H * R};
         for (int j = 0; j < 6; j++) CHECK(rel_err(other.grads[j], ref.grads[j], sizes[j]) < 1e-4);
         printf("tier %s matches ref\n", ktmoe_isa_name((ktmoe_isa)isa));
+    }
+    /* some LoRA gradients skipped (NULL): the others as before, the skipped
+     * arrays untouched, on every usable tier */
+    for (int isa = KTMOE_ISA_REF; isa <= KTMOE_ISA_AMX; isa++) {
+        if (!ktmoe_isa_usable((ktmoe_isa)isa)) continue;
+        const int masks[3] = {1 | 32, 2 | 4 | 16, 8};
+        int sizes[6] = {E * R * H, E * I * R, E * R * H, E * I * R, E * R * I, E * H * R};
+        for (int mi = 0; mi < 3; mi++) {
+            for (int j = 0; j < 6; j++)
+                for (int i = 0; i < sizes[j]; i++) other.grads[j][i] = 7.0f;
+            CHECK(run_layer(pool, (ktmoe_isa)isa, wg, wu, wd, lora, x, ids, rw, gout, masks[mi], &other));
+            CHECK(rel_err(other.gin, ref.gin, Q * H) < 1e-4);
+            for (int j = 0; j < 6; j++) {
+                if ((masks[mi] >> j) & 1) {
+                    CHECK(rel_err(other.grads[j], ref.grads[j], sizes[j]) < 1e-4);
+                } else {
+                    int same = 1;
+                    for (int i = 0; i < sizes[j]; i++) same &= other.grads[j][i] == 7.0f;
+                    CHECK(same);
+                }
+            }
+        }
     }
     quant_checks(pool, wg, wu, wd, x, ids, rw);
     ktmoe_pool_destroy(pool);

@@ -413,7 +413,15 @@ void kt_outer_pack_avx2(float *panel, const kt_wmat *W, const int32_t *widx, int
         }
         return;
     }
-    if (fmt == KT_W_F32 || gc % W->gs + 8 * nvec > W->gs) {
+    if (fmt == KT_W_F32) { /* gathered activation rows, LoRA factors: no call per row */
+        const float *w = (const float *)W->data + j;
+        for (int64_t k = k0; k < k1; k++) {
+            const float *row = w + (widx ? widx[k] : k) * W->ld;
+            for (int v = 0; v < nvec; v++) _mm256_store_ps(panel + (k - k0) * KT_PW + 8 * v, _mm256_loadu_ps(row + 8 * v));
+        }
+        return;
+    }
+    if (gc % W->gs + 8 * nvec > W->gs) {
         for (int64_t k = k0; k < k1; k++) deq_seg(panel + (k - k0) * KT_PW, W, widx ? widx[k] : k, j, 8 * nvec);
         return;
     }
