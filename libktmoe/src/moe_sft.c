@@ -25,6 +25,7 @@
  *       dAd = (w dbs)^T h;  dBg = dg^T xs_g;  dBu = du^T xs_u
  *   B3  dgus = s * sum_slices [dg Bg | du Bu]          [pairs, 2r]
  *   B4  dx_pair = sum_slices dg Wg + du Wu + dgus [Ag; Au];
+ *       then per expert (slice 0, same parallel loop):
  *       dAg = dgus_g^T x;  dAu = dgus_u^T x;  dBd = dO^T whs
  *   B5  dx[t] = sum_j dx_pair(t, j);  dw[t, j] = sum of partials
  */
