@@ -1315,8 +1315,8 @@ static void kt_bwd_lora_grads(kt_bwd *b, const kt_worker_ctx *w, int64_t ai) {
     }
 }
 
-/* B4's tasks: nactive ntile_h (expert, H tile) products, then on slice 0
- * with LoRA the experts' LoRA gradients (b->ngrads tasks). */
+/* B4's tasks: nactive ntile_h (expert, H tile) products, then on slice 0,
+ * where LoRA gradients are asked, one kt_bwd_lora_grads task per expert. */
 static void kt_bwd_gate_up_task(void *v, const kt_worker_ctx *w, int s, int64_t task) {
     kt_bwd *b = v;
     int64_t nt = b->c->nactive * b->ntile_h;

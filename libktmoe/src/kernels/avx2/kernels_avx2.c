@@ -400,25 +400,27 @@ KT_INLINE void outer_pack_grp(const int fmt, float *panel, const kt_wmat *W, con
     }
 }
 
+/* Plain W (bf16 or fp32) panel rows [k0, k1), columns [j, j + 8 nvec),
+ * converted as they load, without a call per row. */
+KT_INLINE void outer_pack_plain(const int bf16, float *panel, const kt_wmat *W, const int32_t *widx,
+                                int64_t k0, int64_t k1, int64_t j, int nvec) {
+    for (int64_t k = k0; k < k1; k++) {
+        int64_t row = (widx ? widx[k] : k) * W->ld + j;
+        for (int v = 0; v < nvec; v++) _mm256_store_ps(panel + (k - k0) * KT_PW + 8 * v, ld8_w(W->data, bf16, row + 8 * v));
+    }
+}
+
 /* W panel rows [k0, k1), columns [j, j + 8 nvec) to fp32, KT_PW floats a row. */
 void kt_outer_pack_avx2(float *panel, const kt_wmat *W, const int32_t *widx, int64_t k0,
                        int64_t k1, int64_t j, int nvec) {
     int64_t gc = W->g0 + j;
     int fmt = W->fmt;
-    if (fmt == KT_W_BF16) { /* the common case, without a call per row */
-        const uint16_t *w = (const uint16_t *)W->data + j;
-        for (int64_t k = k0; k < k1; k++) {
-            const uint16_t *row = w + (widx ? widx[k] : k) * W->ld;
-            for (int v = 0; v < nvec; v++) _mm256_store_ps(panel + (k - k0) * KT_PW + 8 * v, ld8_bf16(row + 8 * v));
-        }
+    if (fmt == KT_W_BF16) { /* frozen weights */
+        outer_pack_plain(1, panel, W, widx, k0, k1, j, nvec);
         return;
     }
-    if (fmt == KT_W_F32) { /* gathered activation rows, LoRA factors: no call per row */
-        const float *w = (const float *)W->data + j;
-        for (int64_t k = k0; k < k1; k++) {
-            const float *row = w + (widx ? widx[k] : k) * W->ld;
-            for (int v = 0; v < nvec; v++) _mm256_store_ps(panel + (k - k0) * KT_PW + 8 * v, _mm256_loadu_ps(row + 8 * v));
-        }
+    if (fmt == KT_W_F32) { /* gathered activation rows, LoRA factors */
+        outer_pack_plain(0, panel, W, widx, k0, k1, j, nvec);
         return;
     }
     if (gc % W->gs + 8 * nvec > W->gs) {
