@@ -131,7 +131,7 @@ KT_INLINE void dot_micro(const int MR, const int NR, int64_t kc, const float *co
 KT_INLINE void dot_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const float *a,
                         int64_t lda, const int32_t *aidx, const kt_wmat *W,
                         float *c, int64_t ldc, int accum) {
-    float panel[4 * KT_DOT_LDP] __attribute__((aligned(32)));
+    float panel[4 * KT_DOT_LDP] __attribute__((aligned(64)));
     __m256 accbuf[(KT_DOT_MC / 3) * 12];
     int64_t K8 = K & ~(int64_t)7;
     const void *w = W->data;
@@ -442,7 +442,10 @@ void kt_outer_pack_avx2(float *panel, const kt_wmat *W, const int32_t *widx, int
 KT_INLINE void panel_loop(const int bf16, const int tpack, int64_t m, int64_t nv, int64_t K,
                           const float *d, int64_t dsi, int64_t dsk, const int32_t *didx,
                           const kt_wmat *W, const int32_t *widx, float *c, int64_t ldc, int accum) {
-    float panel[KT_KC * KT_PW] __attribute__((aligned(32)));
+    /* rows on whole lines: aligned to 32 only, the panel sat at 32 mod 64
+     * on some calls, each 16-column half of a row then spanning two lines
+     * (kernel_ab: B4's outer form 1.05x, B2's 1.01x once aligned to 64) */
+    float panel[KT_KC * KT_PW] __attribute__((aligned(64)));
     float cs[KT_PW]; /* column scales folded out of the panel */
     const void *w = W->data;
     const int64_t ldw = W->ld;
