@@ -63,6 +63,12 @@ Usage:
         [--method AMXBF16_SFT | --methods all|M1,M2,...] [--group-size 128]
         [--no-zero-point] [--isa avx2] [--no-torch] [--json out.json]
         [--large-qlen 1024 --large-repeat 1] [--torch-max-qlen 2048]
+        [--paired-qlens 512] [--paired-repeat 15]
+
+--paired-qlens / --paired-repeat N: the qlens whose rows also get "% paired"
+(each step run again, followed by the FMA peak kernel for as long as the
+step took; the median of the per-step ratios, and its quartiles from 4
+steps on), and how many such steps (default: the row's timed iterations).
 
 --large-qlen Q / --large-repeat N: qlens >= Q get N timed iterations instead
 of --repeat (steps at qlen 4096 take seconds each); --torch-max-qlen Q times
@@ -673,10 +679,15 @@ def main(argv=None) -> int:
     p.add_argument("--paired-qlens", default="512",
                    help="qlens whose ktmoe rows also get the paired peak ('%% paired'; comma list, default 512; "
                         "'none': off)")
+    p.add_argument("--paired-repeat", type=int, default=None,
+                   help="steps of the paired peak per row (default: the row's timed iterations); more steps "
+                        "give a steadier median on a machine whose speed drifts")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON")
     args = p.parse_args(argv)
     if args.threads < 1 or args.repeat < 1 or args.large_repeat < 1:
         p.error("--threads, --repeat and --large-repeat must be >= 1")
+    if args.paired_repeat is not None and args.paired_repeat < 1:
+        p.error("--paired-repeat must be >= 1")
 
     def repeat_for(q):
         return args.large_repeat if args.large_qlen is not None and q >= args.large_qlen else args.repeat
@@ -787,7 +798,8 @@ def main(argv=None) -> int:
             row_faults = _faults() - f0
             # the paired peak: each step again, the FMA peak kernel right after
             # it for as long (outside the other-load window: it is load)
-            pairs = (bench_ktmoe(wrapper, q, repeat_for(q), x_dtype, lambda sec: fma.rate(args.threads, sec))[4]
+            pairs = (bench_ktmoe(wrapper, q, args.paired_repeat or repeat_for(q), x_dtype,
+                                 lambda sec: fma.rate(args.threads, sec))[4]
                      if fma is not None and q in paired_q else [])
             if not skip:
                 kt_outs[(label, q)] = kt_out
@@ -801,6 +813,8 @@ def main(argv=None) -> int:
                              flops_base=base, flops_lora=lora, gflops=gflops,
                              pct_peak=(100.0 * gflops / peak) if peak else None,
                              pct_paired_peak=100.0 * statistics.median(ratios) if ratios else None,
+                             pct_paired_quartiles=([100.0 * v for v in statistics.quantiles(ratios, n=4)]
+                                                   if len(ratios) >= 4 else None),
                              paired_steps=[dict(step_ms=1e3 * t, peak_gflops=g) for t, g in pairs],
                              weight_bytes=wbytes, weight_ratio_bf16=wbytes / BF16_WEIGHT_BYTES,
                              other_load_cores=other.cores, page_faults=row_faults))
@@ -926,7 +940,9 @@ def main(argv=None) -> int:
               "% paired = median of step GFLOP/s / that kernel's GFLOP/s (a machine that slows down for minutes "
               "slows both); per step: step ms @ kernel GFLOP/s")
         for r in paired_rows:
-            print(f"  qlen {r['qlen']} {r['label']}: {r['pct_paired_peak']:.1f} % paired ("
+            qs = r.get("pct_paired_quartiles")
+            print(f"  qlen {r['qlen']} {r['label']}: {r['pct_paired_peak']:.1f} % paired"
+                  + (f" (quartiles {qs[0]:.1f} {qs[2]:.1f}; {len(r['paired_steps'])} steps)" if qs else "") + " ("
                   + ", ".join(f"{p['step_ms']:.0f} ms @ {p['peak_gflops']:.0f}" for p in r["paired_steps"]) + ")")
 
     if args.json:
