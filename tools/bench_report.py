@@ -13,7 +13,10 @@ process (torch and ktmoe read their thread settings at start):
     at every qlen (--qlens, default 1,4,16,64,256,512,1024,2048,4096): one
     SFT step (forward_sft + backward) per method, the plain-PyTorch fp32
     per-expert loop with LoRA and autograd (same process, same inputs), and
-    the FP32 FMA peak of that many threads;
+    the FP32 FMA peak of that many threads; at --paired-qlens (default 512)
+    each method's step is also paired with the peak kernel, over
+    --paired-repeat steps (default 9: a median that one slow step does not
+    move);
   * ``tools/bench_inference.py --methods AMXINT4 --act int8
     --torch-dtypes bf16`` at the same qlens: the inference forward (qlen <= 16:
     GB/s of weights read, against the DRAM read bandwidth measured in the same
@@ -149,7 +152,7 @@ def run_all(args, data_dir: str, argv: list) -> dict:
         machine=machine_facts(), threads=args.threads, qlens=args.qlens, isa=args.isa,
         sft_methods=args.methods, inf_methods=args.inf_methods, repeat=args.repeat,
         large_qlen=args.large_qlen, large_repeat=args.large_repeat, torch_max_qlen=args.torch_max_qlen,
-        decode_repeat=args.decode_repeat, runs=[],
+        decode_repeat=args.decode_repeat, paired_repeat=args.paired_repeat, runs=[],
     )
     qlens = ",".join(map(str, args.qlens))
     isa = ["--isa", args.isa] if args.isa else []
@@ -157,7 +160,7 @@ def run_all(args, data_dir: str, argv: list) -> dict:
     for t in args.threads:
         sft_args = ["--methods", args.methods, "--threads", str(t), "--qlens", qlens, "--repeat", str(args.repeat),
                     "--large-qlen", str(args.large_qlen), "--large-repeat", str(args.large_repeat),
-                    "--paired-qlens", args.paired_qlens, *isa]
+                    "--paired-qlens", args.paired_qlens, "--paired-repeat", str(args.paired_repeat), *isa]
         if args.torch_max_qlen is not None:
             sft_args += ["--torch-max-qlen", str(args.torch_max_qlen)]
         inf_args = ["--methods", args.inf_methods, "--threads", str(t), "--qlens", qlens, "--repeat",
@@ -420,8 +423,13 @@ def headlines(sft: dict, inf: dict) -> list:
         paired = [r for r in d["rows"] if r.get("pct_paired_peak") is not None]
         for q in sorted({r["qlen"] for r in paired}):
             out.append(f"SFT, {thr(t)}, qlen {q}, each step against the FMA peak kernel run right after it for as "
-                       "long: " + "; ".join(f"{r['label']} {r['pct_paired_peak']:.1f} %"
-                                            for r in paired if r["qlen"] == q) + ".")
+                       "long" + (" (median over the steps, quartiles in brackets)"
+                                 if any(r.get("pct_paired_quartiles") for r in paired) else "") + ": "
+                       + "; ".join(f"{r['label']} {r['pct_paired_peak']:.1f} %"
+                                   + (" ({:.1f}-{:.1f} %)".format(r["pct_paired_quartiles"][0],
+                                                                  r["pct_paired_quartiles"][2])
+                                      if r.get("pct_paired_quartiles") else "")
+                                   for r in paired if r["qlen"] == q) + ".")
     for t, d in sorted(inf.items()):
         for r in d["rows"]:
             if r["qlen"] == min(x["qlen"] for x in d["rows"]) and r["kind"] == "decode":
@@ -537,7 +545,9 @@ def write_page(out_dir: str, meta: dict, sft: dict, inf: dict, figs: dict) -> st
                  f"n = timed iterations after one warm-up (median; --repeat {meta['repeat']}, "
                  f"{meta['large_repeat']} at qlen ≥ {meta['large_qlen']}). speedup = PyTorch fp32 loop step / "
                  "ktmoe step, same process and qlen; % peak = of that process's FP32 FMA peak; % paired (rows "
-                 "of the qlens in `--paired-qlens`) = the row's steps run again, each followed by the FMA peak "
+                 "of the qlens in `--paired-qlens`) = the row's steps run again"
+                 + (f" ({meta['paired_repeat']} of them)" if meta.get("paired_repeat") else "")
+                 + ", each followed by the FMA peak "
                  "kernel for as long as the step took, median of the per-step ratios; other load = "
                  "cores used by other processes during the row (well above 0: inflated times)."
                  + (f" The PyTorch loop was not run above qlen {meta['torch_max_qlen']} (`--torch-max-qlen`)."
@@ -599,6 +609,8 @@ def main(argv=None) -> int:
     p.add_argument("--bw-mib", type=int, default=1024, help="DRAM bandwidth buffer in MiB (default 1024)")
     p.add_argument("--paired-qlens", default=None,
                    help="SFT qlens that also get the paired FMA peak (bench_sft; default 512, --quick the largest)")
+    p.add_argument("--paired-repeat", type=int, default=None,
+                   help="paired steps per paired row (bench_sft --paired-repeat; default 9, --quick 1)")
     p.add_argument("--render-only", action="store_true",
                    help="redraw figures and the page from <out>/figures/data without running anything")
     args = p.parse_args(argv)
@@ -609,6 +621,7 @@ def main(argv=None) -> int:
     args.repeat = args.repeat or (1 if args.quick else 3)
     args.decode_repeat = args.decode_repeat or (5 if args.quick else 50)
     args.paired_qlens = args.paired_qlens or (str(max(args.qlens)) if args.quick else "512")
+    args.paired_repeat = args.paired_repeat or (1 if args.quick else 9)
     out_dir = args.out or (QUICK_OUT if args.quick else os.path.join(ROOT, "docs"))
     fig_dir = os.path.join(out_dir, "figures")
     data_dir = os.path.join(fig_dir, "data")
