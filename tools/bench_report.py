@@ -421,15 +421,17 @@ def headlines(sft: dict, inf: dict) -> list:
                    + (f"; PyTorch fp32 loop best {tbest['gflops']:.0f} GFLOP/s at qlen {tbest['qlen']}" if tbest else "")
                    + (f"; speedup over it {min(sps):.2f}-{max(sps):.2f}×." if sps else "."))
         paired = [r for r in d["rows"] if r.get("pct_paired_peak") is not None]
+
+        def paired_pct(r):
+            qs = r.get("pct_paired_quartiles")
+            return f"{r['pct_paired_peak']:.1f} %" + (f" ({qs[0]:.1f}-{qs[2]:.1f} %)" if qs else "")
+
+        note = (" (median over the steps, quartiles in brackets)"
+                if any(r.get("pct_paired_quartiles") for r in paired) else "")
         for q in sorted({r["qlen"] for r in paired}):
             out.append(f"SFT, {thr(t)}, qlen {q}, each step against the FMA peak kernel run right after it for as "
-                       "long" + (" (median over the steps, quartiles in brackets)"
-                                 if any(r.get("pct_paired_quartiles") for r in paired) else "") + ": "
-                       + "; ".join(f"{r['label']} {r['pct_paired_peak']:.1f} %"
-                                   + (" ({:.1f}-{:.1f} %)".format(r["pct_paired_quartiles"][0],
-                                                                  r["pct_paired_quartiles"][2])
-                                      if r.get("pct_paired_quartiles") else "")
-                                   for r in paired if r["qlen"] == q) + ".")
+                       f"long{note}: " + "; ".join(f"{r['label']} {paired_pct(r)}"
+                                                   for r in paired if r["qlen"] == q) + ".")
     for t, d in sorted(inf.items()):
         for r in d["rows"]:
             if r["qlen"] == min(x["qlen"] for x in d["rows"]) and r["kind"] == "decode":
