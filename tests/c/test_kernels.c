@@ -242,6 +242,19 @@ static void check_qdot(const kt_kernels *kt, int64_t m, int64_t n, int64_t K, in
     snprintf(shape, sizeof shape, "fmt %d gs %lld m %lld n %lld K %lld deint %d", fmt, (long long)gs,
              (long long)m, (long long)n, (long long)K, deint);
     compare("qdot", ktmoe_isa_name(kt->isa), c, cref, bound, m, n, ldc, shape);
+    /* each row as in a call of its own (decode takes its own path), bit
+     * for bit: a token's result does not depend on the tokens beside it */
+    float *one = calloc((size_t)n + 1, sizeof(float));
+    for (int64_t i = 0; i < m; i++) {
+        kt->qdot(1, n, K, &xa, aidx + i, &w, one, n);
+        if (memcmp(one, c + i * ldc, (size_t)n * sizeof(float)) != 0) {
+            fprintf(stderr, "FAIL qdot %s: row %lld alone differs from the batch (%s)\n",
+                    ktmoe_isa_name(kt->isa), (long long)i, shape);
+            failures++;
+            break;
+        }
+    }
+    free(one);
     free(q), free(xd), free(xs), free(x), free(aidx), free(c), free(cref), free(bound);
     wstore_free(&ws);
 }
@@ -282,9 +295,9 @@ int main(void) {
             for (int64_t K = 64; K <= 2048; K *= 2) check_quant_act(kt, deint == 2 ? K : K - 32, deint);
         static const struct { int fmt; int64_t gs; } qf[] = {
             {KT_W_I8, 32}, {KT_W_I8, 1 << 30}, {KT_W_I4S, 64}, {KT_W_I4Z, 128},
-            {KT_W_I4M, 32}, {KT_W_I4M, 1 << 30}};
+            {KT_W_I4M, 32}, {KT_W_I4M, 1 << 30}, {KT_W_I4S, 1 << 30}};
         static const int64_t Kq[] = {32, 128, 320, 384}; /* 320: a last group of 64 */
-        for (int f = 0; f < 6; f++)
+        for (int f = 0; f < (int)(sizeof qf / sizeof qf[0]); f++)
             for (int deint = 0; deint < 3; deint++) {
                 if (qf[f].fmt == KT_W_I8 && deint) continue;
                 for (int a = 0; a < 4; a++)

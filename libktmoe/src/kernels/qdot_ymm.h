@@ -42,6 +42,11 @@ KT_INLINE __m256i wcodes32(int fmt, int deint, const uint8_t *row, int64_t k0) {
 
 #define KT_QMR 4 /* activation rows per pass over a weight row */
 
+/* How far ahead the weight codes are prefetched (qdot_prefetch_row,
+ * qdot_row1).  Paired runs (tools/kernel_ab.sh, 64 experts from DRAM, one
+ * thread): 1.02-1.04x with T0 at 1-4 KB, 0.90x with the T1 hint. */
+#define KT_QPF_BYTES 4096
+
 #define KT_QMAXG 2048 /* groups a row may span: K / KT_QBLK at most */
 /* Pairs of blocks whose scale vectors (d_b x4, d_b+1 x4) are built once per
  * call: K up to 8192; longer rows build them per use. */
@@ -64,6 +69,28 @@ KT_INLINE void qdot_block(const int MR, const int fmt, const int deint, const ui
     }
 }
 
+/* The 32 bytes of codes of blocks b and b+1 of a 4-bit row in layout 2:
+ * the low nibbles (even columns of both blocks) and the high ones (odd). */
+KT_INLINE void nibbles32(const uint8_t *wrow, int64_t b, __m256i *lo, __m256i *hi) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    __m256i v = _mm256_loadu_si256((const __m256i *)(wrow + b * (KT_QBLK / 2)));
+    *lo = _mm256_and_si256(v, m4);
+    *hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+}
+
+/* The pair's int32 sums against activation codes x (layout 2, x at the
+ * pair's first column): lanes 0-3 hold block b, lanes 4-7 block b+1. */
+KT_INLINE __m256i pair_sums(__m256i lo, __m256i hi, const int8_t *x) {
+#if KT_VNNI
+    return qdp(qdp(_mm256_setzero_si256(), lo, _mm256_loadu_si256((const __m256i *)x)), hi,
+               _mm256_loadu_si256((const __m256i *)(x + KT_QBLK)));
+#else
+    __m256i pe = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)x));
+    __m256i po = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + KT_QBLK)));
+    return _mm256_madd_epi16(_mm256_add_epi16(pe, po), _mm256_set1_epi16(1));
+#endif
+}
+
 /* Blocks b and b+1 of a 4-bit weight row against MR activation rows in
  * layout 2 (kt_act_pos): 32 bytes of codes give the even columns of both
  * blocks (low nibbles) and the odd ones (high nibbles) with no shuffle;
@@ -71,24 +98,38 @@ KT_INLINE void qdot_block(const int MR, const int fmt, const int deint, const ui
  * lanes 4-7 block b+1. */
 KT_INLINE void qdot_pair(const int MR, const uint8_t *wrow, int64_t b, const int8_t *const *xq,
                          const float *const *xd, const __m256 (*dpair)[KT_QMAXP], __m256 *acc) {
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
-    __m256i v = _mm256_loadu_si256((const __m256i *)(wrow + b * (KT_QBLK / 2)));
-    __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    __m256i lo, hi;
+    nibbles32(wrow, b, &lo, &hi);
     for (int t = 0; t < MR; t++) {
-        const int8_t *x = xq[t] + b * KT_QBLK;
-#if KT_VNNI
-        __m256i p = qdp(qdp(_mm256_setzero_si256(), lo, _mm256_loadu_si256((const __m256i *)x)), hi,
-                        _mm256_loadu_si256((const __m256i *)(x + KT_QBLK)));
-#else
-        __m256i pe = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)x));
-        __m256i po = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + KT_QBLK)));
-        __m256i p = _mm256_madd_epi16(_mm256_add_epi16(pe, po), _mm256_set1_epi16(1));
-#endif
+        __m256i p = pair_sums(lo, hi, xq[t] + b * KT_QBLK);
         __m256 d = dpair ? dpair[t][b / 2]
                          : _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(xd[t] + b)),
                                                 _mm_broadcast_ss(xd[t] + b + 1), 1);
         acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[t]);
     }
+}
+
+/* qdot_row's case of one activation row (decode), a 4-bit row in a single
+ * weight group (one scale a row), layout 2 with the pair scales built, nb
+ * a multiple of 4: the same sums in the same order (pairs b into ga, b + 2
+ * into gb, then one scale and the offset term), without the general
+ * loop's group bounds and per-pair checks, and with one prefetch of the
+ * line KT_QPF_BYTES ahead per line read instead of a separate loop over
+ * each row's lines (paired, one thread: 1.15-1.25x with the codes in L2
+ * or L3).  The prefetch runs past the call's last rows by KT_QPF_BYTES. */
+KT_INLINE float qdot_row1(const uint8_t *wrow, int64_t nb, const int8_t *x, const __m256 *dv,
+                          float scale, float off_sum) {
+    __m256 ga = _mm256_setzero_ps(), gb = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b += 4) {
+        __m256i lo, hi;
+        _mm_prefetch((const char *)wrow + b * (KT_QBLK / 2) + KT_QPF_BYTES, _MM_HINT_T0);
+        nibbles32(wrow, b, &lo, &hi);
+        ga = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pair_sums(lo, hi, x + b * KT_QBLK)), dv[b / 2], ga);
+        nibbles32(wrow, b + 2, &lo, &hi);
+        gb = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pair_sums(lo, hi, x + (b + 2) * KT_QBLK)), dv[b / 2 + 1], gb);
+    }
+    __m256 tot = _mm256_fmadd_ps(_mm256_add_ps(ga, gb), _mm256_set1_ps(scale), _mm256_setzero_ps());
+    return hsum8(tot) + (0.0f + off_sum);
 }
 
 /* One weight row j against MR activation rows (MR a constant after
@@ -163,10 +204,7 @@ KT_INLINE void qdot_row(const int MR, const int fmt, const int deint, int64_t nb
 /* Software prefetch of the weight row `ahead` rows on (those of the call
  * only), a few KB in front of the one being read: the rows of a call are
  * one sequential stream, but with one activation row (decode) perf put a
- * quarter of the kernel's samples on the first use of each load of codes.
- * Paired runs (tools/kernel_ab.sh, 64 experts from DRAM, one thread):
- * 1.02-1.04x with T0 at 1-4 KB, 0.90x with the T1 hint. */
-#define KT_QPF_BYTES 4096
+ * quarter of the kernel's samples on the first use of each load of codes. */
 
 KT_INLINE void qdot_prefetch_row(const kt_wmat *w, int64_t j, int64_t n, int64_t bytes) {
     if (j >= n) return;
@@ -216,6 +254,14 @@ void KT_QDOT_NAME(int64_t m, int64_t n, int64_t K, const kt_qact *x, const int32
                     gend += w->gs;
                 }
             }
+        }
+        if (mr == 1 && pairs && nb % 4 == 0 && w->gs - w->g0 % w->gs >= nb * KT_QBLK) {
+            /* decode, one weight group a row: qdot_row1 */
+            for (int64_t j = 0; j < n; j++)
+                cr[0][j] = qdot_row1((const uint8_t *)w->data + j * w->ld, nb, xq[0], dpair[0],
+                                     w->scale[j * w->ldg + w->g0 / w->gs],
+                                     kt_w_offset(w, j, w->g0 / w->gs) * gsum[0][0]);
+            continue;
         }
         /* the 4-bit formats differ only in kt_w_offset: one instance serves
          * them; int8 weights read activations in column order only */
