@@ -109,27 +109,40 @@ KT_INLINE void qdot_pair(const int MR, const uint8_t *wrow, int64_t b, const int
     }
 }
 
-/* qdot_row's case of one activation row (decode), a 4-bit row in a single
- * weight group (one scale a row), layout 2 with the pair scales built, nb
- * a multiple of 4: the same sums in the same order (pairs b into ga, b + 2
- * into gb, then one scale and the offset term), without the general
+/* qdot_row's case of one activation row (decode) in layout 2 with the
+ * pair scales built, where each weight group of the row spans a multiple of
+ * 4 blocks (bpg: the whole row, or the usual K-group of 128 columns): the
+ * same sums in the same order (per group, pairs b into ga and b + 2 into
+ * gb, then the group's scale; the offset terms last), without the general
  * loop's group bounds and per-pair checks, and with one prefetch of the
  * line KT_QPF_BYTES ahead per line read instead of a separate loop over
- * each row's lines (paired, one thread: 1.15-1.25x with the codes in L2
- * or L3).  The prefetch runs past the call's last rows by KT_QPF_BYTES. */
-KT_INLINE float qdot_row1(const uint8_t *wrow, int64_t nb, const int8_t *x, const __m256 *dv,
-                          float scale, float off_sum) {
-    __m256 ga = _mm256_setzero_ps(), gb = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b += 4) {
-        __m256i lo, hi;
-        _mm_prefetch((const char *)wrow + b * (KT_QBLK / 2) + KT_QPF_BYTES, _MM_HINT_T0);
-        nibbles32(wrow, b, &lo, &hi);
-        ga = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pair_sums(lo, hi, x + b * KT_QBLK)), dv[b / 2], ga);
-        nibbles32(wrow, b + 2, &lo, &hi);
-        gb = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pair_sums(lo, hi, x + (b + 2) * KT_QBLK)), dv[b / 2 + 1], gb);
+ * each row's lines (paired, one thread, one group a row: 1.26-1.33x, with
+ * the codes in L2, L3 or DRAM).  The prefetch runs past the call's last
+ * rows by KT_QPF_BYTES. */
+KT_INLINE float qdot_row1(const uint8_t *wrow, int64_t nb, int64_t bpg, const int8_t *x,
+                          const __m256 *dv, const float *gsum, const kt_wmat *w, int64_t j) {
+    const int64_t g = w->g0 / w->gs;
+    const float *sc = w->scale + j * w->ldg + g;
+    __m256 tot = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; sc++) {
+        __m256 ga = _mm256_setzero_ps(), gb = _mm256_setzero_ps();
+        for (int64_t e = b + bpg; b < e; b += 4) {
+            __m256i lo, hi;
+            _mm_prefetch((const char *)wrow + b * (KT_QBLK / 2) + KT_QPF_BYTES, _MM_HINT_T0);
+            nibbles32(wrow, b, &lo, &hi);
+            ga = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pair_sums(lo, hi, x + b * KT_QBLK)), dv[b / 2], ga);
+            nibbles32(wrow, b + 2, &lo, &hi);
+            gb = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pair_sums(lo, hi, x + (b + 2) * KT_QBLK)),
+                                 dv[b / 2 + 1], gb);
+        }
+        tot = _mm256_fmadd_ps(_mm256_add_ps(ga, gb), _mm256_set1_ps(*sc), tot);
     }
-    __m256 tot = _mm256_fmadd_ps(_mm256_add_ps(ga, gb), _mm256_set1_ps(scale), _mm256_setzero_ps());
-    return hsum8(tot) + (0.0f + off_sum);
+    float offs = 0.0f;
+    for (int64_t i = 0; i < nb / bpg; i++) {
+        float off = kt_w_offset(w, j, g + i);
+        offs += off * gsum[i];
+    }
+    return hsum8(tot) + offs;
 }
 
 /* One weight row j against MR activation rows (MR a constant after
@@ -255,12 +268,18 @@ void KT_QDOT_NAME(int64_t m, int64_t n, int64_t K, const kt_qact *x, const int32
                 }
             }
         }
-        if (mr == 1 && pairs && nb % 4 == 0 && w->gs - w->g0 % w->gs >= nb * KT_QBLK) {
-            /* decode, one weight group a row: qdot_row1 */
-            for (int64_t j = 0; j < n; j++)
-                cr[0][j] = qdot_row1((const uint8_t *)w->data + j * w->ld, nb, xq[0], dpair[0],
-                                     w->scale[j * w->ldg + w->g0 / w->gs],
-                                     kt_w_offset(w, j, w->g0 / w->gs) * gsum[0][0]);
+        /* decode, whole groups of a multiple of 4 blocks: qdot_row1 */
+        int64_t bpg = w->gs - w->g0 % w->gs >= nb * KT_QBLK ? nb
+                      : w->g0 % w->gs == 0 && w->gs % (4 * KT_QBLK) == 0 && nb % (w->gs / KT_QBLK) == 0
+                          ? w->gs / KT_QBLK : 0;
+        if (mr == 1 && pairs && bpg % 4 == 0 && bpg > 0) {
+            const uint8_t *w0 = w->data;
+            if (bpg == 4) /* groups of 128 columns: the inner loop unrolled */
+                for (int64_t j = 0; j < n; j++)
+                    cr[0][j] = qdot_row1(w0 + j * w->ld, nb, 4, xq[0], dpair[0], gsum[0], w, j);
+            else
+                for (int64_t j = 0; j < n; j++)
+                    cr[0][j] = qdot_row1(w0 + j * w->ld, nb, bpg, xq[0], dpair[0], gsum[0], w, j);
             continue;
         }
         /* the 4-bit formats differ only in kt_w_offset: one instance serves
