@@ -78,6 +78,16 @@ static void compare(const char *what, const char *tier, const float *c, const fl
         }
 }
 
+/* Whether row i of a batch (row), computed again in a call of its own
+ * (one), is the same bit for bit (batch invariance); a failure if not. */
+static int same_alone(const char *what, const char *tier, int64_t i, const float *one, const float *row,
+                      int64_t n, const char *shape) {
+    if (memcmp(one, row, (size_t)n * sizeof(float)) == 0) return 1;
+    fprintf(stderr, "FAIL %s %s: row %lld alone differs from the batch (%s)\n", what, tier, (long long)i, shape);
+    failures++;
+    return 0;
+}
+
 static const struct { int fmt; int64_t gs; } formats[] = {
     {KT_W_F32, INT64_MAX}, {KT_W_BF16, INT64_MAX}, {KT_W_I8, 32}, {KT_W_I8, 1 << 30},
     {KT_W_I4S, 64}, {KT_W_I4Z, 32}, {KT_W_I4M, 128}, {KT_W_FP8, 128}, {KT_W_MXFP4, 32},
@@ -119,12 +129,7 @@ static void check_dot(const kt_kernels *kt, int64_t m, int64_t n, int64_t K, int
     for (int64_t i = 0; i < m; i++) {
         for (int64_t j = 0; j < n; j++) one[j] = c_in[i * ldc + j];
         kt->dot(1, n, K, a, lda, aidx + i, &w, one, ldc, accum);
-        if (memcmp(one, c + i * ldc, (size_t)n * sizeof(float)) != 0) {
-            fprintf(stderr, "FAIL dot %s: row %lld alone differs from the batch (%s)\n",
-                    ktmoe_isa_name(kt->isa), (long long)i, shape);
-            failures++;
-            break;
-        }
+        if (!same_alone("dot", ktmoe_isa_name(kt->isa), i, one, c + i * ldc, n, shape)) break;
     }
     free(one);
     if (kt->dot_many) {
@@ -247,12 +252,7 @@ static void check_qdot(const kt_kernels *kt, int64_t m, int64_t n, int64_t K, in
     float *one = calloc((size_t)n + 1, sizeof(float));
     for (int64_t i = 0; i < m; i++) {
         kt->qdot(1, n, K, &xa, aidx + i, &w, one, n);
-        if (memcmp(one, c + i * ldc, (size_t)n * sizeof(float)) != 0) {
-            fprintf(stderr, "FAIL qdot %s: row %lld alone differs from the batch (%s)\n",
-                    ktmoe_isa_name(kt->isa), (long long)i, shape);
-            failures++;
-            break;
-        }
+        if (!same_alone("qdot", ktmoe_isa_name(kt->isa), i, one, c + i * ldc, n, shape)) break;
     }
     free(one);
     free(q), free(xd), free(xs), free(x), free(aidx), free(c), free(cref), free(bound);

@@ -417,7 +417,7 @@ KT_INLINE void dot_qrow_block(const int fmt, const int NR, int64_t j, int64_t K,
         for (; k < end; k += 8)
             for (int t = 0; t < NR; t++)
                 acc[t] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k),
-                                         deq8(fmt, (const uint8_t *)W->data + (j + t) * W->ld, k, &d[t]), acc[t]);
+                                         deq8(fmt, (const uint8_t *)row[t], k, &d[t]), acc[t]);
     }
     for (int t = 0; t < NR; t++) {
         float sum = hsum8(acc[t]);
