@@ -166,7 +166,8 @@ static void check_outer(const kt_kernels *kt, int64_t m, int64_t n, int64_t K, i
     for (int64_t i = 0; i < rowsD * (K + 3); i++) d[i] = frand();
     for (int64_t i = 0; i < m; i++) didx[i] = (int32_t)(rnd() % rowsD);
     for (int64_t k = 0; k < K; k++) widx[k] = plain_rows ? (int32_t)k : (int32_t)(rnd() % wrows);
-    for (int64_t i = 0; i < m * ldc; i++) c[i] = cref[i] = frand();
+    float *c_in = malloc((size_t)(m * ldc + 1) * sizeof(float));
+    for (int64_t i = 0; i < m * ldc; i++) c[i] = cref[i] = c_in[i] = frand();
     for (int64_t i = 0; i < m; i++)
         for (int64_t j = 0; j < n; j++) {
             float s = accum ? fabsf(c[i * ldc + j]) : 0.0f;
@@ -182,6 +183,15 @@ static void check_outer(const kt_kernels *kt, int64_t m, int64_t n, int64_t K, i
              fmt, (long long)gs, (long long)m, (long long)n, (long long)K, accum, transposed, plain_rows,
              unit_scales);
     compare("outer", ktmoe_isa_name(kt->isa), c, cref, bound, m, n, ldc, shape);
+    /* each row as in a call of its own, bit for bit: 1-3 rows of D take
+     * paths of their own (no panel), with the same sums in the same order */
+    float *alone = malloc((size_t)(ldc + 1) * sizeof(float));
+    for (int64_t i = 0; i < m; i++) {
+        for (int64_t j = 0; j < n; j++) alone[j] = c_in[i * ldc + j];
+        kt->outer(1, n, K, d, dsi, dsk, didx + i, &w, wi, alone, ldc, accum);
+        if (!same_alone("outer", ktmoe_isa_name(kt->isa), i, alone, c + i * ldc, n, shape)) break;
+    }
+    free(alone), free(c_in);
     free(d), free(didx), free(widx), free(c), free(cref), free(bound);
     wstore_free(&ws);
 }
@@ -289,8 +299,18 @@ int main(void) {
          * a multiply */
         for (int fi = 0; fi < (int)NFMT; fi++)
             if ((formats[fi].fmt == KT_W_I8 || formats[fi].fmt == KT_W_I4S) && formats[fi].gs > (int64_t)1 << 29)
-                for (int a = 2; a < 4; a++)
-                    for (int kk = 2; kk < 5; kk++) check_outer(kt, ms[a], nouter[a], Kout[kk], fi, kk & 1, a & 1, 1, 1);
+                for (int a = 0; a < 4; a++)
+                    for (int kk = 2; kk < 5; kk++) check_outer(kt, ms[a], nouter[a | 2], Kout[kk], fi, kk & 1, a & 1, 1, 1);
+        /* two rows of D (1 and 3 above): the few-rows paths' other case;
+         * the dot form's few-rows path in blocks of 1-3 rows (up to 11) */
+        for (int fi = 0; fi < (int)NFMT; fi++)
+            for (int kk = 2; kk < 5; kk++) {
+                check_dot(kt, 2, 37, Kdot[kk], fi, kk & 1);
+                check_dot(kt, 5, 72, Kdot[kk], fi, (kk + 1) & 1);
+                check_dot(kt, 11, 16, Kdot[kk], fi, kk & 1);
+                check_outer(kt, 2, 72, Kout[kk], fi, kk & 1, kk & 1, 1, 0);
+                check_outer(kt, 2, 37, Kout[kk], fi, (kk + 1) & 1, 0, 0, (formats[fi].fmt == KT_W_I8 || formats[fi].fmt == KT_W_I4S) && formats[fi].gs > (int64_t)1 << 29);
+            }
         for (int deint = 0; deint < 3; deint++)
             for (int64_t K = 64; K <= 2048; K *= 2) check_quant_act(kt, deint == 2 ? K : K - 32, deint);
         static const struct { int fmt; int64_t gs; } qf[] = {

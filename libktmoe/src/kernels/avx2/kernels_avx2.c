@@ -69,24 +69,7 @@ KT_INLINE __m256 deq8(int fmt, const uint8_t *row, int64_t c, const deq_grp *d) 
 }
 
 /* dst[0..n) = W(r, c .. c+n) in fp32; c, n and the group size multiples of 8. */
-static void deq_seg(float *dst, const kt_wmat *w, int64_t r, int64_t c, int64_t n) {
-    if (w->fmt == KT_W_F32) {
-        memcpy(dst, (const float *)w->data + r * w->ld + c, (size_t)n * 4);
-        return;
-    }
-    if (w->fmt == KT_W_BF16) {
-        const uint16_t *p = (const uint16_t *)w->data + r * w->ld + c;
-        for (int64_t i = 0; i < n; i += 8) _mm256_storeu_ps(dst + i, ld8_bf16(p + i));
-        return;
-    }
-    const uint8_t *row = (const uint8_t *)w->data + r * w->ld;
-    for (int64_t col = c; col < c + n;) {
-        int64_t gc = w->g0 + col;
-        int64_t end = KT_MIN(c + n, col + (w->gs - gc % w->gs));
-        deq_grp d = deq_group(w, r, gc / w->gs);
-        for (; col < end; col += 8) _mm256_storeu_ps(dst + col - c, deq8(w->fmt, row, col, &d));
-    }
-}
+static void deq_seg(float *dst, const kt_wmat *w, int64_t r, int64_t c, int64_t n);
 
 #include "../prefetch.h"
 
@@ -268,6 +251,18 @@ KT_INLINE void w_row32(const int fmt, const char *p, const deq_grp *d, __m256 w[
         for (int v = 0; v < 4; v++) w[v] = _mm256_loadu_ps((const float *)p + 8 * v);
         return;
     }
+    if (fmt == KT_W_I4S || fmt == KT_W_I4Z) { /* codes u - z as signed bytes, 16 at a time */
+        __m128i v = _mm_loadu_si128((const __m128i *)p), m4 = _mm_set1_epi8(0x0F);
+        __m128i z = fmt == KT_W_I4S ? _mm_set1_epi8(8)
+                                    : _mm_shuffle_epi8(_mm256_castsi256_si128(d->z), _mm_setzero_si128());
+        __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+        __m128i b[2] = {_mm_sub_epi8(_mm_unpacklo_epi8(lo, hi), z), _mm_sub_epi8(_mm_unpackhi_epi8(lo, hi), z)};
+        for (int h = 0; h < 2; h++) {
+            w[2 * h] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b[h])), d->s);
+            w[2 * h + 1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b[h], 8))), d->s);
+        }
+        return;
+    }
     if (kt_fmt_is_4bit(fmt)) { /* 16 bytes: 32 codes, low nibble first */
         __m128i v = _mm_loadu_si128((const __m128i *)p), m4 = _mm_set1_epi8(0x0F);
         __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
@@ -279,6 +274,40 @@ KT_INLINE void w_row32(const int fmt, const char *p, const deq_grp *d, __m256 w[
         return;
     }
     for (int v = 0; v < 4; v++) w[v] = deq8(fmt, (const uint8_t *)p, 8 * v, d);
+}
+
+/* deq_seg's quantized rows (fmt a constant after inlining): 32 columns at
+ * a time through w_row32 where they lie in one group, else 8. */
+KT_INLINE void deq_seg_q(const int fmt, float *dst, const kt_wmat *w, int64_t r, int64_t c, int64_t n) {
+    const uint8_t *row = (const uint8_t *)w->data + r * w->ld;
+    for (int64_t col = c; col < c + n;) {
+        int64_t gc = w->g0 + col;
+        int64_t end = KT_MIN(c + n, col + (w->gs - gc % w->gs));
+        deq_grp d = deq_group(w, r, gc / w->gs);
+        for (; col + 32 <= end; col += 32) {
+            __m256 v[4];
+            w_row32(fmt, w_addr(w, r, col), &d, v);
+            for (int q = 0; q < 4; q++) _mm256_storeu_ps(dst + col - c + 8 * q, v[q]);
+        }
+        for (; col < end; col += 8) _mm256_storeu_ps(dst + col - c, deq8(fmt, row, col, &d));
+    }
+}
+
+static void deq_seg(float *dst, const kt_wmat *w, int64_t r, int64_t c, int64_t n) {
+    switch (w->fmt) {
+    case KT_W_F32: memcpy(dst, (const float *)w->data + r * w->ld + c, (size_t)n * 4); return;
+    case KT_W_BF16: {
+        const uint16_t *p = (const uint16_t *)w->data + r * w->ld + c;
+        for (int64_t i = 0; i < n; i += 8) _mm256_storeu_ps(dst + i, ld8_bf16(p + i));
+        return;
+    }
+    case KT_W_I8: deq_seg_q(KT_W_I8, dst, w, r, c, n); return;
+    case KT_W_I4S: deq_seg_q(KT_W_I4S, dst, w, r, c, n); return;
+    case KT_W_I4Z: deq_seg_q(KT_W_I4Z, dst, w, r, c, n); return;
+    case KT_W_I4M: deq_seg_q(KT_W_I4M, dst, w, r, c, n); return;
+    case KT_W_FP8: deq_seg_q(KT_W_FP8, dst, w, r, c, n); return;
+    default: deq_seg_q(KT_W_MXFP4, dst, w, r, c, n); return;
+    }
 }
 
 /* The first row block of a panel packs it: W rows k0.. (columns [j0, j0 +
@@ -374,6 +403,79 @@ static void outer_pack_block(int mr, int64_t kc, const float *const *dp, int64_t
     }
 }
 
+/* ---- outer form, few rows of D, quantized W ----
+ * With 1-3 rows of D (the SFT backward of a few tokens: 1-3 pairs an
+ * expert) a packed panel costs a store and a load of every W element for
+ * 1-3 FMAs.  Here each W row's 32 columns are dequantized in registers
+ * (w_row32: exactly the panel's values) and used at once, over all of K;
+ * each output is one sum in k order, as in the panel path, so the results
+ * are the same bits.  fmt may be KT_RAW_I8 or KT_RAW_I4S (scales all 1). */
+KT_INLINE void outer_qrows_cols(const int fmt, const int MR, int64_t K, const float *const *d,
+                                int64_t dsk, const kt_wmat *W, const int32_t *widx, int64_t j,
+                                float *const *crow, int accum) {
+    /* rows ahead to fetch: each W row's 32 columns are a line or part of
+     * one, rows 0.7-4 KB apart, so the fetch must run a DRAM latency ahead
+     * (8 rows left the loop waiting: one-thread INT8 SFT steps at qlen 16
+     * took 1.3x as long as with 96; 192: no faster) */
+    enum { PFD = 96 };
+    __m256 acc[3][4];
+    for (int i = 0; i < MR; i++)
+        for (int v = 0; v < 4; v++)
+            acc[i][v] = accum ? _mm256_loadu_ps(crow[i] + j + 8 * v) : _mm256_setzero_ps();
+    const int raw = fmt == KT_RAW_I8 || fmt == KT_RAW_I4S;
+    const int64_t g = raw ? 0 : (W->g0 + j) / W->gs;
+    for (int64_t k = 0; k < K; k++) {
+        const int64_t r = widx ? widx[k] : k;
+        if (k + PFD < K) _mm_prefetch(w_addr(W, widx ? widx[k + PFD] : k + PFD, j), _MM_HINT_T0);
+        deq_grp dq = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_set1_epi32(8)};
+        if (!raw) dq = deq_group(W, r, g);
+        __m256 w[4];
+        w_row32(fmt, w_addr(W, r, j), &dq, w);
+        for (int i = 0; i < MR; i++) {
+            __m256 b = _mm256_broadcast_ss(d[i] + k * dsk);
+            for (int v = 0; v < 4; v++) acc[i][v] = _mm256_fmadd_ps(b, w[v], acc[i][v]);
+        }
+    }
+    for (int i = 0; i < MR; i++)
+        for (int v = 0; v < 4; v++) _mm256_storeu_ps(crow[i] + j + 8 * v, acc[i][v]);
+}
+
+#define QROWS_CASE(MR, FMT)                                                                  \
+    case (MR) * 16 + (FMT):                                                                   \
+        if (dsk == 1) outer_qrows_cols(FMT, MR, K, dp, 1, W, widx, j, cr, accum);             \
+        else outer_qrows_cols(FMT, MR, K, dp, dsk, W, widx, j, cr, accum);                    \
+        break;
+
+/* Columns [j, j + 32) (in one quantization group) of the outer form for
+ * m = 1..3 rows of D and quantized W: 1 when done, 0 for the panel path. */
+static int outer_qrows(int64_t m, int64_t K, const float *d, int64_t dsi, int64_t dsk,
+                       const int32_t *didx, const kt_wmat *W, const int32_t *widx, int64_t j,
+                       float *c, int64_t ldc, int accum) {
+    int fmt = W->fmt;
+    if (m < 1 || m > 3 || fmt == KT_W_BF16 || fmt == KT_W_F32 || (W->g0 + j) % W->gs + KT_PW > W->gs)
+        return 0;
+    if ((fmt == KT_W_I8 || fmt == KT_W_I4S) && W->ldg == 0 && W->scale[0] == 1.0f)
+        fmt = fmt == KT_W_I8 ? KT_RAW_I8 : KT_RAW_I4S;
+    const float *dp[3];
+    float *cr[3];
+    for (int64_t i = 0; i < m; i++) {
+        dp[i] = d + (didx ? didx[i] : i) * dsi;
+        cr[i] = c + i * ldc;
+    }
+    switch (m * 16 + fmt) {
+        QROWS_CASE(1, KT_W_I8) QROWS_CASE(2, KT_W_I8) QROWS_CASE(3, KT_W_I8)
+        QROWS_CASE(1, KT_W_I4S) QROWS_CASE(2, KT_W_I4S) QROWS_CASE(3, KT_W_I4S)
+        QROWS_CASE(1, KT_W_I4Z) QROWS_CASE(2, KT_W_I4Z) QROWS_CASE(3, KT_W_I4Z)
+        QROWS_CASE(1, KT_W_I4M) QROWS_CASE(2, KT_W_I4M) QROWS_CASE(3, KT_W_I4M)
+        QROWS_CASE(1, KT_W_FP8) QROWS_CASE(2, KT_W_FP8) QROWS_CASE(3, KT_W_FP8)
+        QROWS_CASE(1, KT_W_MXFP4) QROWS_CASE(2, KT_W_MXFP4) QROWS_CASE(3, KT_W_MXFP4)
+        QROWS_CASE(1, KT_RAW_I8) QROWS_CASE(2, KT_RAW_I8) QROWS_CASE(3, KT_RAW_I8)
+        QROWS_CASE(1, KT_RAW_I4S) QROWS_CASE(2, KT_RAW_I4S) QROWS_CASE(3, KT_RAW_I4S)
+    default: return 0;
+    }
+    return 1;
+}
+
 /* ---- dot form, few rows of A, quantized W ----
  * With 1-3 rows of A (decode with fp32 activations) the dot form's panel
  * (every W element dequantized, stored and loaded back, the format looked
@@ -386,17 +488,17 @@ static void outer_pack_block(int mr, int64_t kc, const float *const *dp, int64_t
  * many rows share the call (the dot kernel's batch invariance).  Paired,
  * one thread, one row of A, 1408 x 2048 W in L3: 2.3x (I4S), 2.7x (I4Z,
  * groups of 128), 2.9x (int8). */
-KT_INLINE void dot_qrow_block(const int fmt, const int NR, int64_t j, int64_t K, const float *x,
-                              const kt_wmat *W, float *crow, int accum) {
+KT_INLINE void dot_qrow_block(const int fmt, const int MR, const int NR, int64_t j, int64_t K,
+                              const float *const *x, const kt_wmat *W, float *const *crow, int accum) {
     const int64_t K8 = K & ~(int64_t)7;
     const int64_t ldb = w_addr(W, 1, 0) - w_addr(W, 0, 0);
     const int64_t step = w_addr(W, 0, 32) - w_addr(W, 0, 0); /* bytes of 32 columns */
     const char *row[4];
-    __m256 acc[4];
+    __m256 acc[3][4];
     deq_grp d[4];
     for (int t = 0; t < NR; t++) {
         row[t] = w_addr(W, j + t, 0);
-        acc[t] = _mm256_setzero_ps();
+        for (int i = 0; i < MR; i++) acc[i][t] = _mm256_setzero_ps();
     }
     for (int64_t k = 0; k < K8;) {
         /* the run of columns in k's group: whole groups of 32 (dot_qrows
@@ -411,53 +513,80 @@ KT_INLINE void dot_qrow_block(const int fmt, const int NR, int64_t j, int64_t K,
                     _mm_prefetch(p + 4 * ldb, _MM_HINT_T0);
                 __m256 w[4];
                 w_row32(fmt, p, &d[t], w);
-                for (int v = 0; v < 4; v++) acc[t] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8 * v), w[v], acc[t]);
+                for (int i = 0; i < MR; i++)
+                    for (int v = 0; v < 4; v++)
+                        acc[i][t] = _mm256_fmadd_ps(_mm256_loadu_ps(x[i] + k + 8 * v), w[v], acc[i][t]);
             }
         }
         for (; k < end; k += 8)
-            for (int t = 0; t < NR; t++)
-                acc[t] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k),
-                                         deq8(fmt, (const uint8_t *)row[t], k, &d[t]), acc[t]);
+            for (int t = 0; t < NR; t++) {
+                __m256 w = deq8(fmt, (const uint8_t *)row[t], k, &d[t]);
+                for (int i = 0; i < MR; i++) acc[i][t] = _mm256_fmadd_ps(_mm256_loadu_ps(x[i] + k), w, acc[i][t]);
+            }
     }
-    for (int t = 0; t < NR; t++) {
-        float sum = hsum8(acc[t]);
-        for (int64_t kk = K8; kk < K; kk++) sum += x[kk] * kt_w_at(W, j + t, kk);
-        crow[j + t] = accum ? crow[j + t] + sum : sum;
+    for (int i = 0; i < MR; i++)
+        for (int t = 0; t < NR; t++) {
+            float sum = hsum8(acc[i][t]);
+            for (int64_t kk = K8; kk < K; kk++) sum += x[i][kk] * kt_w_at(W, j + t, kk);
+            crow[i][j + t] = accum ? crow[i][j + t] + sum : sum;
+        }
+}
+
+/* Rows x[0..m) of A (m <= KT_QROWS_MAX) against W rows [0, n) (fmt a
+ * constant after inlining): blocks of 4 W rows, each dequantized once for
+ * every block of 1-3 rows of A (the 4 rows' 32 columns stay in L1 for the
+ * blocks after the first); every output's sums are those of the row alone. */
+#define KT_QROWS_MAX 11
+KT_INLINE void dot_qrow(const int fmt, int64_t m, int64_t n, int64_t K, const float *const *x,
+                        const kt_wmat *W, float *const *crow, int accum) {
+    const int64_t nb = (m + 2) / 3, base = m / nb, extra = m % nb;
+    for (int64_t j = 0; j < n; j += 4) {
+        const int nr = (int)KT_MIN(4, n - j);
+        for (int64_t bi = 0, i = 0; bi < nb; i += base + (bi < extra), bi++) {
+            const int mr = (int)(base + (bi < extra));
+            const float *const *xb = x + i;
+            float *const *cb = crow + i;
+            switch (mr * 4 + nr) {
+            case 3 * 4 + 4: dot_qrow_block(fmt, 3, 4, j, K, xb, W, cb, accum); break;
+            case 2 * 4 + 4: dot_qrow_block(fmt, 2, 4, j, K, xb, W, cb, accum); break;
+            case 1 * 4 + 4: dot_qrow_block(fmt, 1, 4, j, K, xb, W, cb, accum); break;
+            case 3 * 4 + 3: dot_qrow_block(fmt, 3, 3, j, K, xb, W, cb, accum); break;
+            case 2 * 4 + 3: dot_qrow_block(fmt, 2, 3, j, K, xb, W, cb, accum); break;
+            case 1 * 4 + 3: dot_qrow_block(fmt, 1, 3, j, K, xb, W, cb, accum); break;
+            case 3 * 4 + 2: dot_qrow_block(fmt, 3, 2, j, K, xb, W, cb, accum); break;
+            case 2 * 4 + 2: dot_qrow_block(fmt, 2, 2, j, K, xb, W, cb, accum); break;
+            case 1 * 4 + 2: dot_qrow_block(fmt, 1, 2, j, K, xb, W, cb, accum); break;
+            case 3 * 4 + 1: dot_qrow_block(fmt, 3, 1, j, K, xb, W, cb, accum); break;
+            case 2 * 4 + 1: dot_qrow_block(fmt, 2, 1, j, K, xb, W, cb, accum); break;
+            default: dot_qrow_block(fmt, 1, 1, j, K, xb, W, cb, accum); break;
+            }
+        }
     }
 }
 
-/* One row x of A against W rows [0, n) (fmt a constant after inlining):
- * blocks of 4 W rows, whose 4 sums interleave to cover the FMA latency. */
-KT_INLINE void dot_qrow(const int fmt, int64_t n, int64_t K, const float *x, const kt_wmat *W,
-                        float *crow, int accum) {
-    int64_t j = 0;
-    for (; j + 4 <= n; j += 4) dot_qrow_block(fmt, 4, j, K, x, W, crow, accum);
-    switch (n - j) {
-    case 3: dot_qrow_block(fmt, 3, j, K, x, W, crow, accum); break;
-    case 2: dot_qrow_block(fmt, 2, j, K, x, W, crow, accum); break;
-    case 1: dot_qrow_block(fmt, 1, j, K, x, W, crow, accum); break;
-    }
-}
-
-/* kt_dot_avx2 for 1-3 rows of A and int8 or 4-bit W whose groups start on
+/* kt_dot_avx2 for 1-KT_QROWS_MAX rows of A and int8 or 4-bit W whose groups start on
  * multiples of 32 columns (or one group a row): 1 when done, 0 to take the
  * panel path. */
 static int dot_qrows(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
                      const int32_t *aidx, const kt_wmat *W, float *c, int64_t ldc, int accum) {
     int fmt = W->fmt;
-    if (m < 1 || m > 3 || n < 1 || !(fmt == KT_W_I8 || kt_fmt_is_int4(fmt)))
+    /* 4-bit W: from 4 rows of A, the panel path (one dequantization, w_row32's) is
+     * faster (one-thread SFT steps at qlen 64 and 128, paired: 1.08x); int8: up to 11 */
+    if (m < 1 || m > (fmt == KT_W_I8 ? KT_QROWS_MAX : 3) || n < 1 || !(fmt == KT_W_I8 || kt_fmt_is_int4(fmt)))
         return 0;
     if (!(W->g0 % W->gs + K <= W->gs || (W->gs % 32 == 0 && W->g0 % 32 == 0)))
         return 0;
+    const float *x[KT_QROWS_MAX];
+    float *crow[KT_QROWS_MAX];
     for (int64_t i = 0; i < m; i++) {
-        const float *x = a + (aidx ? aidx[i] : i) * lda;
-        float *crow = c + i * ldc;
-        switch (fmt) {
-        case KT_W_I8: dot_qrow(KT_W_I8, n, K, x, W, crow, accum); break;
-        case KT_W_I4S: dot_qrow(KT_W_I4S, n, K, x, W, crow, accum); break;
-        case KT_W_I4Z: dot_qrow(KT_W_I4Z, n, K, x, W, crow, accum); break;
-        default: dot_qrow(KT_W_I4M, n, K, x, W, crow, accum); break;
-        }
+        x[i] = a + (aidx ? aidx[i] : i) * lda;
+        crow[i] = c + i * ldc;
+    }
+    switch (fmt) {
+    case KT_W_I8: dot_qrow(KT_W_I8, m, n, K, x, W, crow, accum); break;
+    case KT_W_I4S: dot_qrow(KT_W_I4S, m, n, K, x, W, crow, accum); break;
+    case KT_W_I4Z: dot_qrow(KT_W_I4Z, m, n, K, x, W, crow, accum); break;
+    default: dot_qrow(KT_W_I4M, m, n, K, x, W, crow, accum); break;
     }
     return 1;
 }
@@ -546,6 +675,8 @@ KT_INLINE void panel_loop(const int bf16, const int tpack, int64_t m, int64_t nv
     const int fold = tpack && kt_dot_fold_ok(W, K, accum);
     for (int64_t j = 0; j < nv; j += KT_PW) {
         int nvec = (int)KT_MIN(KT_PW, nv - j) / 8;
+        if (!tpack && nvec == 4 && K > 0 && outer_qrows(m, K, d, dsi, dsk, didx, W, widx, j, c, ldc, accum))
+            continue;
         if (fold) kt_dot_col_scales(W, j, nvec, cs);
         for (int64_t k0 = 0; k0 < K; k0 += KT_KC) {
             int64_t k1 = KT_MIN(K, k0 + KT_KC);
