@@ -91,7 +91,7 @@ static int same_alone(const char *what, const char *tier, int64_t i, const float
 static const struct { int fmt; int64_t gs; } formats[] = {
     {KT_W_F32, INT64_MAX}, {KT_W_BF16, INT64_MAX}, {KT_W_I8, 32}, {KT_W_I8, 1 << 30},
     {KT_W_I4S, 64}, {KT_W_I4Z, 32}, {KT_W_I4M, 128}, {KT_W_FP8, 128}, {KT_W_MXFP4, 32},
-    {KT_W_I4S, 8}, {KT_W_I4S, 1 << 30},
+    {KT_W_I4S, 8}, {KT_W_I4S, 1 << 30}, {KT_W_I4Z, 128},
 };
 #define NFMT (sizeof formats / sizeof formats[0])
 

@@ -251,7 +251,8 @@ KT_INLINE void w_row32(const int fmt, const char *p, const deq_grp *d, __m256 w[
         for (int v = 0; v < 4; v++) w[v] = _mm256_loadu_ps((const float *)p + 8 * v);
         return;
     }
-    if (fmt == KT_W_I4S || fmt == KT_W_I4Z) { /* codes u - z as signed bytes, 16 at a time */
+    if (fmt == KT_W_I4S || fmt == KT_W_I4Z) { /* codes u - z as signed bytes, 16 at a time
+                                                * (I4S: z = 8, whatever d holds) */
         __m128i v = _mm_loadu_si128((const __m128i *)p), m4 = _mm_set1_epi8(0x0F);
         __m128i z = fmt == KT_W_I4S ? _mm_set1_epi8(8)
                                     : _mm_shuffle_epi8(_mm256_castsi256_si128(d->z), _mm_setzero_si128());
@@ -654,7 +655,8 @@ void kt_outer_pack_avx2(float *panel, const kt_wmat *W, const int32_t *widx, int
     case KT_W_FP8: outer_pack_grp(KT_W_FP8, panel, W, widx, k0, k1, j, nvec); break;
     case KT_W_MXFP4: outer_pack_grp(KT_W_MXFP4, panel, W, widx, k0, k1, j, nvec); break;
     case KT_W_I4M: outer_pack_grp(KT_W_I4M, panel, W, widx, k0, k1, j, nvec); break;
-    default: outer_pack_grp(KT_W_I4S, panel, W, widx, k0, k1, j, nvec); break; /* I4S, I4Z */
+    case KT_W_I4Z: outer_pack_grp(KT_W_I4Z, panel, W, widx, k0, k1, j, nvec); break;
+    default: outer_pack_grp(KT_W_I4S, panel, W, widx, k0, k1, j, nvec); break;
     }
 }
 
