@@ -14,13 +14,17 @@
  * dot_many (SFT layers, 12 rows of A or more): the outer micro-kernel on
  *   W rows transposed into the same kind of panel (k-ordered sums).
  * The panel forms prefetch the next panel's weights while computing one.
- * Quantized W is dequantized 8 columns at a time to exactly the fp32 values
- * of kt_w_at (the ref tier's definition), so tiers differ only in the order
- * of the fp32 sums; except that int8 and I4S weights with one scale a row
- * may leave the scale out of the panel: dot_many multiplies each output by
- * it once (kt_dot_fold_ok), and an outer-form W whose scales are all 1 (the
- * SFT backward's dx, whose dg and du carry the scales) converts its codes
- * without a multiply.  One rounding fewer or moved, within the same bound. */
+ * Few rows (1-3 of D in the outer form, 1-11 of A in the row-order dot
+ *   form): W dequantized in registers, 32 columns of a row at a time
+ *   (w_row32), no panel; the same sums in the same order as the panel path.
+ * Quantized W is dequantized to exactly the fp32 values of kt_w_at (the ref
+ * tier's definition), so tiers differ only in the order of the fp32 sums;
+ * except that int8 and I4S weights with one scale a row may leave the scale
+ * out: dot_many and the row-order dot form multiply each output by it once
+ * (kt_dot_fold_ok, dot_fold), and an outer-form W whose scales are all 1
+ * (the SFT backward's dx, whose dg and du carry the scales) converts its
+ * codes without a multiply.  One rounding fewer or moved, within the same
+ * bound. */
 #include "../../internal.h"
 
 #include "../ymm_common.h"
@@ -34,6 +38,13 @@ KT_INLINE __m256 ld8_w(const void *w, int bf16, int64_t i) {
 }
 
 /* ---- dequantization ---- */
+
+/* Pseudo-formats: int8 or I4S codes as their integer values (I4S: u - 8),
+ * without the scale: the outer form's W whose scales are all 1 (W->ldg ==
+ * 0, W->scale[0] == 1: the caller has folded the scales into D), and the
+ * dot form's W with one scale a row, multiplied into each output once
+ * (dot_fold). */
+enum { KT_RAW_I8 = 8, KT_RAW_I4S = 9 };
 
 /* The dequantization constants of group g of row r. */
 typedef struct deq_grp {
@@ -60,6 +71,9 @@ KT_INLINE __m256 deq_codes(const int fmt, __m256i u, const deq_grp *d) {
 
 /* 8 columns from column c of a quantized row, all in one group. */
 KT_INLINE __m256 deq8(int fmt, const uint8_t *row, int64_t c, const deq_grp *d) {
+    if (fmt == KT_RAW_I8)
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + c))));
+    if (fmt == KT_RAW_I4S) return _mm256_cvtepi32_ps(_mm256_sub_epi32(nib8(row + c / 2), _mm256_set1_epi32(8)));
     if (fmt == KT_W_I8) {
         __m128i q = _mm_loadl_epi64((const __m128i *)(row + c));
         return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d->s);
@@ -70,8 +84,29 @@ KT_INLINE __m256 deq8(int fmt, const uint8_t *row, int64_t c, const deq_grp *d) 
 
 /* dst[0..n) = W(r, c .. c+n) in fp32; c, n and the group size multiples of 8. */
 static void deq_seg(float *dst, const kt_wmat *w, int64_t r, int64_t c, int64_t n);
+/* deq_seg, or with fold (dot_fold) the codes' integer values */
+static void deq_seg_fold(float *dst, const kt_wmat *w, int64_t r, int64_t c, int64_t n, int fold);
 
 #include "../prefetch.h"
+
+/* Whether the row-order dot form leaves W's scales out of its sums: int8
+ * or I4S with one scale a row over all K columns.  Each output is then
+ * (sum_k A(i, k) code(j, k)) * scale(j): one multiply an output instead of
+ * one an element of W, in both of its paths (panel and few rows), so that
+ * a row's result still does not depend on the path. */
+static int dot_fold(const kt_wmat *W, int64_t K) {
+    return (W->fmt == KT_W_I8 || W->fmt == KT_W_I4S) && W->g0 + K <= W->gs;
+}
+
+/* The end of output (row x, W row r) of the row-order dot form: the 8
+ * partial sums, the columns K8 .. K, and with dot_fold the row's scale. */
+KT_INLINE float dot_finish(__m256 acc, const float *x, const kt_wmat *W, int64_t r, int64_t K8,
+                           int64_t K, int fold) {
+    float s = hsum8(acc);
+    for (int64_t kk = K8; kk < K; kk++)
+        s += x[kk] * (fold ? (float)(kt_w_code(W, r, kk) - (W->fmt == KT_W_I4S ? 8 : 0)) : kt_w_at(W, r, kk));
+    return fold ? s * W->scale[r * W->ldg + W->g0 / W->gs] : s;
+}
 
 /* ---- dot form ----
  * Rows of W are converted to fp32 once per (row block, K chunk) into a small
@@ -121,6 +156,7 @@ KT_INLINE void dot_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const f
     const int64_t ldw = W->ld;
     /* one row block of a plain W: convert it on the fly */
     const int direct = m <= 3 && (W->fmt == KT_W_F32 || W->fmt == KT_W_BF16);
+    const int fold = dot_fold(W, K);
     for (int64_t i0 = 0; i0 < m; i0 += KT_DOT_MC) {
         int64_t mc = KT_MIN(KT_DOT_MC, m - i0);
         for (int64_t j = 0; j < n; j += 4) {
@@ -136,7 +172,7 @@ KT_INLINE void dot_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const f
                     pf_init(&pf, W, NULL, j + 4, KT_MIN(4, n - j - 4), 0, KT_MIN(KT_DOT_KC, K8));
                 int64_t pf_share = (pf_total(&pf) + (mc + 2) / 3 - 1) / ((mc + 2) / 3);
                 if (!direct)
-                    for (int t = 0; t < nr; t++) deq_seg(panel + t * KT_DOT_LDP, W, j + t, k0, kc);
+                    for (int t = 0; t < nr; t++) deq_seg_fold(panel + t * KT_DOT_LDP, W, j + t, k0, kc, fold);
                 for (int64_t i = 0; i < mc; i += 3) {
                     pf_some(&pf, pf_share);
                     int mr = (int)KT_MIN(3, mc - i);
@@ -154,8 +190,7 @@ KT_INLINE void dot_avx2(const int bf16, int64_t m, int64_t n, int64_t K, const f
                 const float *ai = a + (aidx ? aidx[i0 + i] : i0 + i) * lda;
                 const __m256 *acc = accbuf + (i / 3) * 12 + (i % 3) * 4;
                 for (int t = 0; t < nr; t++) {
-                    float s = hsum8(acc[t]);
-                    for (int64_t kk = K8; kk < K; kk++) s += ai[kk] * kt_w_at(W, j + t, kk);
+                    float s = dot_finish(acc[t], ai, W, j + t, K8, K, fold);
                     float *cp = c + (i0 + i) * ldc + j + t;
                     *cp = accum ? *cp + s : s;
                 }
@@ -218,10 +253,6 @@ KT_INLINE void outer_micro(const int MR, const int NV, int64_t kc, const float *
         for (int v = 0; v < NV; v++) _mm256_storeu_ps(crow[i] + j0 + 8 * v, acc[i][v]);
 }
 
-/* Pseudo-formats of the fused outer block: int8 or I4S codes whose scales
- * are all 1 (W->ldg == 0, W->scale[0] == 1: the caller has folded the
- * scales into D), converted without the multiply. */
-enum { KT_RAW_I8 = 8, KT_RAW_I4S = 9 };
 
 /* The 32 panel columns [j0, j0 + 32) of one W row as fp32, exactly
  * kt_w_at's values: p points at the row's column j0 (fmt, a constant after
@@ -284,7 +315,8 @@ KT_INLINE void deq_seg_q(const int fmt, float *dst, const kt_wmat *w, int64_t r,
     for (int64_t col = c; col < c + n;) {
         int64_t gc = w->g0 + col;
         int64_t end = KT_MIN(c + n, col + (w->gs - gc % w->gs));
-        deq_grp d = deq_group(w, r, gc / w->gs);
+        deq_grp d = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_si256()};
+        if (fmt != KT_RAW_I8 && fmt != KT_RAW_I4S) d = deq_group(w, r, gc / w->gs);
         for (; col + 32 <= end; col += 32) {
             __m256 v[4];
             w_row32(fmt, w_addr(w, r, col), &d, v);
@@ -309,6 +341,12 @@ static void deq_seg(float *dst, const kt_wmat *w, int64_t r, int64_t c, int64_t 
     case KT_W_FP8: deq_seg_q(KT_W_FP8, dst, w, r, c, n); return;
     default: deq_seg_q(KT_W_MXFP4, dst, w, r, c, n); return;
     }
+}
+
+static void deq_seg_fold(float *dst, const kt_wmat *w, int64_t r, int64_t c, int64_t n, int fold) {
+    if (!fold) deq_seg(dst, w, r, c, n);
+    else if (w->fmt == KT_W_I8) deq_seg_q(KT_RAW_I8, dst, w, r, c, n);
+    else deq_seg_q(KT_RAW_I4S, dst, w, r, c, n);
 }
 
 /* The first row block of a panel packs it: W rows k0.. (columns [j0, j0 +
@@ -505,7 +543,8 @@ KT_INLINE void dot_qrow_block(const int fmt, const int MR, const int NR, int64_t
         /* the run of columns in k's group: whole groups of 32 (dot_qrows
          * checked), or 8-column steps up to the row's end */
         int64_t gk = W->g0 + k, end = KT_MIN(K8, k + W->gs - gk % W->gs);
-        for (int t = 0; t < NR; t++) d[t] = deq_group(W, j + t, gk / W->gs);
+        if (fmt != KT_RAW_I8 && fmt != KT_RAW_I4S) /* raw: no constants */
+            for (int t = 0; t < NR; t++) d[t] = deq_group(W, j + t, gk / W->gs);
         for (; k + 32 <= end; k += 32) {
             const int64_t off = (k / 32) * step;
             for (int t = 0; t < NR; t++) {
@@ -527,8 +566,7 @@ KT_INLINE void dot_qrow_block(const int fmt, const int MR, const int NR, int64_t
     }
     for (int i = 0; i < MR; i++)
         for (int t = 0; t < NR; t++) {
-            float sum = hsum8(acc[i][t]);
-            for (int64_t kk = K8; kk < K; kk++) sum += x[i][kk] * kt_w_at(W, j + t, kk);
+            float sum = dot_finish(acc[i][t], x[i], W, j + t, K8, K, fmt == KT_RAW_I8 || fmt == KT_RAW_I4S);
             crow[i][j + t] = accum ? crow[i][j + t] + sum : sum;
         }
 }
@@ -583,7 +621,10 @@ static int dot_qrows(int64_t m, int64_t n, int64_t K, const float *a, int64_t ld
         x[i] = a + (aidx ? aidx[i] : i) * lda;
         crow[i] = c + i * ldc;
     }
+    if (dot_fold(W, K)) fmt = fmt == KT_W_I8 ? KT_RAW_I8 : KT_RAW_I4S;
     switch (fmt) {
+    case KT_RAW_I8: dot_qrow(KT_RAW_I8, m, n, K, x, W, crow, accum); break;
+    case KT_RAW_I4S: dot_qrow(KT_RAW_I4S, m, n, K, x, W, crow, accum); break;
     case KT_W_I8: dot_qrow(KT_W_I8, m, n, K, x, W, crow, accum); break;
     case KT_W_I4S: dot_qrow(KT_W_I4S, m, n, K, x, W, crow, accum); break;
     case KT_W_I4Z: dot_qrow(KT_W_I4Z, m, n, K, x, W, crow, accum); break;
