@@ -46,6 +46,16 @@ KT_INLINE __m256 ld8_w(const void *w, int bf16, int64_t i) {
  * (dot_fold). */
 enum { KT_RAW_I8 = 8, KT_RAW_I4S = 9 };
 
+KT_INLINE int fmt_raw(int fmt) { return fmt == KT_RAW_I8 || fmt == KT_RAW_I4S; }
+
+/* W's format for the outer form: its raw pseudo-format when every scale is 1. */
+KT_INLINE int outer_fmt(const kt_wmat *W) {
+    int fmt = W->fmt;
+    if ((fmt == KT_W_I8 || fmt == KT_W_I4S) && W->ldg == 0 && W->scale[0] == 1.0f)
+        fmt = fmt == KT_W_I8 ? KT_RAW_I8 : KT_RAW_I4S;
+    return fmt;
+}
+
 /* The dequantization constants of group g of row r. */
 typedef struct deq_grp {
     __m256 s, mn;  /* scale; min (I4M)            */
@@ -253,7 +263,6 @@ KT_INLINE void outer_micro(const int MR, const int NV, int64_t kc, const float *
         for (int v = 0; v < NV; v++) _mm256_storeu_ps(crow[i] + j0 + 8 * v, acc[i][v]);
 }
 
-
 /* The 32 panel columns [j0, j0 + 32) of one W row as fp32, exactly
  * kt_w_at's values: p points at the row's column j0 (fmt, a constant after
  * inlining); quantized: the columns lie in one group, of constants d.  A
@@ -316,7 +325,7 @@ KT_INLINE void deq_seg_q(const int fmt, float *dst, const kt_wmat *w, int64_t r,
         int64_t gc = w->g0 + col;
         int64_t end = KT_MIN(c + n, col + (w->gs - gc % w->gs));
         deq_grp d = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_si256()};
-        if (fmt != KT_RAW_I8 && fmt != KT_RAW_I4S) d = deq_group(w, r, gc / w->gs);
+        if (!fmt_raw(fmt)) d = deq_group(w, r, gc / w->gs);
         for (; col + 32 <= end; col += 32) {
             __m256 v[4];
             w_row32(fmt, w_addr(w, r, col), &d, v);
@@ -374,7 +383,7 @@ KT_INLINE void outer_micro_pack(const int MR, const int fmt, int64_t kc, const f
 #undef LD_C
     const char *wp = w_addr(W, k0, j0);
     const int64_t wld = w_addr(W, 1, 0) - w_addr(W, 0, 0), ldg = W->ldg;
-    const int scaled = fmt != KT_W_BF16 && fmt != KT_W_F32 && fmt != KT_RAW_I8 && fmt != KT_RAW_I4S;
+    const int scaled = fmt != KT_W_BF16 && fmt != KT_W_F32 && !fmt_raw(fmt);
     const float *sp = W->scale ? W->scale + k0 * ldg + g : NULL;
     const float *mp = fmt == KT_W_I4M ? (const float *)W->aux + k0 * ldg + g : NULL;
     const uint8_t *zp = fmt == KT_W_I4Z ? (const uint8_t *)W->aux + k0 * ldg + g : NULL;
@@ -425,10 +434,7 @@ static void outer_pack_block(int mr, int64_t kc, const float *const *dp, int64_t
                              const kt_wmat *W, int64_t k0, int64_t j0, float *const *cr, int load_c,
                              const char *pf, int64_t pf_n, int pf_two) {
     int64_t g = W->fmt == KT_W_BF16 || W->fmt == KT_W_F32 ? 0 : (W->g0 + j0) / W->gs;
-    int fmt = W->fmt;
-    if ((fmt == KT_W_I8 || fmt == KT_W_I4S) && W->ldg == 0 && W->scale[0] == 1.0f)
-        fmt = fmt == KT_W_I8 ? KT_RAW_I8 : KT_RAW_I4S;
-    switch (mr * 16 + fmt) {
+    switch (mr * 16 + outer_fmt(W)) {
         PACK_CASE(6, KT_W_BF16) PACK_CASE(5, KT_W_BF16) PACK_CASE(4, KT_W_BF16)
         PACK_CASE(6, KT_W_F32) PACK_CASE(5, KT_W_F32) PACK_CASE(4, KT_W_F32)
         PACK_CASE(6, KT_W_I8) PACK_CASE(5, KT_W_I8) PACK_CASE(4, KT_W_I8)
@@ -461,7 +467,7 @@ KT_INLINE void outer_qrows_cols(const int fmt, const int MR, int64_t K, const fl
     for (int i = 0; i < MR; i++)
         for (int v = 0; v < 4; v++)
             acc[i][v] = accum ? _mm256_loadu_ps(crow[i] + j + 8 * v) : _mm256_setzero_ps();
-    const int raw = fmt == KT_RAW_I8 || fmt == KT_RAW_I4S;
+    const int raw = fmt_raw(fmt);
     const int64_t g = raw ? 0 : (W->g0 + j) / W->gs;
     for (int64_t k = 0; k < K; k++) {
         const int64_t r = widx ? widx[k] : k;
@@ -490,18 +496,15 @@ KT_INLINE void outer_qrows_cols(const int fmt, const int MR, int64_t K, const fl
 static int outer_qrows(int64_t m, int64_t K, const float *d, int64_t dsi, int64_t dsk,
                        const int32_t *didx, const kt_wmat *W, const int32_t *widx, int64_t j,
                        float *c, int64_t ldc, int accum) {
-    int fmt = W->fmt;
-    if (m < 1 || m > 3 || fmt == KT_W_BF16 || fmt == KT_W_F32 || (W->g0 + j) % W->gs + KT_PW > W->gs)
+    if (m < 1 || m > 3 || W->fmt == KT_W_BF16 || W->fmt == KT_W_F32 || (W->g0 + j) % W->gs + KT_PW > W->gs)
         return 0;
-    if ((fmt == KT_W_I8 || fmt == KT_W_I4S) && W->ldg == 0 && W->scale[0] == 1.0f)
-        fmt = fmt == KT_W_I8 ? KT_RAW_I8 : KT_RAW_I4S;
     const float *dp[3];
     float *cr[3];
     for (int64_t i = 0; i < m; i++) {
         dp[i] = d + (didx ? didx[i] : i) * dsi;
         cr[i] = c + i * ldc;
     }
-    switch (m * 16 + fmt) {
+    switch (m * 16 + outer_fmt(W)) {
         QROWS_CASE(1, KT_W_I8) QROWS_CASE(2, KT_W_I8) QROWS_CASE(3, KT_W_I8)
         QROWS_CASE(1, KT_W_I4S) QROWS_CASE(2, KT_W_I4S) QROWS_CASE(3, KT_W_I4S)
         QROWS_CASE(1, KT_W_I4Z) QROWS_CASE(2, KT_W_I4Z) QROWS_CASE(3, KT_W_I4Z)
@@ -543,7 +546,7 @@ KT_INLINE void dot_qrow_block(const int fmt, const int MR, const int NR, int64_t
         /* the run of columns in k's group: whole groups of 32 (dot_qrows
          * checked), or 8-column steps up to the row's end */
         int64_t gk = W->g0 + k, end = KT_MIN(K8, k + W->gs - gk % W->gs);
-        if (fmt != KT_RAW_I8 && fmt != KT_RAW_I4S) /* raw: no constants */
+        if (!fmt_raw(fmt)) /* raw: no constants */
             for (int t = 0; t < NR; t++) d[t] = deq_group(W, j + t, gk / W->gs);
         for (; k + 32 <= end; k += 32) {
             const int64_t off = (k / 32) * step;
@@ -566,7 +569,7 @@ KT_INLINE void dot_qrow_block(const int fmt, const int MR, const int NR, int64_t
     }
     for (int i = 0; i < MR; i++)
         for (int t = 0; t < NR; t++) {
-            float sum = dot_finish(acc[i][t], x[i], W, j + t, K8, K, fmt == KT_RAW_I8 || fmt == KT_RAW_I4S);
+            float sum = dot_finish(acc[i][t], x[i], W, j + t, K8, K, fmt_raw(fmt));
             crow[i][j + t] = accum ? crow[i][j + t] + sum : sum;
         }
 }
@@ -576,6 +579,8 @@ KT_INLINE void dot_qrow_block(const int fmt, const int MR, const int NR, int64_t
  * every block of 1-3 rows of A (the 4 rows' 32 columns stay in L1 for the
  * blocks after the first); every output's sums are those of the row alone. */
 #define KT_QROWS_MAX 11
+#define QROW_CASE(MR, NR) \
+    case (MR) * 4 + (NR): dot_qrow_block(fmt, MR, NR, j, K, xb, W, cb, accum); break;
 KT_INLINE void dot_qrow(const int fmt, int64_t m, int64_t n, int64_t K, const float *const *x,
                         const kt_wmat *W, float *const *crow, int accum) {
     const int64_t nb = (m + 2) / 3, base = m / nb, extra = m % nb;
@@ -586,18 +591,8 @@ KT_INLINE void dot_qrow(const int fmt, int64_t m, int64_t n, int64_t K, const fl
             const float *const *xb = x + i;
             float *const *cb = crow + i;
             switch (mr * 4 + nr) {
-            case 3 * 4 + 4: dot_qrow_block(fmt, 3, 4, j, K, xb, W, cb, accum); break;
-            case 2 * 4 + 4: dot_qrow_block(fmt, 2, 4, j, K, xb, W, cb, accum); break;
-            case 1 * 4 + 4: dot_qrow_block(fmt, 1, 4, j, K, xb, W, cb, accum); break;
-            case 3 * 4 + 3: dot_qrow_block(fmt, 3, 3, j, K, xb, W, cb, accum); break;
-            case 2 * 4 + 3: dot_qrow_block(fmt, 2, 3, j, K, xb, W, cb, accum); break;
-            case 1 * 4 + 3: dot_qrow_block(fmt, 1, 3, j, K, xb, W, cb, accum); break;
-            case 3 * 4 + 2: dot_qrow_block(fmt, 3, 2, j, K, xb, W, cb, accum); break;
-            case 2 * 4 + 2: dot_qrow_block(fmt, 2, 2, j, K, xb, W, cb, accum); break;
-            case 1 * 4 + 2: dot_qrow_block(fmt, 1, 2, j, K, xb, W, cb, accum); break;
-            case 3 * 4 + 1: dot_qrow_block(fmt, 3, 1, j, K, xb, W, cb, accum); break;
-            case 2 * 4 + 1: dot_qrow_block(fmt, 2, 1, j, K, xb, W, cb, accum); break;
-            default: dot_qrow_block(fmt, 1, 1, j, K, xb, W, cb, accum); break;
+                QROW_CASE(3, 4) QROW_CASE(2, 4) QROW_CASE(1, 4) QROW_CASE(3, 3) QROW_CASE(2, 3) QROW_CASE(1, 3)
+                QROW_CASE(3, 2) QROW_CASE(2, 2) QROW_CASE(1, 2) QROW_CASE(3, 1) QROW_CASE(2, 1) QROW_CASE(1, 1)
             }
         }
     }
