@@ -47,6 +47,15 @@ typedef struct kt_tilecfg {
     uint8_t rows[16];
 } kt_tilecfg;
 
+/* GCC 12's _tile_loadconfig names only the first 8 bytes of the config as
+ * its memory operand, so stores to the rest of a local config could be
+ * dropped as dead (the int8 config lost its rows and columns that way:
+ * tilezero then raised #UD).  This asm reads the whole config first. */
+KT_INLINE void tile_load(const kt_tilecfg *cfg) {
+    __asm__ volatile("" : : "m"(*cfg) : "memory");
+    _tile_loadconfig(cfg);
+}
+
 /* Tiles of the bf16 kernels: C, the 3 parts of A, the 3 parts of W
  * (macros: the intrinsics paste the tile number into the instruction). */
 #define T_C 0
@@ -65,7 +74,7 @@ static void tile_config_bf16(void) {
         cfg.rows[t] = 16;
         cfg.colsb[t] = 64;
     }
-    _tile_loadconfig(&cfg);
+    tile_load(&cfg);
 }
 
 /* Tiles of the integer kernel: C (16 x 16 int32), X (16 rows x 32 int8),
@@ -84,7 +93,7 @@ static void tile_config_int8(void) {
     cfg.colsb[T_QX] = KT_QBLK;
     cfg.rows[T_QW] = KT_QBLK / 4;
     cfg.colsb[T_QW] = 64;
-    _tile_loadconfig(&cfg);
+    tile_load(&cfg);
 }
 
 /* ---- bf16 split ---- */
