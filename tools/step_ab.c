@@ -8,7 +8,8 @@
  * Build: cc -O2 -Ilibktmoe/include tools/step_ab.c -ldl -lm -o step_ab
  * Usage: step_ab LIB_A LIB_B [method=0] [qlen=512] [pairs=10] [threads=2]
  *   method: ktmoe_method (0 BF16, 1 INT8, 2 INT4, ...); the avx2 tier, or
- *   the ktmoe_isa in $STEP_AB_ISA.  $STEP_AB_METHOD_B gives B a method of
+ *   the ktmoe_isa in $STEP_AB_ISA ($STEP_AB_ISA_B: B's, if it differs from
+ *   A's: two tiers of one build).  $STEP_AB_METHOD_B gives B a method of
  *   its own (LIB_B may then be LIB_A: two methods of one build).
  *   $STEP_AB_NOLORA_B=1 runs B's steps without LoRA (the ratio then
  *   shows what the LoRA terms cost; its GFLOP/s still count their FLOPs).
@@ -109,7 +110,7 @@ static int check(const api *a, ktmoe_status st, const char *what) {
     return 1;
 }
 
-static int setup(api *a, int method, int threads) {
+static int setup(api *a, int method, int isa, int threads) {
     ktmoe_pool_config pc;
     a->pool_config_init(&pc);
     pc.total_threads = threads;
@@ -126,7 +127,7 @@ static int setup(api *a, int method, int threads) {
     c.max_cache_depth = 1;
     c.group_size = 128;
     c.batch_invariant = 0;
-    c.isa = getenv("STEP_AB_ISA") ? atoi(getenv("STEP_AB_ISA")) : KTMOE_ISA_AVX2;
+    c.isa = isa;
     if (check(a, a->moe_create(a->pool, &c, &a->moe), "create")) return 1;
     if (check(a, a->load_weights(a->moe, wg, wu, wd, KTMOE_DTYPE_BF16, NULL, E), "load")) return 1;
     return check(a, a->set_lora(a->moe, KTMOE_DTYPE_F32, lora[0], lora[1], lora[2], lora[3], lora[4],
@@ -247,7 +248,9 @@ int main(int argc, char **argv) {
     int method_b = getenv("STEP_AB_METHOD_B") ? atoi(getenv("STEP_AB_METHOD_B")) : method;
     A.lora = 1;
     B.lora = !(getenv("STEP_AB_NOLORA_B") && atoi(getenv("STEP_AB_NOLORA_B")));
-    if (setup(&A, method, threads) || setup(&B, method_b, threads)) return 1;
+    int isa = getenv("STEP_AB_ISA") ? atoi(getenv("STEP_AB_ISA")) : KTMOE_ISA_AVX2;
+    int isa_b = getenv("STEP_AB_ISA_B") ? atoi(getenv("STEP_AB_ISA_B")) : isa;
+    if (setup(&A, method, isa, threads) || setup(&B, method_b, isa_b, threads)) return 1;
     int n = 0; /* calls so far: decode routing index */
     for (int w = 0; w < 2; w++) timed(&A, n++), timed(&B, n++); /* caches, scratch, page faults */
     double *r = malloc(sizeof(double) * 3 * (size_t)pairs), *ta = r + pairs, *tb = ta + pairs;

@@ -1,7 +1,8 @@
 /* Kernel-level checks: the dot, outer and integer dot kernels of every
  * usable tier against the ref tier, over shapes with tails on every side
  * (m, n, K not multiples of the vector or tile widths, K across the amx
- * tier's 256-column chunks, more rows than one tile), every weight format
+ * tier's 128-column chunks, more rows than a group of its C tiles, more
+ * columns than a chunk of them), every weight format
  * and several group sizes, sub-matrices with a column origin inside a
  * group, index arrays with duplicates, accumulation, strided D.  The
  * integer dot form keeps K a multiple of the group size, as the layers
@@ -9,8 +10,8 @@
  *
  * Tolerance: |tier - ref| <= 1e-5 * sum_k |A_k W_k| per element (integer
  * dot: the same with the scaled terms).  Two fp32 summation orders differ
- * by far less; bf16 products without the amx tier's split would miss it by
- * an order of magnitude.  Built against the kernel objects directly (the
+ * by far less; bf16 products without the amx tier's three-part split of
+ * the activations would miss it by an order of magnitude.  Built against the kernel objects directly (the
  * kernel tables are internal). */
 #include "internal.h"
 
@@ -269,6 +270,50 @@ static void check_qdot(const kt_kernels *kt, int64_t m, int64_t n, int64_t K, in
     wstore_free(&ws);
 }
 
+/* An infinity and a NaN among the activations (bf16 W, dot and outer
+ * forms): every output finite or not as in the ref tier, the rows without
+ * them within the usual bound.  The amx tier splits such blocks apart. */
+static void check_nonfinite(const kt_kernels *kt) {
+    int fi = 0;
+    while (formats[fi].fmt != KT_W_BF16) fi++;
+    const int64_t m = 21, n = 40, K = 100;
+    wstore ws;
+    wstore_make(&ws, KT_W_BF16, formats[fi].gs, K > n ? K : n, K);
+    float *a = malloc((size_t)(m * K) * sizeof(float)), *c = malloc((size_t)(m * K) * sizeof(float));
+    float *cref = malloc((size_t)(m * K) * sizeof(float)), *bound = malloc((size_t)(m * K) * sizeof(float));
+    for (int64_t i = 0; i < m * K; i++) a[i] = frand();
+    a[3 * K + 7] = INFINITY;
+    a[5 * K + 50] = NAN;
+    a[17 * K + 99] = -INFINITY;
+    for (int form = 0; form < 2; form++) {
+        /* dot: C [m][n] = A W[0..n)^T; outer: C [m][n] = A W[0..K)[0..n) */
+        for (int64_t i = 0; i < m; i++)
+            for (int64_t j = 0; j < n; j++) {
+                float s = 0.0f;
+                for (int64_t k = 0; k < K; k++)
+                    s += fabsf(a[i * K + k] * kt_w_at(&ws.w, form ? k : j, form ? j : k));
+                bound[i * n + j] = s;
+            }
+        if (form) {
+            kt_kernels_ref.outer(m, n, K, a, K, 1, NULL, &ws.w, NULL, cref, n, 0);
+            kt->outer(m, n, K, a, K, 1, NULL, &ws.w, NULL, c, n, 0);
+        } else {
+            kt_kernels_ref.dot(m, n, K, a, K, NULL, &ws.w, cref, n, 0);
+            kt->dot(m, n, K, a, K, NULL, &ws.w, c, n, 0);
+        }
+        for (int64_t i = 0; i < m * n; i++) {
+            checks++;
+            int bad = isfinite(c[i]) != isfinite(cref[i]) || isnan(c[i]) != isnan(cref[i]) ||
+                      (isfinite(bound[i]) && fabsf(c[i] - cref[i]) > 1e-5f * bound[i]);
+            if (bad && failures++ < 20)
+                printf("FAIL nonfinite %s %s [%lld]: %g vs ref %g\n", form ? "outer" : "dot",
+                       ktmoe_isa_name(kt->isa), (long long)i, c[i], cref[i]);
+        }
+    }
+    free(a), free(c), free(cref), free(bound);
+    wstore_free(&ws);
+}
+
 int main(void) {
     static const int64_t ms[] = {1, 3, 17, 33}, ns[] = {1, 7, 16, 37}, nouter[] = {1, 7, 37, 72};
     static const int64_t Kdot[] = {0, 37, 40, 264, 520}, Kout[] = {0, 1, 31, 33, 300};
@@ -311,6 +356,16 @@ int main(void) {
                 check_outer(kt, 2, 72, Kout[kk], fi, kk & 1, kk & 1, 1, 0);
                 check_outer(kt, 2, 37, Kout[kk], fi, (kk + 1) & 1, 0, 0, (formats[fi].fmt == KT_W_I8 || formats[fi].fmt == KT_W_I4S) && formats[fi].gs > (int64_t)1 << 29);
             }
+        /* more rows than a group of 4 C tiles (64) and more columns than a
+         * chunk (256): the amx tier's bf16 kernels' chunks and tails */
+        for (int fi = 0; fi < (int)NFMT; fi++)
+            if (formats[fi].fmt == KT_W_BF16) {
+                check_dot(kt, 70, 300, 264, fi, 0);
+                check_dot(kt, 81, 263, 40, fi, 1);
+                check_outer(kt, 70, 300, 300, fi, 1, 0, 0, 0);
+                check_outer(kt, 81, 263, 33, fi, 0, 1, 1, 0);
+            }
+        check_nonfinite(kt);
         for (int deint = 0; deint < 3; deint++)
             for (int64_t K = 64; K <= 2048; K *= 2) check_quant_act(kt, deint == 2 ? K : K - 32, deint);
         static const struct { int fmt; int64_t gs; } qf[] = {

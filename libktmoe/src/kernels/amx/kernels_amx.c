@@ -10,25 +10,26 @@
  *   B 16 pair-rows x 16 columns x 2 bf16 (the "VNNI" layout: pair-row p,
  *     column n holds (B[2p][n], B[2p+1][n])),
  * i.e. a 16 x 16 x 32 product per instruction, accumulated in fp32.  The
- * weights are stored once, row-major; each call dequantizes (kt_w_at's
- * exact fp32 values) and repacks the W panel it needs into a stack buffer
- * in the VNNI layout.  The tile config is loaded at the start of every
- * kernel call (the pool's threads, and any other code on them, may use
- * other configs) and released at the end.
+ * tile config is loaded at the start of every kernel call (the pool's
+ * threads, and any other code on them, may use other configs) and
+ * released at the end.
+ *
+ * bf16 weights (the frozen base weights of the BF16 methods) go through
+ * the tiles as they are stored; the dot form reads its W tiles in place
+ * (see "bf16 weights" below).  Every other W (fp32 activation rows and
+ * LoRA factors, quantized weights) goes to the avx512 tier's kernels:
+ * those calls are small or must dequantize, and the old tile path for
+ * them (every W split in three, 6 products a step, W repacked for each 16
+ * rows of A) ran the BF16 step at a third of the avx512 tier's speed.
  *
  * Accuracy: split bf16.  bf16 keeps 8 significant bits, so one bf16
- * product is far from the fp32 tiers' ~2^-24.  Each fp32 operand x is
- * split as x = h + m + l, h = bf16(x), m = bf16(x - h), l = bf16(x - h - m)
- * (round to nearest; both subtractions are exact in fp32), which holds 24
- * significant bits: x itself for all but tiny or huge values.  Products of
- * two bf16 are exact in fp32, so
- *   W exact in bf16 (BF16 weights):  A W = Ah W + Am W + Al W
- *     (3 tdpbf16ps, exact products, fp32 sums: the fp32 tiers' accuracy);
- *   any other W (fp32, dequantized):
- *     A W ~ Ah Wh + Ah Wm + Am Wh + Ah Wl + Am Wm + Al Wh
- *     (6 tdpbf16ps; the dropped terms are below 2^-25 |A W|).
- * The instruction flushes denormal inputs and results to zero, which only
- * touches parts below 2^-126.
+ * product is far from the fp32 tiers' ~2^-24.  Each fp32 activation x is
+ * split as x = h + m + l, h and m truncated to bf16, l = x - h - m, which
+ * is exact in bf16: x itself for all but tiny values.  Products of two
+ * bf16 are exact in fp32, so A W = Ah W + Am W + Al W (3 tdpbf16ps, exact
+ * products, fp32 sums: the fp32 tiers' accuracy).  The instruction
+ * flushes denormal inputs and results to zero, which only touches parts
+ * below 2^-126.
  *
  * Integer dot form: one 16 x 16 x 32 tdpbssd (int8 weights) or tdpbsud
  * (4-bit codes 0..15, unsigned) per block of 32 columns, i.e. per
@@ -54,27 +55,6 @@ typedef struct kt_tilecfg {
 KT_INLINE void tile_load(const kt_tilecfg *cfg) {
     __asm__ volatile("" : : "m"(*cfg) : "memory");
     _tile_loadconfig(cfg);
-}
-
-/* Tiles of the bf16 kernels: C, the 3 parts of A, the 3 parts of W
- * (macros: the intrinsics paste the tile number into the instruction). */
-#define T_C 0
-#define T_A0 1
-#define T_A1 2
-#define T_A2 3
-#define T_W0 4
-#define T_W1 5
-#define T_W2 6
-
-static void tile_config_bf16(void) {
-    kt_tilecfg cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int t = 0; t <= T_W2; t++) {
-        cfg.rows[t] = 16;
-        cfg.colsb[t] = 64;
-    }
-    tile_load(&cfg);
 }
 
 /* Tiles of the integer kernel: C (16 x 16 int32), X (16 rows x 32 int8),
@@ -126,243 +106,390 @@ KT_INLINE void split8(__m256 x, int np, __m128i *part) {
     }
 }
 
-/* ---- dequantization (kt_w_at's fp32 values) ---- */
-
-/* 8 columns from column c (a multiple of 8) of row r of a quantized W, all
- * in group g: integer offset first, then one multiply (I4M: multiply, then
- * add), as kt_w_at. */
-KT_INLINE __m256 deq8(const kt_wmat *w, int64_t r, int64_t c, int64_t g) {
-    const uint8_t *row = (const uint8_t *)w->data + r * w->ld;
-    int64_t gi = r * w->ldg + g;
-    __m256 s = _mm256_set1_ps(w->scale[gi]);
-    switch (w->fmt) {
-    case KT_W_I8: {
-        __m128i q = _mm_loadl_epi64((const __m128i *)(row + c));
-        return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), s);
-    }
-    case KT_W_FP8: return _mm256_mul_ps(fp8x8(row + c), s);
-    case KT_W_MXFP4: return _mm256_mul_ps(e2m1x8(nib8(row + c / 2)), s);
-    case KT_W_I4M: {
-        __m256 mn = _mm256_set1_ps(((const float *)w->aux)[gi]);
-        return _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(nib8(row + c / 2)), s), mn);
-    }
-    default: { /* I4S, I4Z */
-        int z = w->fmt == KT_W_I4Z ? ((const uint8_t *)w->aux)[gi] : 8;
-        __m256i u = _mm256_sub_epi32(nib8(row + c / 2), _mm256_set1_epi32(z));
-        return _mm256_mul_ps(_mm256_cvtepi32_ps(u), s);
-    }
-    }
-}
-
-/* dst[0..n) = W(r, c .. c+n) as fp32.  For quantized W, c is a multiple of
- * 8 and so are the group size and the column origin (the kt_dot_fn
- * contract), so each 8 columns lie in one group; the last n % 8 columns
- * go through kt_w_at. */
-static void deq_row(float *dst, const kt_wmat *w, int64_t r, int64_t c, int64_t n) {
-    int64_t i = 0;
-    if (w->fmt == KT_W_F32) {
-        memcpy(dst, (const float *)w->data + r * w->ld + c, (size_t)n * 4);
-        return;
-    }
-    if (w->fmt == KT_W_BF16) {
-        const uint16_t *p = (const uint16_t *)w->data + r * w->ld + c;
-        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, ld8_bf16(p + i));
-    } else {
-        for (; i + 8 <= n; i += 8)
-            _mm256_storeu_ps(dst + i, deq8(w, r, c + i, (w->g0 + c + i) / w->gs));
-    }
-    for (; i < n; i++) dst[i] = kt_w_at(w, r, c + i);
-}
-
-/* ---- bf16 tile products ---- */
-
-#define KT_AMX_KC 256 /* k per packed chunk (a multiple of 32)          */
-#define KT_TM 16      /* rows of a C tile                                */
-#define KT_TN 16      /* columns of a C tile                             */
-
-/* The packed operands of one (16 rows) x (16 columns) x (kc) step:
- *   a[p][i][k]        part p of A row i, column k (row stride KT_AMX_KC)
- *   w[p][k/2][j][k%2] part p of W(j, k) in the VNNI layout
- * Padding (rows, columns, k past the ends) is zero. */
-typedef struct kt_amx_pack {
-    uint16_t a[3][KT_TM * KT_AMX_KC] __attribute__((aligned(64)));
-    uint16_t w[3][KT_AMX_KC * KT_TN] __attribute__((aligned(64)));
-} kt_amx_pack;
-
-/* Row i of the A parts from the fp32 values src[0..kc), zero to kcp. */
-static void pack_a_row(kt_amx_pack *pk, int i, const float *src, int64_t kc, int64_t kcp) {
-    float tmp[8];
-    for (int64_t k = 0; k < kcp; k += 8) {
-        __m256 x;
-        if (k + 8 <= kc) {
-            x = _mm256_loadu_ps(src + k);
-        } else {
-            for (int t = 0; t < 8; t++) tmp[t] = k + t < kc ? src[k + t] : 0.0f;
-            x = _mm256_loadu_ps(tmp);
-        }
-        __m128i part[3];
-        split8(x, 3, part);
-        for (int p = 0; p < 3; p++) _mm_storeu_si128((__m128i *)(pk->a[p] + i * KT_AMX_KC + k), part[p]);
-    }
-}
-
-/* Rows i0 .. i0 + mr of D (D(i, k) = d[(didx ? didx[i] : i) dsi + k dsk]),
- * columns k0 .. k0 + kc, into the A parts; the tile's other rows zero. */
-static void pack_a_rows(kt_amx_pack *pk, int mr, const float *d, int64_t dsi, int64_t dsk,
-                        const int32_t *didx, int64_t i0, int64_t k0, int64_t kc, int64_t kcp) {
-    float dv[KT_AMX_KC] __attribute__((aligned(32)));
-    for (int i = 0; i < KT_TM; i++) {
-        if (i >= mr) {
-            for (int p = 0; p < 3; p++) memset(pk->a[p] + i * KT_AMX_KC, 0, (size_t)kcp * 2);
-            continue;
-        }
-        const float *di = d + (didx ? didx[i0 + i] : i0 + i) * dsi + k0 * dsk;
-        if (dsk != 1) {
-            for (int64_t k = 0; k < kc; k++) dv[k] = di[k * dsk];
-            di = dv;
-        }
-        pack_a_row(pk, i, di, kc, kcp);
-    }
-}
-
-/* Column j of the W parts from the fp32 values v[0..kcp) along k (dot form:
- * a row of W). */
-static void pack_w_col(kt_amx_pack *pk, int np, int j, const float *v, int64_t kcp) {
-    for (int64_t k = 0; k < kcp; k += 8) {
-        __m128i part[3];
-        split8(_mm256_loadu_ps(v + k), np, part);
-        for (int p = 0; p < np; p++) {
-            uint32_t pairs[4];
-            _mm_storeu_si128((__m128i *)pairs, part[p]);
-            for (int q = 0; q < 4; q++)
-                memcpy(pk->w[p] + ((k / 2 + q) * KT_TN + j) * 2, &pairs[q], 4);
-        }
-    }
-}
-
-/* Pair-row k/2 of the W parts from two rows of 16 fp32 values along j (the
- * outer form: rows k and k+1 of W). */
-static void pack_w_pair(kt_amx_pack *pk, int np, int64_t k, const float *v0, const float *v1) {
-    for (int h = 0; h < KT_TN; h += 8) {
-        __m128i p0[3], p1[3];
-        split8(_mm256_loadu_ps(v0 + h), np, p0);
-        split8(_mm256_loadu_ps(v1 + h), np, p1);
-        for (int p = 0; p < np; p++) {
-            uint16_t *dst = pk->w[p] + ((k / 2) * KT_TN + h) * 2;
-            _mm_storeu_si128((__m128i *)dst, _mm_unpacklo_epi16(p0[p], p1[p]));
-            _mm_storeu_si128((__m128i *)(dst + 8), _mm_unpackhi_epi16(p0[p], p1[p]));
-        }
-    }
-}
-
-/* The C tile of the packed step into ct[16][16]: sum over k of A W with
- * np_w parts of W (1: W exact in bf16, else 3), smallest terms first. */
-static void tile_products(const kt_amx_pack *pk, int np_w, int64_t kcp, float *ct) {
-    _tile_zero(T_C);
-    for (int64_t s = 0; s < kcp / 32; s++) {
-        _tile_loadd(T_A0, pk->a[0] + s * 32, KT_AMX_KC * 2);
-        _tile_loadd(T_A1, pk->a[1] + s * 32, KT_AMX_KC * 2);
-        _tile_loadd(T_A2, pk->a[2] + s * 32, KT_AMX_KC * 2);
-        _tile_loadd(T_W0, pk->w[0] + s * 16 * KT_TN * 2, KT_TN * 4);
-        if (np_w == 1) {
-            _tile_dpbf16ps(T_C, T_A2, T_W0);
-            _tile_dpbf16ps(T_C, T_A1, T_W0);
-            _tile_dpbf16ps(T_C, T_A0, T_W0);
-        } else {
-            _tile_loadd(T_W1, pk->w[1] + s * 16 * KT_TN * 2, KT_TN * 4);
-            _tile_loadd(T_W2, pk->w[2] + s * 16 * KT_TN * 2, KT_TN * 4);
-            _tile_dpbf16ps(T_C, T_A2, T_W0);
-            _tile_dpbf16ps(T_C, T_A1, T_W1);
-            _tile_dpbf16ps(T_C, T_A0, T_W2);
-            _tile_dpbf16ps(T_C, T_A1, T_W0);
-            _tile_dpbf16ps(T_C, T_A0, T_W1);
-            _tile_dpbf16ps(T_C, T_A0, T_W0);
-        }
-    }
-    _tile_stored(T_C, ct, KT_TN * 4);
-}
-
-/* C rows [0, mr) x columns [0, nr) at c (+)= ct. */
-static void tile_add(float *c, int64_t ldc, const float *ct, int mr, int nr, int add) {
-    for (int i = 0; i < mr; i++)
-        for (int j = 0; j < nr; j++) {
-            float *cp = c + i * ldc + j;
-            *cp = add ? *cp + ct[i * KT_TN + j] : ct[i * KT_TN + j];
-        }
-}
+#define KT_TM 16 /* rows of an integer C tile    */
+#define KT_TN 16 /* columns of an integer C tile */
 
 static void zero_c(int64_t m, int64_t n, float *c, int64_t ldc) {
     for (int64_t i = 0; i < m; i++) memset(c + i * ldc, 0, (size_t)n * sizeof(float));
 }
 
-/* C[i][j] (+)= sum_k A_i[k] W(j, k)   (kt_dot_fn) */
-static void kt_dot_amx(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
+/* ---- bf16 weights: the weights as one operand, unsplit ----
+ *
+ * W exact in bf16 needs one part, so the weights enter the tile products
+ * as they are stored and only the activations are split (3 products a
+ * step, as above).  A group of up to 4 C tiles (64 rows of the
+ * activations) shares each W tile:
+ *   dot form, C^T = W A^T: the A-operand tile is 16 rows of W read in
+ *     place (32 k a row, the row stride W's), the B-operand tiles are the
+ *     parts of A^T in the VNNI layout (pair-row p, column i: the bf16
+ *     pair (A_i[2p], A_i[2p+1]) as one 32-bit word);
+ *   outer form, C = D W: the A-operand tiles are the parts of D, rows of
+ *     32 k; the B-operand tile is W's rows k, k+1 interleaved (VNNI).
+ * The sums of a chunk of 256 columns stay in fp32 scratch tiles across
+ * the k chunks and are added to C once, at the end.  Each output's sum
+ * runs over k in the same order whatever the other rows: a row computed
+ * alone is the row computed in a batch. */
+
+#define KT_XKB 4  /* 32-k blocks of a k chunk (128 k)           */
+#define KT_XMT 4  /* 16-row tiles of a group (64 rows)          */
+#define KT_XNT 16 /* 16-column tiles of a column chunk (256)   */
+
+/* Tiles: accumulators 0-3 (C tiles of the group), the W operand 4 (T_W0),
+ * the three activation parts 5-7. */
+#define T_W0 4
+#define T_X0 5
+#define T_X1 6
+#define T_X2 7
+
+static void tile_config_wide(void) {
+    kt_tilecfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t <= T_X2; t++) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;
+    }
+    tile_load(&cfg);
+}
+
+typedef struct kt_amx_wide {
+    uint16_t x[KT_XMT][KT_XKB][3][16 * 32] __attribute__((aligned(64))); /* activation parts */
+    uint16_t w[KT_XKB][16 * 32] __attribute__((aligned(64)));            /* W tiles (copies) */
+    float acc[KT_XNT][KT_XMT][16 * 16] __attribute__((aligned(64)));     /* sums of a chunk */
+} kt_amx_wide;
+
+/* The parts of activation rows i0 .. i0 + mr (D(i, k) = d[(didx ? didx[i]
+ * : i) dsi + k dsk]), k0 .. k0 + kc, as tiles of 16 rows x 32 k, rows past
+ * mr and k past kc zero; then (vnni) each part tile's 16 x 16 words
+ * transposed: pair-row p, column i. */
+/* Two vectors of fp32 bit patterns as 16 bf16 (their high halves), in order. */
+KT_INLINE __m256i bf16_pack16(__m256 a, __m256 b) {
+    __m256i p = _mm256_packus_epi32(_mm256_srli_epi32(_mm256_castps_si256(a), 16),
+                                    _mm256_srli_epi32(_mm256_castps_si256(b), 16));
+    return _mm256_permute4x64_epi64(p, 0xD8);
+}
+
+/* 16 fp32 values x = h + m + l as 3 x 16 bf16: h, m truncated (the rest of
+ * a truncation to 8 significant bits has at most 16, and the rest of that
+ * at most 8, so l is exact in bf16 and the sum is x itself).  Blocks with
+ * an infinity or NaN go through split8 (infinities stay infinities). */
+KT_INLINE void split16(const float *src, uint16_t *const dst[3]) {
+    const __m256 hi = _mm256_castsi256_ps(_mm256_set1_epi32((int)0xFFFF0000u));
+    const __m256i expm = _mm256_set1_epi32(0x7F800000);
+    __m256 x0 = _mm256_loadu_ps(src), x1 = _mm256_loadu_ps(src + 8);
+    __m256i e0 = _mm256_and_si256(_mm256_castps_si256(x0), expm);
+    __m256i e1 = _mm256_and_si256(_mm256_castps_si256(x1), expm);
+    __m256i nf = _mm256_or_si256(_mm256_cmpeq_epi32(e0, expm), _mm256_cmpeq_epi32(e1, expm));
+    if (!_mm256_testz_si256(nf, nf)) {
+        for (int q = 0; q < 2; q++) {
+            __m128i part[3];
+            split8(_mm256_loadu_ps(src + 8 * q), 3, part);
+            for (int p = 0; p < 3; p++) _mm_storeu_si128((__m128i *)(dst[p] + 8 * q), part[p]);
+        }
+        return;
+    }
+    __m256 h0 = _mm256_and_ps(x0, hi), h1 = _mm256_and_ps(x1, hi);
+    __m256 r0 = _mm256_sub_ps(x0, h0), r1 = _mm256_sub_ps(x1, h1);
+    __m256 m0 = _mm256_and_ps(r0, hi), m1 = _mm256_and_ps(r1, hi);
+    _mm256_storeu_si256((__m256i *)dst[0], bf16_pack16(h0, h1));
+    _mm256_storeu_si256((__m256i *)dst[1], bf16_pack16(m0, m1));
+    _mm256_storeu_si256((__m256i *)dst[2], bf16_pack16(_mm256_sub_ps(r0, m0), _mm256_sub_ps(r1, m1)));
+}
+
+/* d[r][0..8) = s[0..8)[r] for 8 x 8 32-bit words, rows 16 words apart. */
+KT_INLINE void tr8x8(const uint32_t *s, uint32_t *d) {
+    __m256i r[8], t[8];
+    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_si256((const __m256i *)(s + 16 * i));
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        r[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int i = 0; i < 4; i++) {
+        _mm256_storeu_si256((__m256i *)(d + 16 * i), _mm256_permute2x128_si256(r[i], r[i + 4], 0x20));
+        _mm256_storeu_si256((__m256i *)(d + 16 * (i + 4)), _mm256_permute2x128_si256(r[i], r[i + 4], 0x31));
+    }
+}
+
+static void pack_x(kt_amx_wide *wk, int vnni, int mr, const float *d, int64_t dsi, int64_t dsk,
+                   const int32_t *didx, int64_t i0, int64_t k0, int64_t kc) {
+    float dv[KT_XKB * 32] __attribute__((aligned(32)));
+    const int nkb = (int)((kc + 31) / 32), mt = (mr + 15) / 16;
+    for (int i = 0; i < 16 * mt; i++) {
+        int t = i / 16, ii = i % 16;
+        if (i >= mr) {
+            for (int kb = 0; kb < nkb; kb++)
+                for (int p = 0; p < 3; p++) memset(wk->x[t][kb][p] + ii * 32, 0, 64);
+            continue;
+        }
+        const float *di = d + (didx ? didx[i0 + i] : i0 + i) * dsi + k0 * dsk;
+        if (dsk != 1 || kc % 32) {
+            int64_t k = 0;
+            for (; k < kc; k++) dv[k] = di[k * dsk];
+            for (; k < 32 * nkb; k++) dv[k] = 0.0f;
+            di = dv;
+        }
+        for (int kb = 0; kb < nkb; kb++)
+            for (int q = 0; q < 2; q++) {
+                uint16_t *dst[3];
+                for (int p = 0; p < 3; p++) dst[p] = wk->x[t][kb][p] + ii * 32 + 16 * q;
+                split16(di + 32 * kb + 16 * q, dst);
+            }
+    }
+    if (!vnni) return;
+    uint32_t tmp[16 * 16] __attribute__((aligned(32)));
+    for (int t = 0; t < mt; t++)
+        for (int kb = 0; kb < nkb; kb++)
+            for (int p = 0; p < 3; p++) { /* word (i, q) to (q, i) */
+                uint32_t *tile = (uint32_t *)wk->x[t][kb][p];
+                memcpy(tmp, tile, sizeof tmp);
+                tr8x8(tmp, tile);
+                tr8x8(tmp + 8, tile + 8 * 16);
+                tr8x8(tmp + 8 * 16, tile + 8);
+                tr8x8(tmp + 8 * 16 + 8, tile + 8 * 16 + 8);
+            }
+}
+
+/* Outer form: W rows k0 .. k0 + kc (widx), columns j .. j + nr, as VNNI
+ * tiles (pair-row p: rows k0 + 2p, k0 + 2p + 1 interleaved), zero past kc
+ * and nr; the next k chunk's rows prefetched (W's rows lie a row stride
+ * apart, each read for 32 bytes: without it the copy waits on memory). */
+static void pack_w_vnni(kt_amx_wide *wk, const kt_wmat *w, const int32_t *widx, int64_t K,
+                        int64_t k0, int64_t kc, int64_t j, int nr) {
+    const uint16_t *wd = (const uint16_t *)w->data;
+    const int nkb = (int)((kc + 31) / 32);
+    for (int64_t k = 0; k < 32 * nkb; k += 2) {
+        uint16_t r[2][16];
+        for (int e = 0; e < 2; e++) { /* the same columns of the next chunk's rows */
+            int64_t kn = k0 + k + e + 32 * KT_XKB;
+            if (kn < K) _mm_prefetch((const char *)(wd + (widx ? widx[kn] : kn) * w->ld + j), _MM_HINT_T1);
+        }
+        uint16_t *dst = wk->w[k / 32] + (k % 32) / 2 * 32;
+        if (k + 1 < kc && nr == 16) { /* two whole rows: interleave in place */
+            __m256i a = _mm256_loadu_si256((const __m256i *)(wd + (widx ? widx[k0 + k] : k0 + k) * w->ld + j));
+            __m256i b = _mm256_loadu_si256((const __m256i *)(wd + (widx ? widx[k0 + k + 1] : k0 + k + 1) * w->ld + j));
+            __m256i lo = _mm256_unpacklo_epi16(a, b), hi = _mm256_unpackhi_epi16(a, b);
+            _mm256_storeu_si256((__m256i *)dst, _mm256_permute2x128_si256(lo, hi, 0x20));
+            _mm256_storeu_si256((__m256i *)(dst + 16), _mm256_permute2x128_si256(lo, hi, 0x31));
+            continue;
+        }
+        for (int e = 0; e < 2; e++) {
+            if (k + e < kc && nr == 16) {
+                memcpy(r[e], wd + (widx ? widx[k0 + k + e] : k0 + k + e) * w->ld + j, 32);
+            } else {
+                memset(r[e], 0, sizeof r[e]);
+                if (k + e < kc)
+                    memcpy(r[e], wd + (widx ? widx[k0 + k + e] : k0 + k + e) * w->ld + j, (size_t)nr * 2);
+            }
+        }
+        __m128i a0 = _mm_loadu_si128((const __m128i *)r[0]), a1 = _mm_loadu_si128((const __m128i *)(r[0] + 8));
+        __m128i b0 = _mm_loadu_si128((const __m128i *)r[1]), b1 = _mm_loadu_si128((const __m128i *)(r[1] + 8));
+        _mm_storeu_si128((__m128i *)dst, _mm_unpacklo_epi16(a0, b0));
+        _mm_storeu_si128((__m128i *)(dst + 8), _mm_unpackhi_epi16(a0, b0));
+        _mm_storeu_si128((__m128i *)(dst + 16), _mm_unpacklo_epi16(a1, b1));
+        _mm_storeu_si128((__m128i *)(dst + 24), _mm_unpackhi_epi16(a1, b1));
+    }
+}
+
+/* The group's mt C tiles over one k chunk: at each 32-k block the W tile
+ * (wp[kb], row stride wst[kb] bytes), then the products with the
+ * activation parts 2, 1, 0 (smallest first), each part over the C tiles in
+ * turn so that consecutive products go to different accumulators.
+ * outer: C = X W, else C^T = W X. */
+#define WIDE_DP(T, X)                                        \
+    do {                                                     \
+        if (outer) _tile_dpbf16ps(T, X, T_W0);               \
+        else _tile_dpbf16ps(T, T_W0, X);                     \
+    } while (0)
+/* the product of C tile T with part P, through X tile X */
+#define WIDE_STEP(T, P, X)                                   \
+    do {                                                     \
+        if (mt > T) {                                        \
+            _tile_loadd(X, wk->x[T][kb][P], 64);             \
+            WIDE_DP(T, X);                                   \
+        }                                                    \
+    } while (0)
+#define WIDE_ACC(T, OP)                                      \
+    do {                                                     \
+        if (mt > T) OP(T, acc[T], 64);                       \
+    } while (0)
+
+static void wide_chunk(const kt_amx_wide *wk, int outer, int mt, int nkb, const void *const *wp,
+                       const int64_t *wst, float (*acc)[16 * 16], int first, const char *pf,
+                       int64_t pfst) {
+    if (first) {
+        _tile_zero(0); /* the C tiles past mt are zeroed and never stored */
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+    } else {
+        WIDE_ACC(0, _tile_loadd);
+        WIDE_ACC(1, _tile_loadd);
+        WIDE_ACC(2, _tile_loadd);
+        WIDE_ACC(3, _tile_loadd);
+    }
+    for (int kb = 0; kb < nkb; kb++) {
+        if (pf) /* the next W tile's block kb: 16 rows of 64 bytes, into L2 */
+            for (int r = 0; r < 16; r++) _mm_prefetch(pf + r * pfst + 64 * kb, _MM_HINT_T1);
+        _tile_loadd(T_W0, wp[kb], wst[kb]);
+        /* the X tiles in rotation: 12 products, 3 tiles */
+        WIDE_STEP(0, 2, T_X0);
+        WIDE_STEP(1, 2, T_X1);
+        WIDE_STEP(2, 2, T_X2);
+        WIDE_STEP(3, 2, T_X0);
+        WIDE_STEP(0, 1, T_X1);
+        WIDE_STEP(1, 1, T_X2);
+        WIDE_STEP(2, 1, T_X0);
+        WIDE_STEP(3, 1, T_X1);
+        WIDE_STEP(0, 0, T_X2);
+        WIDE_STEP(1, 0, T_X0);
+        WIDE_STEP(2, 0, T_X1);
+        WIDE_STEP(3, 0, T_X2);
+    }
+    WIDE_ACC(0, _tile_stored);
+    WIDE_ACC(1, _tile_stored);
+    WIDE_ACC(2, _tile_stored);
+    WIDE_ACC(3, _tile_stored);
+}
+
+/* C[i0 + i][j0 + j] (+)= the chunk's sums, i < mr, j < nc (tr: the scratch
+ * holds C^T tiles). */
+static void wide_store(const kt_amx_wide *wk, int tr, int mr, int nc, float *c, int64_t ldc, int add) {
+    for (int i = 0; i < mr; i++) {
+        float *cr = c + i * ldc;
+        for (int j = 0; j < nc; j++) {
+            const float *tile = wk->acc[j / 16][i / 16];
+            float v = tr ? tile[(j % 16) * 16 + i % 16] : tile[(i % 16) * 16 + j % 16];
+            cr[j] = add ? cr[j] + v : v;
+        }
+    }
+}
+
+/* Dot form, W in bf16: C[i][j] (+)= sum_k A_i[k] W(j, k). */
+static void dot_bf16_wide(kt_amx_wide *wk, int64_t m, int64_t n, int64_t K, const float *a,
+                          int64_t lda, const int32_t *aidx, const kt_wmat *w, float *c,
+                          int64_t ldc, int accum) {
+    const uint16_t *wd = (const uint16_t *)w->data;
+    for (int64_t i0 = 0; i0 < m; i0 += 16 * KT_XMT) {
+        int mr = (int)KT_MIN(16 * KT_XMT, m - i0), mt = (mr + 15) / 16;
+        for (int64_t j0 = 0; j0 < n; j0 += 16 * KT_XNT) {
+            int nc = (int)KT_MIN(16 * KT_XNT, n - j0);
+            for (int64_t k0 = 0; k0 < K; k0 += 32 * KT_XKB) {
+                int64_t kc = KT_MIN(32 * KT_XKB, K - k0);
+                int nkb = (int)((kc + 31) / 32);
+                pack_x(wk, 1, mr, a, lda, 1, aidx, i0, k0, kc);
+                for (int jt = 0; jt < (nc + 15) / 16; jt++) {
+                    int64_t j = j0 + 16 * jt;
+                    int nr = (int)KT_MIN(16, n - j);
+                    const void *wp[KT_XKB];
+                    int64_t wst[KT_XKB];
+                    for (int kb = 0; kb < nkb; kb++) {
+                        int64_t k = k0 + 32 * kb;
+                        if (nr == 16 && k + 32 <= K) { /* 16 rows of W in place */
+                            wp[kb] = wd + j * w->ld + k;
+                            wst[kb] = w->ld * 2;
+                            continue;
+                        }
+                        uint16_t *dst = wk->w[kb]; /* a copy, zero past the ends */
+                        memset(dst, 0, 16 * 64);
+                        for (int r = 0; r < nr; r++)
+                            memcpy(dst + r * 32, wd + (j + r) * w->ld + k, (size_t)KT_MIN(32, K - k) * 2);
+                        wp[kb] = dst;
+                        wst[kb] = 64;
+                    }
+                    /* the next 16 rows (or the next chunk's first 16), whole
+                     * tiles only */
+                    int64_t jn = j + 16 < j0 + nc ? j + 16 : j0, kn = j + 16 < j0 + nc ? k0 : k0 + kc;
+                    const char *pf = jn + 16 <= n && kn + 32 * KT_XKB <= K ? (const char *)(wd + jn * w->ld + kn) : NULL;
+                    wide_chunk(wk, 0, mt, nkb, wp, wst, wk->acc[jt], k0 == 0, pf, w->ld * 2);
+                }
+            }
+            wide_store(wk, 1, mr, nc, c + i0 * ldc + j0, ldc, accum);
+        }
+    }
+}
+
+/* Outer form, W in bf16: C[i][j] (+)= sum_k D(i, k) W(widx[k], j). */
+static void outer_bf16_wide(kt_amx_wide *wk, int64_t m, int64_t n, int64_t K, const float *d,
+                            int64_t dsi, int64_t dsk, const int32_t *didx, const kt_wmat *w,
+                            const int32_t *widx, float *c, int64_t ldc, int accum) {
+    for (int64_t i0 = 0; i0 < m; i0 += 16 * KT_XMT) {
+        int mr = (int)KT_MIN(16 * KT_XMT, m - i0), mt = (mr + 15) / 16;
+        for (int64_t j0 = 0; j0 < n; j0 += 16 * KT_XNT) {
+            int nc = (int)KT_MIN(16 * KT_XNT, n - j0);
+            for (int64_t k0 = 0; k0 < K; k0 += 32 * KT_XKB) {
+                int64_t kc = KT_MIN(32 * KT_XKB, K - k0);
+                int nkb = (int)((kc + 31) / 32);
+                pack_x(wk, 0, mr, d, dsi, dsk, didx, i0, k0, kc);
+                for (int jt = 0; jt < (nc + 15) / 16; jt++) {
+                    int64_t j = j0 + 16 * jt;
+                    const void *wp[KT_XKB];
+                    int64_t wst[KT_XKB];
+                    pack_w_vnni(wk, w, widx, K, k0, kc, j, (int)KT_MIN(16, n - j));
+                    for (int kb = 0; kb < nkb; kb++) {
+                        wp[kb] = wk->w[kb];
+                        wst[kb] = 64;
+                    }
+                    wide_chunk(wk, 1, mt, nkb, wp, wst, wk->acc[jt], k0 == 0, NULL, 0);
+                }
+            }
+            wide_store(wk, 0, mr, nc, c + i0 * ldc + j0, ldc, accum);
+        }
+    }
+}
+
+/* C[i][j] (+)= sum_k A_i[k] W(j, k)   (kt_dot_fn); W other than bf16: the
+ * avx512 tier's row-order kernel (many: its panel kernel, kt_kernels.dot_many) */
+KT_INLINE void dot_amx(int many, int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
                        const int32_t *aidx, const kt_wmat *w, float *c, int64_t ldc, int accum) {
+    if (w->fmt != KT_W_BF16) {
+        (many ? kt_kernels_avx512.dot_many : kt_kernels_avx512.dot)(m, n, K, a, lda, aidx, w, c, ldc, accum);
+        return;
+    }
     if (m <= 0 || n <= 0) return;
     if (K <= 0) {
         if (!accum) zero_c(m, n, c, ldc);
         return;
     }
-    kt_amx_pack pk;
-    float wv[KT_AMX_KC] __attribute__((aligned(32)));
-    float ct[KT_TM * KT_TN] __attribute__((aligned(64)));
-    const int np_w = w->fmt == KT_W_BF16 ? 1 : 3;
-    tile_config_bf16();
-    for (int64_t i0 = 0; i0 < m; i0 += KT_TM) {
-        int mr = (int)KT_MIN(KT_TM, m - i0);
-        for (int64_t k0 = 0; k0 < K; k0 += KT_AMX_KC) {
-            int64_t kc = KT_MIN(KT_AMX_KC, K - k0), kcp = (kc + 31) & ~(int64_t)31;
-            pack_a_rows(&pk, mr, a, lda, 1, aidx, i0, k0, kc, kcp);
-            for (int64_t j0 = 0; j0 < n; j0 += KT_TN) {
-                int nr = (int)KT_MIN(KT_TN, n - j0);
-                for (int j = 0; j < KT_TN; j++) {
-                    int64_t len = j < nr ? kc : 0;
-                    if (len) deq_row(wv, w, j0 + j, k0, len);
-                    memset(wv + len, 0, (size_t)(kcp - len) * sizeof(float));
-                    pack_w_col(&pk, np_w, j, wv, kcp);
-                }
-                tile_products(&pk, np_w, kcp, ct);
-                tile_add(c + i0 * ldc + j0, ldc, ct, mr, nr, accum || k0 > 0);
-            }
-        }
-    }
+    kt_amx_wide wk;
+    tile_config_wide();
+    dot_bf16_wide(&wk, m, n, K, a, lda, aidx, w, c, ldc, accum);
     _tile_release();
 }
 
-/* C[i][j] (+)= sum_k D(i, k) W(widx[k], j)   (kt_outer_fn) */
+static void kt_dot_amx(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
+                       const int32_t *aidx, const kt_wmat *w, float *c, int64_t ldc, int accum) {
+    dot_amx(0, m, n, K, a, lda, aidx, w, c, ldc, accum);
+}
+
+static void kt_dot_many_amx(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
+                            const int32_t *aidx, const kt_wmat *w, float *c, int64_t ldc, int accum) {
+    dot_amx(1, m, n, K, a, lda, aidx, w, c, ldc, accum);
+}
+
+/* C[i][j] (+)= sum_k D(i, k) W(widx[k], j)   (kt_outer_fn); W other than
+ * bf16 (fp32 activations and LoRA factors, quantized weights): the avx512
+ * tier's kernel */
 static void kt_outer_amx(int64_t m, int64_t n, int64_t K, const float *d, int64_t dsi,
                          int64_t dsk, const int32_t *didx, const kt_wmat *w,
                          const int32_t *widx, float *c, int64_t ldc, int accum) {
+    if (w->fmt != KT_W_BF16) {
+        kt_kernels_avx512.outer(m, n, K, d, dsi, dsk, didx, w, widx, c, ldc, accum);
+        return;
+    }
     if (m <= 0 || n <= 0) return;
     if (K <= 0) {
         if (!accum) zero_c(m, n, c, ldc);
         return;
     }
-    kt_amx_pack pk;
-    float wv[2][KT_TN] __attribute__((aligned(32)));
-    float ct[KT_TM * KT_TN] __attribute__((aligned(64)));
-    const int np_w = w->fmt == KT_W_BF16 ? 1 : 3;
-    tile_config_bf16();
-    for (int64_t i0 = 0; i0 < m; i0 += KT_TM) {
-        int mr = (int)KT_MIN(KT_TM, m - i0);
-        for (int64_t k0 = 0; k0 < K; k0 += KT_AMX_KC) {
-            int64_t kc = KT_MIN(KT_AMX_KC, K - k0), kcp = (kc + 31) & ~(int64_t)31;
-            pack_a_rows(&pk, mr, d, dsi, dsk, didx, i0, k0, kc, kcp);
-            for (int64_t j0 = 0; j0 < n; j0 += KT_TN) {
-                int nr = (int)KT_MIN(KT_TN, n - j0);
-                for (int64_t k = 0; k < kcp; k += 2) {
-                    for (int e = 0; e < 2; e++) {
-                        int64_t kk = k + e;
-                        memset(wv[e], 0, sizeof wv[e]);
-                        if (kk < kc) deq_row(wv[e], w, widx ? widx[k0 + kk] : k0 + kk, j0, nr);
-                    }
-                    pack_w_pair(&pk, np_w, k, wv[0], wv[1]);
-                }
-                tile_products(&pk, np_w, kcp, ct);
-                tile_add(c + i0 * ldc + j0, ldc, ct, mr, nr, accum || k0 > 0);
-            }
-        }
-    }
+    kt_amx_wide wk;
+    tile_config_wide();
+    outer_bf16_wide(&wk, m, n, K, d, dsi, dsk, didx, w, widx, c, ldc, accum);
     _tile_release();
 }
 
@@ -477,6 +604,7 @@ static void kt_qdot_amx(int64_t m, int64_t n, int64_t K, const kt_qact *x, const
 const kt_kernels kt_kernels_amx = {
     .isa = KTMOE_ISA_AMX,
     .dot = kt_dot_amx,
+    .dot_many = kt_dot_many_amx,
     .outer = kt_outer_amx,
     .qdot = kt_qdot_amx,
     .act_fwd = kt_act_fwd_avx2,
