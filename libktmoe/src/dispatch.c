@@ -54,9 +54,9 @@ static int kt_cpu_has(ktmoe_isa isa) {
     const uint32_t avx512 = avx2 | KTMOE_CPU_AVX512F | KTMOE_CPU_AVX512BW |
                             KTMOE_CPU_AVX512VL;
     /* the amx files are compiled with the AVX512-VNNI/BF16 flags too (every
-     * AMX CPU has them) */
+     * AMX CPU has them; the tier's integer kernel is the VNNI one) */
     const uint32_t amx = avx512 | KTMOE_CPU_AVX512_VNNI | KTMOE_CPU_AVX512_BF16 |
-                         KTMOE_CPU_AMX_TILE | KTMOE_CPU_AMX_BF16 | KTMOE_CPU_AMX_INT8;
+                         KTMOE_CPU_AMX_TILE | KTMOE_CPU_AMX_BF16;
 #if defined(KTMOE_EMULATE)
     if (isa == KTMOE_ISA_AVX512 || isa == KTMOE_ISA_AMX) return (f & avx2) == avx2;
 #endif

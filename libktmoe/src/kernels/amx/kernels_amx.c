@@ -1,9 +1,10 @@
-/* The amx tier: AMX-BF16 (tdpbf16ps) for the fp32 dot and outer forms,
- * AMX-INT8 (tdpbssd / tdpbsud) for the integer dot form; the activations
- * are the avx2 tier's.  Compiled with the avx512 and AMX flags (the helper
- * code here uses AVX2 only); chosen only when CPUID, XCR0 (XTILECFG,
- * XTILEDATA) and the Linux arch_prctl(ARCH_REQ_XCOMP_PERM) permission allow
- * it.  Checked against the ref tier and a float64 reference by the tests.
+/* The amx tier: AMX-BF16 (tdpbf16ps) for the dot and outer forms with bf16
+ * weights; the other weights, the integer dot form (inference) and the
+ * activations are the avx512 tier's (VNNI table) kernels.  Compiled with
+ * the avx512 and AMX flags (the helper code here uses AVX2 only); chosen
+ * only when CPUID, XCR0 (XTILECFG, XTILEDATA) and the Linux
+ * arch_prctl(ARCH_REQ_XCOMP_PERM) permission allow it.  Checked against
+ * the ref tier and a float64 reference by the tests.
  *
  * Tiles.  A tile is up to 16 rows of 64 bytes.  tdpbf16ps C += A B with
  *   C 16 x 16 fp32, A 16 rows x 32 bf16 (16 pairs along k),
@@ -30,12 +31,7 @@
  * products, fp32 sums: the fp32 tiers' accuracy).  The instruction
  * flushes denormal inputs and results to zero, which only touches parts
  * below 2^-126.
- *
- * Integer dot form: one 16 x 16 x 32 tdpbssd (int8 weights) or tdpbsud
- * (4-bit codes 0..15, unsigned) per block of 32 columns, i.e. per
- * activation scale d_b, stored as int32 and scaled in fp32:
- *   C += s_g * sum_b d_b (sum_k q_k c_k) + off_g * sum_b s_b
- * per weight group g (see kt_qdot_fn). */
+ */
 #include "../../internal.h"
 
 #include "../ymm_common.h"
@@ -55,25 +51,6 @@ typedef struct kt_tilecfg {
 KT_INLINE void tile_load(const kt_tilecfg *cfg) {
     __asm__ volatile("" : : "m"(*cfg) : "memory");
     _tile_loadconfig(cfg);
-}
-
-/* Tiles of the integer kernel: C (16 x 16 int32), X (16 rows x 32 int8),
- * W (8 rows of 4-byte groups x 16 columns). */
-#define T_QC 0
-#define T_QX 1
-#define T_QW 2
-
-static void tile_config_int8(void) {
-    kt_tilecfg cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    cfg.rows[T_QC] = 16;
-    cfg.colsb[T_QC] = 64;
-    cfg.rows[T_QX] = 16;
-    cfg.colsb[T_QX] = KT_QBLK;
-    cfg.rows[T_QW] = KT_QBLK / 4;
-    cfg.colsb[T_QW] = 64;
-    tile_load(&cfg);
 }
 
 /* ---- bf16 split ---- */
@@ -105,9 +82,6 @@ KT_INLINE void split8(__m256 x, int np, __m128i *part) {
         r = _mm256_andnot_ps(_mm256_castsi256_ps(inf), _mm256_sub_ps(r, _mm256_castsi256_ps(h)));
     }
 }
-
-#define KT_TM 16 /* rows of an integer C tile    */
-#define KT_TN 16 /* columns of an integer C tile */
 
 static void zero_c(int64_t m, int64_t n, float *c, int64_t ldc) {
     for (int64_t i = 0; i < m; i++) memset(c + i * ldc, 0, (size_t)n * sizeof(float));
@@ -444,10 +418,12 @@ static void outer_bf16_wide(kt_amx_wide *wk, int64_t m, int64_t n, int64_t K, co
 }
 
 /* C[i][j] (+)= sum_k A_i[k] W(j, k)   (kt_dot_fn); W other than bf16: the
- * avx512 tier's row-order kernel (many: its panel kernel, kt_kernels.dot_many) */
+ * avx512 tier's row-order kernel (many: its dot_many, which also takes 1-2
+ * rows of bf16 W: a C tile with one or two of its 16 columns used ran at
+ * 0.85-0.9 of its speed there, 48 x 256 x 2048 at 1 and 2 rows, one thread) */
 KT_INLINE void dot_amx(int many, int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
                        const int32_t *aidx, const kt_wmat *w, float *c, int64_t ldc, int accum) {
-    if (w->fmt != KT_W_BF16) {
+    if (w->fmt != KT_W_BF16 || (many && m <= 2)) {
         (many ? kt_kernels_avx512.dot_many : kt_kernels_avx512.dot)(m, n, K, a, lda, aidx, w, c, ldc, accum);
         return;
     }
@@ -493,112 +469,15 @@ static void kt_outer_amx(int64_t m, int64_t n, int64_t K, const float *d, int64_
     _tile_release();
 }
 
-/* ---- integer dot form ---- */
-
-/* Column (within its block) of position p of a block's 32 codes: column
- * order (layout 0), or the 16 even columns, then the 16 odd ones (layouts
- * 1 and 2, the order 4-bit codes unpack in; kt_act_pos). */
-KT_INLINE int qpos_col(int deint, int p) {
-    return deint == 0 ? p : p < 16 ? 2 * p : 2 * (p - 16) + 1;
-}
-
-/* The 32 activation codes of block b (columns k0..k0+32) of row xq, in the
- * order of qpos_col. */
-static void q_gather_x(int8_t *dst, const int8_t *xq, int deint, int64_t k0) {
-    if (deint != 2) {
-        memcpy(dst, xq + k0, KT_QBLK); /* layout 0, or 1 (evens, odds of the block) */
-        return;
-    }
-    /* layout 2: the evens of a 64-column pair first, then its odds */
-    int64_t base = k0 - k0 % (2 * KT_QBLK), blk = (k0 / KT_QBLK) % 2;
-    memcpy(dst, xq + base + blk * 16, 16);
-    memcpy(dst + 16, xq + base + 2 * 16 + blk * 16, 16);
-}
-
-/* Weight row j's codes of the block at k0 into the B tile column jt
- * (dst[p / 4][jt * 4 + p % 4] = code at position p). */
-static void q_gather_w(uint8_t *dst, const kt_wmat *w, int deint, int64_t j, int64_t k0, int jt) {
-    uint8_t code[KT_QBLK];
-    if (w->fmt == KT_W_I8) {
-        const int8_t *row = (const int8_t *)w->data + j * w->ld + k0;
-        for (int p = 0; p < KT_QBLK; p++) code[p] = (uint8_t)row[qpos_col(deint, p)];
-    } else {
-        const uint8_t *row = (const uint8_t *)w->data + j * w->ld + k0 / 2;
-        if (deint) {
-            for (int p = 0; p < 16; p++) {
-                code[p] = row[p] & 15;
-                code[p + 16] = row[p] >> 4;
-            }
-        } else {
-            for (int p = 0; p < 16; p++) {
-                code[2 * p] = row[p] & 15;
-                code[2 * p + 1] = row[p] >> 4;
-            }
-        }
-    }
-    for (int r = 0; r < KT_QBLK / 4; r++) memcpy(dst + r * 64 + jt * 4, code + 4 * r, 4);
-}
-
-/* C[i][j] = sum over blocks b of (d_b s_g) sum_k q_k c_k + off_g s_b   (kt_qdot_fn) */
+/* The integer dot form (int8 activations, inference): the avx512 tier's
+ * VNNI kernel.  AMX-INT8 tiles (one tdpbsud per 32-column activation block,
+ * the int32 tile then scaled in fp32) were measured and dropped: with the
+ * codes gathered byte by byte and each block's tile stored and scaled
+ * element by element, a DeepSeek-V2-Lite decode token took 23 ms against
+ * 1.8 ms, a qlen-512 INT4 forward 782 against 188 ms (2 threads). */
 static void kt_qdot_amx(int64_t m, int64_t n, int64_t K, const kt_qact *x, const int32_t *aidx,
                         const kt_wmat *w, float *c, int64_t ldc) {
-    if (m <= 0 || n <= 0) return;
-    const int64_t nb = K / KT_QBLK;
-    const int i8 = w->fmt == KT_W_I8;
-    int8_t xt[KT_TM * KT_QBLK] __attribute__((aligned(64)));
-    uint8_t wt[(KT_QBLK / 4) * 64] __attribute__((aligned(64)));
-    int32_t it[KT_TM * KT_TN] __attribute__((aligned(64)));
-    float tot[KT_TM][KT_TN], gacc[KT_TM][KT_TN], gsum[KT_TM];
-    tile_config_int8();
-    for (int64_t i0 = 0; i0 < m; i0 += KT_TM) {
-        int mr = (int)KT_MIN(KT_TM, m - i0);
-        const int8_t *xq[KT_TM];
-        const float *xd[KT_TM], *xs[KT_TM];
-        for (int i = 0; i < mr; i++) {
-            int64_t row = aidx ? aidx[i0 + i] : i0 + i;
-            xq[i] = x->q + row * x->ldq;
-            xd[i] = x->d + row * x->ldb;
-            xs[i] = x->s + row * x->ldb;
-        }
-        memset(xt, 0, sizeof xt);
-        for (int64_t j0 = 0; j0 < n; j0 += KT_TN) {
-            int nr = (int)KT_MIN(KT_TN, n - j0);
-            memset(wt, 0, sizeof wt);
-            memset(tot, 0, sizeof tot);
-            memset(gacc, 0, sizeof gacc);
-            memset(gsum, 0, sizeof gsum);
-            for (int64_t b = 0; b < nb; b++) {
-                int64_t k0 = b * KT_QBLK, gc = w->g0 + k0, g = gc / w->gs;
-                for (int i = 0; i < mr; i++) q_gather_x(xt + i * KT_QBLK, xq[i], x->deint, k0);
-                for (int j = 0; j < nr; j++) q_gather_w(wt, w, x->deint, j0 + j, k0, j);
-                _tile_zero(T_QC);
-                _tile_loadd(T_QX, xt, KT_QBLK);
-                _tile_loadd(T_QW, wt, 64);
-                if (i8) _tile_dpbssd(T_QC, T_QX, T_QW);
-                else _tile_dpbsud(T_QC, T_QX, T_QW);
-                _tile_stored(T_QC, it, KT_TN * 4);
-                for (int i = 0; i < mr; i++) {
-                    float db = xd[i][b];
-                    for (int j = 0; j < nr; j++) gacc[i][j] += db * (float)it[i * KT_TN + j];
-                    gsum[i] += xs[i][b];
-                }
-                if (b + 1 < nb && (gc + KT_QBLK) % w->gs != 0) continue;
-                /* the end of group g: its scale and offset */
-                for (int j = 0; j < nr; j++) {
-                    float s = w->scale[(j0 + j) * w->ldg + g];
-                    float off = i8 ? 0.0f : kt_w_offset(w, j0 + j, g);
-                    for (int i = 0; i < mr; i++) {
-                        tot[i][j] += s * gacc[i][j] + off * gsum[i];
-                        gacc[i][j] = 0.0f;
-                    }
-                }
-                memset(gsum, 0, sizeof gsum);
-            }
-            for (int i = 0; i < mr; i++)
-                for (int j = 0; j < nr; j++) c[(i0 + i) * ldc + j0 + j] = tot[i][j];
-        }
-    }
-    _tile_release();
+    kt_kernels_avx512_vnni.qdot(m, n, K, x, aidx, w, c, ldc);
 }
 
 const kt_kernels kt_kernels_amx = {

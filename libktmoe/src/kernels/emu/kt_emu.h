@@ -24,10 +24,6 @@
  *     in that order, each product and each sum rounded to fp32 (nearest
  *     even), denormal bf16 inputs read as zero and denormal results
  *     flushed to zero (DAZ/FTZ, MXCSR not consulted).
- *   tdpbssd / tdpbsud / tdpbusd / tdpbuud  for each row m, dword k of src1
- *     and column n: tmp[n] += the 4 products of the bytes (signed or
- *     unsigned as the name says: s/u for src1, then src2), 32-bit
- *     wrap-around.
  * Where the hardware raises #UD or #GP (tiles not configured, shapes that
  * do not match: dst.rows != src1.rows, src1.colsb / 4 != src2.rows,
  * src2.colsb != dst.colsb, bad config), the emulation fills the
@@ -274,43 +270,11 @@ static inline void kt_emu_tile_dpbf16ps(int d, int a, int b) {
     for (int m = M; m < 16; m++) memset(s->t[d][m], 0, 64);
 }
 
-/* The byte dot products; sa / sb: bytes of src1 / src2 signed. */
-static inline void kt_emu_tile_dpb(int d, int a, int b, int sa, int sb) {
-    kt_emu_tilestate *s = &kt_emu_tiles;
-    if (!kt_emu_tile_dp_ok(d, a, b)) {
-        kt_emu_tile_poison_tile(d);
-        return;
-    }
-    int M = s->rows[d], N = s->colsb[d] / 4, KD = s->colsb[a] / 4;
-    for (int m = 0; m < M; m++) {
-        uint32_t tmp[16];
-        memcpy(tmp, s->t[d][m], (size_t)N * 4);
-        for (int k = 0; k < KD; k++)
-            for (int n = 0; n < N; n++) {
-                uint32_t acc = tmp[n];
-                for (int e = 0; e < 4; e++) {
-                    uint8_t x = s->t[a][m][4 * k + e], y = s->t[b][k][4 * n + e];
-                    int32_t xv = sa ? (int32_t)(int8_t)x : (int32_t)x;
-                    int32_t yv = sb ? (int32_t)(int8_t)y : (int32_t)y;
-                    acc += (uint32_t)(xv * yv);
-                }
-                tmp[n] = acc;
-            }
-        memset(s->t[d][m], 0, 64);
-        memcpy(s->t[d][m], tmp, (size_t)N * 4);
-    }
-    for (int m = M; m < 16; m++) memset(s->t[d][m], 0, 64);
-}
-
 #undef _tile_loadd
 #undef _tile_stream_loadd
 #undef _tile_stored
 #undef _tile_zero
 #undef _tile_dpbf16ps
-#undef _tile_dpbssd
-#undef _tile_dpbsud
-#undef _tile_dpbusd
-#undef _tile_dpbuud
 #define _tile_loadconfig kt_emu_tile_loadconfig
 #define _tile_release kt_emu_tile_release
 #define _tile_loadd(t, base, stride) kt_emu_tile_loadd(t, base, stride)
@@ -318,9 +282,5 @@ static inline void kt_emu_tile_dpb(int d, int a, int b, int sa, int sb) {
 #define _tile_stored(t, base, stride) kt_emu_tile_stored(t, base, stride)
 #define _tile_zero(t) kt_emu_tile_zero(t)
 #define _tile_dpbf16ps(d, a, b) kt_emu_tile_dpbf16ps(d, a, b)
-#define _tile_dpbssd(d, a, b) kt_emu_tile_dpb(d, a, b, 1, 1)
-#define _tile_dpbsud(d, a, b) kt_emu_tile_dpb(d, a, b, 1, 0)
-#define _tile_dpbusd(d, a, b) kt_emu_tile_dpb(d, a, b, 0, 1)
-#define _tile_dpbuud(d, a, b) kt_emu_tile_dpb(d, a, b, 0, 0)
 
 #endif
