@@ -207,6 +207,7 @@ SWEEP = [
     (16, 32, 16, 2, 3, 1, F32, None),  # most experts get no token
     (4, 40, 24, 2, 40, 4, F32, None),  # k == E: every expert gets every token
     (2, 400, 24, 256, 5, 2, F32, None),  # r = 256: LoRA gradients of H in two column chunks
+    (4, 48, 300, 4, 40, 2, F32, None),  # I past one 256-column backward tile (amx tier)
 ]
 
 

@@ -321,6 +321,9 @@ typedef struct kt_kernels {
     kt_act_fwd_fn act_fwd;
     kt_act_bwd_fn act_bwd;
     kt_quant_act_fn quant_act;
+    int bwd_cols; /* 0, or the columns one task of the SFT backward gives
+                   * the outer form in dh = dO Wd and dx = dg Wg + du Wu
+                   * (default 64; at most 256, the scratch's limit) */
 } kt_kernels;
 
 const kt_kernels *kt_kernels_get(ktmoe_isa isa); /* NULL if not compiled */

@@ -1105,7 +1105,7 @@ typedef struct kt_bwd {
     ktmoe_moe *m;
     kt_cache *c;
     ktmoe_backward_args a;
-    int64_t ntile_i, ntile_h;
+    int64_t ntile_i, ntile_h, tc; /* tc: B2's and B4's column tile (kt_kernels.bwd_cols) */
     void *grad[6];
 } kt_bwd;
 
@@ -1192,18 +1192,18 @@ static void kt_bwd_down(void *v, const kt_worker_ctx *w, int s, int64_t task) {
     kt_bwd *b = v;
     ktmoe_moe *m = b->m;
     kt_cache *c = b->c;
-    int64_t jt = task % b->ntile_i;
-    int64_t o, cnt, e = kt_expert(c, task / b->ntile_i, &o, &cnt), j0 = jt * KT_TN;
-    int64_t H = m->H, I = m->I, Is = m->Is, r = m->r, np = c->npairs, tn = KT_MIN(KT_TN, Is - j0);
+    int64_t jt = task % b->ntile_i, tc = b->tc;
+    int64_t o, cnt, e = kt_expert(c, task / b->ntile_i, &o, &cnt), j0 = jt * tc;
+    int64_t H = m->H, I = m->I, Is = m->Is, r = m->r, np = c->npairs, tn = KT_MIN(tc, Is - j0);
     int64_t i0 = m->slices[s].i0;
     int lora = c->use_lora;
     kt_wmat wd = kt_frozen(m, s, PD, e, 0, j0), ad = kt_lora(m, LDA, e * r * I + i0 + j0, I);
-    float *dhu = w->scratch;                   /* [KT_MC][KT_TN] */
-    float *h = dhu + KT_MC * KT_TN;            /* [KT_MC][KT_TN] */
-    float *wdb = h + KT_MC * KT_TN;            /* [KT_MC][r]     */
-    float *gAd = wdb + KT_MC * r;              /* [r][KT_TN]     */
-    float *gBg = gAd + r * KT_TN;              /* [KT_TN][r]     */
-    float *gBu = gBg + KT_TN * r;              /* [KT_TN][r]     */
+    float *dhu = w->scratch;      /* [KT_MC][tc] */
+    float *h = dhu + KT_MC * tc;  /* [KT_MC][tc] */
+    float *wdb = h + KT_MC * tc;  /* [KT_MC][r]  */
+    float *gAd = wdb + KT_MC * r; /* [r][tc]     */
+    float *gBg = gAd + r * tc;    /* [tc][r]     */
+    float *gBu = gBg + tc * r;    /* [tc][r]     */
     float *dwp = F(&m->dwp) + (s * b->ntile_i + jt) * np;
     const float *pw = F(&c->pw);
     /* g and u: read after dO Wd by the activation's backward (and forward) */
@@ -1213,19 +1213,19 @@ static void kt_bwd_down(void *v, const kt_worker_ctx *w, int s, int64_t task) {
         int64_t mc = KT_MIN(KT_MC, cnt - p0), q = o + p0;
         float *g = F(&c->g) + s * np * Is + q * Is + j0;
         float *u = F(&c->u) + s * np * Is + q * Is + j0;
-        m->kern->outer(mc, tn, H, F(&m->dO), m->ldh, 1, (int32_t *)c->tok.p + q, &wd, NULL, dhu, KT_TN, 0);
+        m->kern->outer(mc, tn, H, F(&m->dO), m->ldh, 1, (int32_t *)c->tok.p + q, &wd, NULL, dhu, tc, 0);
         if (lora) {
-            m->kern->outer(mc, tn, r, F(&m->dbs) + q * r, r, 1, NULL, &ad, NULL, dhu, KT_TN, 1);
+            m->kern->outer(mc, tn, r, F(&m->dbs) + q * r, r, 1, NULL, &ad, NULL, dhu, tc, 1);
             /* dAd[:, tile] += (w dbs)^T h */
             for (int64_t i = 0; i < mc; i++) {
-                m->kern->act_fwd(tn, g + i * Is, u + i * Is, h + i * KT_TN, &m->act);
+                m->kern->act_fwd(tn, g + i * Is, u + i * Is, h + i * tc, &m->act);
                 for (int64_t j = 0; j < r; j++) wdb[i * r + j] = pw[q + i] * F(&m->dbs)[(q + i) * r + j];
             }
-            kt_wmat hm = kt_act(h, KT_TN);
-            m->kern->outer(r, tn, mc, wdb, 1, r, NULL, &hm, NULL, gAd, KT_TN, p0 > 0);
+            kt_wmat hm = kt_act(h, tc);
+            m->kern->outer(r, tn, mc, wdb, 1, r, NULL, &hm, NULL, gAd, tc, p0 > 0);
         }
         for (int64_t i = 0; i < mc; i++)
-            dwp[q + i] = m->kern->act_bwd(tn, dhu + i * KT_TN, g + i * Is, u + i * Is, pw[q + i], &m->act);
+            dwp[q + i] = m->kern->act_bwd(tn, dhu + i * tc, g + i * Is, u + i * Is, pw[q + i], &m->act);
         if (!lora && kt_fold_gu(m)) kt_fold_dgu(m, s, e, g, u, Is, mc, j0, tn);
         if (lora) {
             const float *xs = F(&c->xs) + q * 2 * r;
@@ -1235,7 +1235,7 @@ static void kt_bwd_down(void *v, const kt_worker_ctx *w, int s, int64_t task) {
         }
     }
     if (lora) {
-        kt_write_grad(b, LDA, e * r * I + i0 + j0, I, gAd, KT_TN, r, tn);
+        kt_write_grad(b, LDA, e * r * I + i0 + j0, I, gAd, tc, r, tn);
         kt_write_grad(b, LGB, (e * I + i0 + j0) * r, r, gBg, r, tn, r);
         kt_write_grad(b, LUB, (e * I + i0 + j0) * r, r, gBu, r, tn, r);
     }
@@ -1264,8 +1264,8 @@ static void kt_bwd_gate_up(void *v, const kt_worker_ctx *w, int s, int64_t task)
     kt_bwd *b = v;
     ktmoe_moe *m = b->m;
     kt_cache *c = b->c;
-    int64_t o, cnt, e = kt_expert(c, task / b->ntile_h, &o, &cnt), n0 = (task % b->ntile_h) * KT_TN;
-    int64_t H = m->H, Is = m->Is, r = m->r, np = c->npairs, tn = KT_MIN(KT_TN, H - n0);
+    int64_t o, cnt, e = kt_expert(c, task / b->ntile_h, &o, &cnt), n0 = (task % b->ntile_h) * b->tc;
+    int64_t H = m->H, Is = m->Is, r = m->r, np = c->npairs, tn = KT_MIN(b->tc, H - n0);
     const float *dg = F(&c->g) + s * np * Is + o * Is, *du = F(&c->u) + s * np * Is + o * Is;
     float *dx = F(&m->y) + (s * np + o) * m->ldh + n0;
     kt_wmat wg = kt_frozen(m, s, PG, e, 0, n0), wu = kt_frozen(m, s, PU, e, 0, n0);
@@ -1364,8 +1364,11 @@ static ktmoe_status kt_backward_run(kt_bwd *b) {
     kt_cache *c = b->c;
     int64_t np = c->npairs, r = m->r, tp = m->tp, n[KT_MAX_SUBPOOLS], qlen = c->qlen;
     ktmoe_status st;
-    b->ntile_i = (m->Is + KT_TN - 1) / KT_TN;
-    b->ntile_h = (m->H + KT_TN - 1) / KT_TN;
+    b->tc = m->kern->bwd_cols ? m->kern->bwd_cols : KT_TN;
+    if ((size_t)(2 * KT_MC * b->tc + KT_MC * r + 3 * r * b->tc) * 4 > KT_SCRATCH_BYTES)
+        b->tc = KT_TN; /* kt_bwd_down's scratch at large ranks */
+    b->ntile_i = (m->Is + b->tc - 1) / b->tc;
+    b->ntile_h = (m->H + b->tc - 1) / b->tc;
     if ((st = kt_buf_reserve(&m->dO, (size_t)(qlen * m->ldh) * 4)) ||
         (st = kt_buf_reserve(&m->dbs, (size_t)(np * r) * 4)) ||
         (st = kt_buf_reserve(&m->whs, (size_t)(np * r) * 4)) ||
