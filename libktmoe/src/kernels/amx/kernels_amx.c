@@ -132,10 +132,6 @@ typedef struct kt_amx_wide {
     float acc[KT_XNT][KT_XMT][16 * 16] __attribute__((aligned(64)));     /* sums of a chunk */
 } kt_amx_wide;
 
-/* The parts of activation rows i0 .. i0 + mr (D(i, k) = d[(didx ? didx[i]
- * : i) dsi + k dsk]), k0 .. k0 + kc, as tiles of 16 rows x 32 k, rows past
- * mr and k past kc zero; then (vnni) each part tile's 16 x 16 words
- * transposed: pair-row p, column i. */
 /* Two vectors of fp32 bit patterns as 16 bf16 (their high halves), in order. */
 KT_INLINE __m256i bf16_pack16(__m256 a, __m256 b) {
     __m256i p = _mm256_packus_epi32(_mm256_srli_epi32(_mm256_castps_si256(a), 16),
@@ -190,6 +186,10 @@ KT_INLINE void tr8x8(const uint32_t *s, uint32_t *d) {
     }
 }
 
+/* The parts of activation rows i0 .. i0 + mr (D(i, k) = d[(didx ? didx[i]
+ * : i) dsi + k dsk]), k0 .. k0 + kc, as tiles of 16 rows x 32 k, rows past
+ * mr and k past kc zero; then (vnni) each part tile's 16 x 16 words
+ * transposed: pair-row p, column i. */
 static void pack_x(kt_amx_wide *wk, int vnni, int mr, const float *d, int64_t dsi, int64_t dsk,
                    const int32_t *didx, int64_t i0, int64_t k0, int64_t kc) {
     float dv[KT_XKB * 32] __attribute__((aligned(32)));
@@ -252,14 +252,10 @@ static void pack_w_vnni(kt_amx_wide *wk, const kt_wmat *w, const int32_t *widx, 
             _mm256_storeu_si256((__m256i *)(dst + 16), _mm256_permute2x128_si256(lo, hi, 0x31));
             continue;
         }
-        for (int e = 0; e < 2; e++) {
-            if (k + e < kc && nr == 16) {
-                memcpy(r[e], wd + (widx ? widx[k0 + k + e] : k0 + k + e) * w->ld + j, 32);
-            } else {
-                memset(r[e], 0, sizeof r[e]);
-                if (k + e < kc)
-                    memcpy(r[e], wd + (widx ? widx[k0 + k + e] : k0 + k + e) * w->ld + j, (size_t)nr * 2);
-            }
+        for (int e = 0; e < 2; e++) { /* a last odd row, or fewer than 16 columns */
+            memset(r[e], 0, sizeof r[e]);
+            if (k + e < kc)
+                memcpy(r[e], wd + (widx ? widx[k0 + k + e] : k0 + k + e) * w->ld + j, (size_t)nr * 2);
         }
         __m128i a0 = _mm_loadu_si128((const __m128i *)r[0]), a1 = _mm_loadu_si128((const __m128i *)(r[0] + 8));
         __m128i b0 = _mm_loadu_si128((const __m128i *)r[1]), b1 = _mm_loadu_si128((const __m128i *)(r[1] + 8));
