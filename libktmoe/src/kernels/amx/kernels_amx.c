@@ -291,7 +291,7 @@ static void pack_w_vnni(kt_amx_wide *wk, const kt_wmat *w, const int32_t *widx, 
 
 static void wide_chunk(const kt_amx_wide *wk, int outer, int mt, int nkb, const void *const *wp,
                        const int64_t *wst, float (*acc)[16 * 16], int first, const char *pf,
-                       int64_t pfst) {
+                       int64_t pfst, int64_t pfkb) {
     if (first) {
         _tile_zero(0); /* the C tiles past mt are zeroed and never stored */
         _tile_zero(1);
@@ -304,8 +304,8 @@ static void wide_chunk(const kt_amx_wide *wk, int outer, int mt, int nkb, const 
         WIDE_ACC(3, _tile_loadd);
     }
     for (int kb = 0; kb < nkb; kb++) {
-        if (pf) /* the next W tile's block kb: 16 rows of 64 bytes, into L2 */
-            for (int r = 0; r < 16; r++) _mm_prefetch(pf + r * pfst + 64 * kb, _MM_HINT_T1);
+        if (pf) /* the next W tile's block kb: 16 rows of pfkb bytes, into L2 */
+            for (int r = 0; r < 16; r++) _mm_prefetch(pf + r * pfst + pfkb * kb, _MM_HINT_T1);
         _tile_loadd(T_W0, wp[kb], wst[kb]);
         /* the X tiles in rotation: 12 products, 3 tiles */
         WIDE_STEP(0, 2, T_X0);
@@ -328,16 +328,59 @@ static void wide_chunk(const kt_amx_wide *wk, int outer, int mt, int nkb, const 
 }
 
 /* C[i0 + i][j0 + j] (+)= the chunk's sums, i < mr, j < nc (tr: the scratch
- * holds C^T tiles). */
-static void wide_store(const kt_amx_wide *wk, int tr, int mr, int nc, float *c, int64_t ldc, int add) {
+ * holds C^T tiles), each times cs[j] if cs is given. */
+static void wide_store(const kt_amx_wide *wk, int tr, int mr, int nc, float *c, int64_t ldc, int add,
+                       const float *cs) {
     for (int i = 0; i < mr; i++) {
         float *cr = c + i * ldc;
         for (int j = 0; j < nc; j++) {
             const float *tile = wk->acc[j / 16][i / 16];
             float v = tr ? tile[(j % 16) * 16 + i % 16] : tile[(i % 16) * 16 + j % 16];
+            if (cs) v *= cs[j];
             cr[j] = add ? cr[j] + v : v;
         }
     }
+}
+
+/* The integer codes of one scale a row (int8, I4S: u - 8) are exact in
+ * bf16; the dot form multiplies each output by its row's scale once.
+ * Taken by dot_many from 16 rows on: each call converts the W tiles it
+ * reads, which fewer rows do not repay (SFT step, INT8, qlen 16: 0.96x
+ * with every row count; qlen 512: 1.14x), and the row-order dot keeps the
+ * avx512 kernel's few-rows paths. */
+KT_INLINE int wide_codes(const kt_wmat *w, int64_t K) {
+    return (w->fmt == KT_W_I8 || w->fmt == KT_W_I4S) && w->g0 + K <= w->gs;
+}
+
+/* 8 int8 codes as 8 fp32 bit patterns of their bf16 values (exact). */
+KT_INLINE __m256 codes8(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)); }
+
+/* dst[0..n) = the codes of W row r from column k (a multiple of 32) as
+ * bf16, n <= 32. */
+static void codes_bf16(const kt_wmat *w, int64_t r, int64_t k, int n, uint16_t *dst) {
+    const uint8_t *p = (const uint8_t *)w->data + r * w->ld + (w->fmt == KT_W_I8 ? k : k / 2);
+    if (n < 32) {
+        for (int t = 0; t < n; t++) {
+            float v = w->fmt == KT_W_I8 ? (float)(int8_t)p[t] : (float)(((p[t / 2] >> (4 * (t & 1))) & 15) - 8);
+            uint32_t u;
+            memcpy(&u, &v, 4);
+            dst[t] = (uint16_t)(u >> 16);
+        }
+        return;
+    }
+    __m128i c[2];
+    if (w->fmt == KT_W_I8) {
+        c[0] = _mm_loadu_si128((const __m128i *)p);
+        c[1] = _mm_loadu_si128((const __m128i *)(p + 16));
+    } else { /* 16 bytes, low nibble first */
+        __m128i v = _mm_loadu_si128((const __m128i *)p), m4 = _mm_set1_epi8(0x0F), e8 = _mm_set1_epi8(8);
+        __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+        c[0] = _mm_sub_epi8(_mm_unpacklo_epi8(lo, hi), e8);
+        c[1] = _mm_sub_epi8(_mm_unpackhi_epi8(lo, hi), e8);
+    }
+    for (int h = 0; h < 2; h++)
+        _mm256_storeu_si256((__m256i *)(dst + 16 * h),
+                            bf16_pack16(codes8(c[h]), codes8(_mm_srli_si128(c[h], 8))));
 }
 
 /* Dot form, W in bf16: C[i][j] (+)= sum_k A_i[k] W(j, k). */
@@ -345,10 +388,16 @@ static void dot_bf16_wide(kt_amx_wide *wk, int64_t m, int64_t n, int64_t K, cons
                           int64_t lda, const int32_t *aidx, const kt_wmat *w, float *c,
                           int64_t ldc, int accum) {
     const uint16_t *wd = (const uint16_t *)w->data;
+    const int codes = w->fmt != KT_W_BF16; /* wide_codes */
+    /* bytes of a W row per 32-k block, and the row stride in bytes */
+    const int64_t bkb = w->fmt == KT_W_BF16 ? 64 : w->fmt == KT_W_I8 ? 32 : 16;
+    const int64_t ldb = w->fmt == KT_W_BF16 ? w->ld * 2 : w->ld;
+    float cs[16 * KT_XNT];
     for (int64_t i0 = 0; i0 < m; i0 += 16 * KT_XMT) {
         int mr = (int)KT_MIN(16 * KT_XMT, m - i0), mt = (mr + 15) / 16;
         for (int64_t j0 = 0; j0 < n; j0 += 16 * KT_XNT) {
             int nc = (int)KT_MIN(16 * KT_XNT, n - j0);
+            for (int j = 0; codes && j < nc; j++) cs[j] = w->scale[(j0 + j) * w->ldg];
             for (int64_t k0 = 0; k0 < K; k0 += 32 * KT_XKB) {
                 int64_t kc = KT_MIN(32 * KT_XKB, K - k0);
                 int nkb = (int)((kc + 31) / 32);
@@ -360,26 +409,29 @@ static void dot_bf16_wide(kt_amx_wide *wk, int64_t m, int64_t n, int64_t K, cons
                     int64_t wst[KT_XKB];
                     for (int kb = 0; kb < nkb; kb++) {
                         int64_t k = k0 + 32 * kb;
-                        if (nr == 16 && k + 32 <= K) { /* 16 rows of W in place */
+                        if (!codes && nr == 16 && k + 32 <= K) { /* 16 rows of W in place */
                             wp[kb] = wd + j * w->ld + k;
                             wst[kb] = w->ld * 2;
                             continue;
                         }
                         uint16_t *dst = wk->w[kb]; /* a copy, zero past the ends */
                         memset(dst, 0, 16 * 64);
-                        for (int r = 0; r < nr; r++)
-                            memcpy(dst + r * 32, wd + (j + r) * w->ld + k, (size_t)KT_MIN(32, K - k) * 2);
+                        for (int r = 0; r < nr; r++) {
+                            if (codes) codes_bf16(w, j + r, k, (int)KT_MIN(32, K - k), dst + r * 32);
+                            else memcpy(dst + r * 32, wd + (j + r) * w->ld + k, (size_t)KT_MIN(32, K - k) * 2);
+                        }
                         wp[kb] = dst;
                         wst[kb] = 64;
                     }
                     /* the next 16 rows (or the next chunk's first 16), whole
                      * tiles only */
                     int64_t jn = j + 16 < j0 + nc ? j + 16 : j0, kn = j + 16 < j0 + nc ? k0 : k0 + kc;
-                    const char *pf = jn + 16 <= n && kn + 32 * KT_XKB <= K ? (const char *)(wd + jn * w->ld + kn) : NULL;
-                    wide_chunk(wk, 0, mt, nkb, wp, wst, wk->acc[jt], k0 == 0, pf, w->ld * 2);
+                    const char *pf = jn + 16 <= n && kn + 32 * KT_XKB <= K
+                                         ? (const char *)w->data + jn * ldb + kn * bkb / 32 : NULL;
+                    wide_chunk(wk, 0, mt, nkb, wp, wst, wk->acc[jt], k0 == 0, pf, ldb, bkb);
                 }
             }
-            wide_store(wk, 1, mr, nc, c + i0 * ldc + j0, ldc, accum);
+            wide_store(wk, 1, mr, nc, c + i0 * ldc + j0, ldc, accum, codes ? cs : NULL);
         }
     }
 }
@@ -405,10 +457,10 @@ static void outer_bf16_wide(kt_amx_wide *wk, int64_t m, int64_t n, int64_t K, co
                         wp[kb] = wk->w[kb];
                         wst[kb] = 64;
                     }
-                    wide_chunk(wk, 1, mt, nkb, wp, wst, wk->acc[jt], k0 == 0, NULL, 0);
+                    wide_chunk(wk, 1, mt, nkb, wp, wst, wk->acc[jt], k0 == 0, NULL, 0, 0);
                 }
             }
-            wide_store(wk, 0, mr, nc, c + i0 * ldc + j0, ldc, accum);
+            wide_store(wk, 0, mr, nc, c + i0 * ldc + j0, ldc, accum, NULL);
         }
     }
 }
@@ -419,7 +471,7 @@ static void outer_bf16_wide(kt_amx_wide *wk, int64_t m, int64_t n, int64_t K, co
  * 0.85-0.9 of its speed there, 48 x 256 x 2048 at 1 and 2 rows, one thread) */
 KT_INLINE void dot_amx(int many, int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
                        const int32_t *aidx, const kt_wmat *w, float *c, int64_t ldc, int accum) {
-    if (w->fmt != KT_W_BF16 || (many && m <= 2)) {
+    if ((w->fmt != KT_W_BF16 && !(many && m >= 16 && wide_codes(w, K))) || (many && m <= 2)) {
         (many ? kt_kernels_avx512.dot_many : kt_kernels_avx512.dot)(m, n, K, a, lda, aidx, w, c, ldc, accum);
         return;
     }
