@@ -17,8 +17,9 @@
  *
  * bf16 weights (the frozen base weights of the BF16 methods) go through
  * the tiles as they are stored; the dot form reads its W tiles in place
- * (see "bf16 weights" below).  Every other W (fp32 activation rows and
- * LoRA factors, quantized weights) goes to the avx512 tier's kernels:
+ * (see "bf16 weights" below).  dot_many also takes int8 and I4S codes with
+ * one scale a row (wide_codes).  Every other W (fp32 activation rows and
+ * LoRA factors, other quantized weights) goes to the avx512 tier's kernels:
  * those calls are small or must dequantize, and the old tile path for
  * them (every W split in three, 6 products a step, W repacked for each 16
  * rows of A) ran the BF16 step at a third of the avx512 tier's speed.
