@@ -384,10 +384,23 @@ static void codes_bf16(const kt_wmat *w, int64_t r, int64_t k, int n, uint16_t *
                             bf16_pack16(codes8(c[h]), codes8(_mm_srli_si128(c[h], 8))));
 }
 
-/* Dot form, W in bf16: C[i][j] (+)= sum_k A_i[k] W(j, k). */
-static void dot_bf16_wide(kt_amx_wide *wk, int64_t m, int64_t n, int64_t K, const float *a,
-                          int64_t lda, const int32_t *aidx, const kt_wmat *w, float *c,
-                          int64_t ldc, int accum) {
+/* The empty cases of a call (C zeroed unless accum when K is 0); else the
+ * tile config loaded and 1 (the caller releases the tiles). */
+static int wide_begin(int64_t m, int64_t n, int64_t K, float *c, int64_t ldc, int accum) {
+    if (m <= 0 || n <= 0) return 0;
+    if (K <= 0) {
+        if (!accum) zero_c(m, n, c, ldc);
+        return 0;
+    }
+    tile_config_wide();
+    return 1;
+}
+
+/* Dot form, W in bf16 or wide_codes: C[i][j] (+)= sum_k A_i[k] W(j, k). */
+static void dot_wide(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
+                     const int32_t *aidx, const kt_wmat *w, float *c, int64_t ldc, int accum) {
+    if (!wide_begin(m, n, K, c, ldc, accum)) return;
+    kt_amx_wide wks, *wk = &wks;
     const uint16_t *wd = (const uint16_t *)w->data;
     const int codes = w->fmt != KT_W_BF16; /* wide_codes */
     /* bytes of a W row per 32-k block, and the row stride in bytes */
@@ -435,12 +448,15 @@ static void dot_bf16_wide(kt_amx_wide *wk, int64_t m, int64_t n, int64_t K, cons
             wide_store(wk, 1, mr, nc, c + i0 * ldc + j0, ldc, accum, codes ? cs : NULL);
         }
     }
+    _tile_release();
 }
 
 /* Outer form, W in bf16: C[i][j] (+)= sum_k D(i, k) W(widx[k], j). */
-static void outer_bf16_wide(kt_amx_wide *wk, int64_t m, int64_t n, int64_t K, const float *d,
-                            int64_t dsi, int64_t dsk, const int32_t *didx, const kt_wmat *w,
-                            const int32_t *widx, float *c, int64_t ldc, int accum) {
+static void outer_wide(int64_t m, int64_t n, int64_t K, const float *d, int64_t dsi, int64_t dsk,
+                       const int32_t *didx, const kt_wmat *w, const int32_t *widx, float *c,
+                       int64_t ldc, int accum) {
+    if (!wide_begin(m, n, K, c, ldc, accum)) return;
+    kt_amx_wide wks, *wk = &wks;
     for (int64_t i0 = 0; i0 < m; i0 += 16 * KT_XMT) {
         int mr = (int)KT_MIN(16 * KT_XMT, m - i0), mt = (mr + 15) / 16;
         for (int64_t j0 = 0; j0 < n; j0 += 16 * KT_XNT) {
@@ -464,27 +480,21 @@ static void outer_bf16_wide(kt_amx_wide *wk, int64_t m, int64_t n, int64_t K, co
             wide_store(wk, 0, mr, nc, c + i0 * ldc + j0, ldc, accum, NULL);
         }
     }
+    _tile_release();
 }
 
-/* C[i][j] (+)= sum_k A_i[k] W(j, k)   (kt_dot_fn); W other than bf16: the
- * avx512 tier's row-order kernel (many: its dot_many, which also takes 1-2
- * rows of bf16 W: a C tile with one or two of its 16 columns used ran at
- * 0.85-0.9 of its speed there, 48 x 256 x 2048 at 1 and 2 rows, one thread) */
+/* C[i][j] (+)= sum_k A_i[k] W(j, k)   (kt_dot_fn); W other than bf16 (and
+ * than wide_codes in dot_many): the avx512 tier's row-order kernel (many:
+ * its dot_many, which also takes 1-2 rows of bf16 W: a C tile with one or
+ * two of its 16 columns used ran at 0.85-0.9 of its speed there, 48 x 256
+ * x 2048 at 1 and 2 rows, one thread) */
 KT_INLINE void dot_amx(int many, int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
                        const int32_t *aidx, const kt_wmat *w, float *c, int64_t ldc, int accum) {
     if ((w->fmt != KT_W_BF16 && !(many && m >= 16 && wide_codes(w, K))) || (many && m <= 2)) {
         (many ? kt_kernels_avx512.dot_many : kt_kernels_avx512.dot)(m, n, K, a, lda, aidx, w, c, ldc, accum);
         return;
     }
-    if (m <= 0 || n <= 0) return;
-    if (K <= 0) {
-        if (!accum) zero_c(m, n, c, ldc);
-        return;
-    }
-    kt_amx_wide wk;
-    tile_config_wide();
-    dot_bf16_wide(&wk, m, n, K, a, lda, aidx, w, c, ldc, accum);
-    _tile_release();
+    dot_wide(m, n, K, a, lda, aidx, w, c, ldc, accum);
 }
 
 static void kt_dot_amx(int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
@@ -503,19 +513,8 @@ static void kt_dot_many_amx(int64_t m, int64_t n, int64_t K, const float *a, int
 static void kt_outer_amx(int64_t m, int64_t n, int64_t K, const float *d, int64_t dsi,
                          int64_t dsk, const int32_t *didx, const kt_wmat *w,
                          const int32_t *widx, float *c, int64_t ldc, int accum) {
-    if (w->fmt != KT_W_BF16) {
-        kt_kernels_avx512.outer(m, n, K, d, dsi, dsk, didx, w, widx, c, ldc, accum);
-        return;
-    }
-    if (m <= 0 || n <= 0) return;
-    if (K <= 0) {
-        if (!accum) zero_c(m, n, c, ldc);
-        return;
-    }
-    kt_amx_wide wk;
-    tile_config_wide();
-    outer_bf16_wide(&wk, m, n, K, d, dsi, dsk, didx, w, widx, c, ldc, accum);
-    _tile_release();
+    if (w->fmt != KT_W_BF16) kt_kernels_avx512.outer(m, n, K, d, dsi, dsk, didx, w, widx, c, ldc, accum);
+    else outer_wide(m, n, K, d, dsi, dsk, didx, w, widx, c, ldc, accum);
 }
 
 /* The integer dot form (int8 activations, inference): the avx512 tier's
