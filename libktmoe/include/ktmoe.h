@@ -261,8 +261,8 @@ typedef struct ktmoe_moe_config {
     float act_limit;
     /* 1 (the default): a token's result does not depend on the other tokens
      * of a call, bit for bit (a chunked prefill equals one call).  0: the
-     * forward kernels may choose their order of summation by the number of
-     * tokens per expert, which is faster for large batches (SFT layers). */
+     * forward and backward kernels may choose their order of summation by
+     * the number of tokens per expert, which is faster (SFT layers). */
     int32_t batch_invariant;
 } ktmoe_moe_config;
 

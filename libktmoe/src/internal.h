@@ -316,7 +316,9 @@ typedef struct kt_kernels {
     kt_dot_fn dot;       /* a row's sums in an order that does not depend on m */
     kt_dot_fn dot_many;  /* NULL, or free to order the sums by m (faster for
                           * many rows; ktmoe_moe_config.batch_invariant = 0) */
-    kt_outer_fn outer;
+    kt_outer_fn outer;   /* a row's sums in an order that does not depend on m */
+    kt_outer_fn outer_many; /* NULL, or free to choose its path by m
+                             * (batch_invariant = 0: the SFT backward) */
     kt_qdot_fn qdot;
     kt_act_fwd_fn act_fwd;
     kt_act_bwd_fn act_bwd;

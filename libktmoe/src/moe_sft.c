@@ -84,6 +84,7 @@ struct ktmoe_moe {
     float scale;
     kt_activation act;
     kt_dot_fn dot; /* kern->dot, or kern->dot_many (batch_invariant = 0) */
+    kt_outer_fn outer; /* kern->outer, or kern->outer_many (batch_invariant = 0) */
     int max_depth;
 
     kt_slice *slices;
@@ -317,6 +318,7 @@ KTMOE_API ktmoe_status ktmoe_moe_create(ktmoe_pool *pool, const ktmoe_moe_config
     m->act.limit = c->act_limit;
     /* the dot kernel of the forward products (frozen weights and LoRA) */
     m->dot = !c->batch_invariant && m->kern->dot_many ? m->kern->dot_many : m->kern->dot;
+    m->outer = !c->batch_invariant && m->kern->outer_many ? m->kern->outer_many : m->kern->outer;
     m->max_depth = c->max_cache_depth;
     pthread_mutex_init(&m->mu, NULL);
     m->slices = calloc((size_t)tp, sizeof(kt_slice));
@@ -1129,7 +1131,7 @@ static void kt_bwd_lora_db(void *v, const kt_worker_ctx *w, int sub, int64_t ai)
     float *dbs = F(&m->dbs) + o * r, *whs = F(&m->whs) + o * r;
     const float *hs = F(&c->hs) + o * r, *pw = F(&c->pw) + o;
     kt_wmat bd = kt_lora(m, LDB, e * H * r, r);
-    m->kern->outer(cnt, r, H, F(&m->dO), m->ldh, 1, (int32_t *)c->tok.p + o, &bd, NULL, dbs, r, 0);
+    m->outer(cnt, r, H, F(&m->dO), m->ldh, 1, (int32_t *)c->tok.p + o, &bd, NULL, dbs, r, 0);
     for (int64_t i = 0; i < cnt; i++)
         for (int64_t j = 0; j < r; j++) {
             dbs[i * r + j] *= m->scale;
@@ -1213,16 +1215,16 @@ static void kt_bwd_down(void *v, const kt_worker_ctx *w, int s, int64_t task) {
         int64_t mc = KT_MIN(KT_MC, cnt - p0), q = o + p0;
         float *g = F(&c->g) + s * np * Is + q * Is + j0;
         float *u = F(&c->u) + s * np * Is + q * Is + j0;
-        m->kern->outer(mc, tn, H, F(&m->dO), m->ldh, 1, (int32_t *)c->tok.p + q, &wd, NULL, dhu, tc, 0);
+        m->outer(mc, tn, H, F(&m->dO), m->ldh, 1, (int32_t *)c->tok.p + q, &wd, NULL, dhu, tc, 0);
         if (lora) {
-            m->kern->outer(mc, tn, r, F(&m->dbs) + q * r, r, 1, NULL, &ad, NULL, dhu, tc, 1);
+            m->outer(mc, tn, r, F(&m->dbs) + q * r, r, 1, NULL, &ad, NULL, dhu, tc, 1);
             /* dAd[:, tile] += (w dbs)^T h */
             for (int64_t i = 0; i < mc; i++) {
                 m->kern->act_fwd(tn, g + i * Is, u + i * Is, h + i * tc, &m->act);
                 for (int64_t j = 0; j < r; j++) wdb[i * r + j] = pw[q + i] * F(&m->dbs)[(q + i) * r + j];
             }
             kt_wmat hm = kt_act(h, tc);
-            m->kern->outer(r, tn, mc, wdb, 1, r, NULL, &hm, NULL, gAd, tc, p0 > 0);
+            m->outer(r, tn, mc, wdb, 1, r, NULL, &hm, NULL, gAd, tc, p0 > 0);
         }
         for (int64_t i = 0; i < mc; i++)
             dwp[q + i] = m->kern->act_bwd(tn, dhu + i * tc, g + i * Is, u + i * Is, pw[q + i], &m->act);
@@ -1230,8 +1232,8 @@ static void kt_bwd_down(void *v, const kt_worker_ctx *w, int s, int64_t task) {
         if (lora) {
             const float *xs = F(&c->xs) + q * 2 * r;
             kt_wmat xg = kt_act(xs, 2 * r), xu = kt_act(xs + r, 2 * r);
-            m->kern->outer(tn, r, mc, g, 1, Is, NULL, &xg, NULL, gBg, r, p0 > 0);
-            m->kern->outer(tn, r, mc, u, 1, Is, NULL, &xu, NULL, gBu, r, p0 > 0);
+            m->outer(tn, r, mc, g, 1, Is, NULL, &xg, NULL, gBg, r, p0 > 0);
+            m->outer(tn, r, mc, u, 1, Is, NULL, &xu, NULL, gBu, r, p0 > 0);
         }
     }
     if (lora) {
@@ -1252,8 +1254,8 @@ static void kt_bwd_lora_gu(void *v, const kt_worker_ctx *w, int s, int64_t ai) {
     float *part = F(&m->part) + (s * np + o) * 2 * r;
     kt_wmat bg = kt_lora(m, LGB, brow, r), bu = kt_lora(m, LUB, brow, r);
     float *dg = F(&c->g) + s * np * Is + o * Is, *du = F(&c->u) + s * np * Is + o * Is;
-    m->kern->outer(cnt, r, Is, dg, Is, 1, NULL, &bg, NULL, part, 2 * r, 0);
-    m->kern->outer(cnt, r, Is, du, Is, 1, NULL, &bu, NULL, part + r, 2 * r, 0);
+    m->outer(cnt, r, Is, dg, Is, 1, NULL, &bg, NULL, part, 2 * r, 0);
+    m->outer(cnt, r, Is, du, Is, 1, NULL, &bu, NULL, part + r, 2 * r, 0);
     if (kt_fold_gu(m)) kt_fold_dgu(m, s, e, dg, du, Is, cnt, 0, Is);
 }
 
@@ -1270,13 +1272,13 @@ static void kt_bwd_gate_up(void *v, const kt_worker_ctx *w, int s, int64_t task)
     float *dx = F(&m->y) + (s * np + o) * m->ldh + n0;
     kt_wmat wg = kt_frozen(m, s, PG, e, 0, n0), wu = kt_frozen(m, s, PU, e, 0, n0);
     if (kt_fold_gu(m)) kt_unit_scales(&wg), kt_unit_scales(&wu);
-    m->kern->outer(cnt, tn, Is, dg, Is, 1, NULL, &wg, NULL, dx, m->ldh, 0);
-    m->kern->outer(cnt, tn, Is, du, Is, 1, NULL, &wu, NULL, dx, m->ldh, 1);
+    m->outer(cnt, tn, Is, dg, Is, 1, NULL, &wg, NULL, dx, m->ldh, 0);
+    m->outer(cnt, tn, Is, du, Is, 1, NULL, &wu, NULL, dx, m->ldh, 1);
     if (!c->use_lora || s != 0) return;
     const float *dgus = F(&m->dgus) + o * 2 * r;
     kt_wmat ag = kt_lora(m, LGA, e * r * H + n0, H), au = kt_lora(m, LUA, e * r * H + n0, H);
-    m->kern->outer(cnt, tn, r, dgus, 2 * r, 1, NULL, &ag, NULL, dx, m->ldh, 1);
-    m->kern->outer(cnt, tn, r, dgus + r, 2 * r, 1, NULL, &au, NULL, dx, m->ldh, 1);
+    m->outer(cnt, tn, r, dgus, 2 * r, 1, NULL, &ag, NULL, dx, m->ldh, 1);
+    m->outer(cnt, tn, r, dgus + r, 2 * r, 1, NULL, &au, NULL, dx, m->ldh, 1);
 }
 
 /* B4's LoRA gradients of one expert: dAg = dgus_g^T x, dAu = dgus_u^T x
@@ -1301,13 +1303,13 @@ static void kt_bwd_lora_grads(kt_bwd *b, const kt_worker_ctx *w, int64_t ai) {
         float *acc = w->scratch, *acc2 = acc + 2 * r * ld;
         if (ga) {
             kt_wmat xm = kt_act(F(&c->x) + n0, m->ldh);
-            m->kern->outer(2 * r, tn, cnt, dgus, 1, 2 * r, NULL, &xm, tok, acc, ld, 0);
+            m->outer(2 * r, tn, cnt, dgus, 1, 2 * r, NULL, &xm, tok, acc, ld, 0);
             kt_write_grad(b, LGA, e * r * H + n0, H, acc, ld, r, tn);
             kt_write_grad(b, LUA, e * r * H + n0, H, acc + r * ld, ld, r, tn);
         }
         if (gd) {
             kt_wmat dom = kt_act(F(&m->dO) + n0, m->ldh);
-            m->kern->outer(r, tn, cnt, whs, 1, r, NULL, &dom, tok, acc, ld, 0);
+            m->outer(r, tn, cnt, whs, 1, r, NULL, &dom, tok, acc, ld, 0);
             for (int64_t n = 0; n < tn; n++)
                 for (int64_t j = 0; j < r; j++) acc2[n * r + j] = acc[j * ld + n];
             kt_write_grad(b, LDB, (e * H + n0) * r, r, acc2, r, tn, r);

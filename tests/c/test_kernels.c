@@ -184,6 +184,13 @@ static void check_outer(const kt_kernels *kt, int64_t m, int64_t n, int64_t K, i
              fmt, (long long)gs, (long long)m, (long long)n, (long long)K, accum, transposed, plain_rows,
              unit_scales);
     compare("outer", ktmoe_isa_name(kt->isa), c, cref, bound, m, n, ldc, shape);
+    if (kt->outer_many) {
+        float *cm = malloc((size_t)(m * ldc + 1) * sizeof(float));
+        for (int64_t i = 0; i < m * ldc; i++) cm[i] = c_in[i];
+        kt->outer_many(m, n, K, d, dsi, dsk, didx, &w, wi, cm, ldc, accum);
+        compare("outer_many", ktmoe_isa_name(kt->isa), cm, cref, bound, m, n, ldc, shape);
+        free(cm);
+    }
     /* each row as in a call of its own, bit for bit: 1-3 rows of D take
      * paths of their own (no panel), with the same sums in the same order */
     float *alone = malloc((size_t)(ldc + 1) * sizeof(float));
@@ -357,14 +364,18 @@ int main(void) {
                 check_outer(kt, 2, 37, Kout[kk], fi, (kk + 1) & 1, 0, 0, (formats[fi].fmt == KT_W_I8 || formats[fi].fmt == KT_W_I4S) && formats[fi].gs > (int64_t)1 << 29);
             }
         /* more rows than a group of 4 C tiles (64) and more columns than a
-         * chunk (256): the amx tier's bf16 kernels' chunks and tails */
-        for (int fi = 0; fi < (int)NFMT; fi++)
-            if (formats[fi].fmt == KT_W_BF16) {
+         * chunk (256): the amx tier's tile kernels' chunks and tails (bf16
+         * W, and int8 / I4S codes with one scale a row) */
+        for (int fi = 0; fi < (int)NFMT; fi++) {
+            int codes = (formats[fi].fmt == KT_W_I8 || formats[fi].fmt == KT_W_I4S) && formats[fi].gs > (int64_t)1 << 29;
+            if (formats[fi].fmt == KT_W_BF16 || codes) {
                 check_dot(kt, 70, 300, 264, fi, 0);
                 check_dot(kt, 81, 263, 40, fi, 1);
                 check_outer(kt, 70, 300, 300, fi, 1, 0, 0, 0);
                 check_outer(kt, 81, 263, 33, fi, 0, 1, 1, 0);
             }
+            if (codes) check_outer(kt, 70, 263, 300, fi, 1, 1, 0, 1);
+        }
         check_nonfinite(kt);
         for (int deint = 0; deint < 3; deint++)
             for (int64_t K = 64; K <= 2048; K *= 2) check_quant_act(kt, deint == 2 ? K : K - 32, deint);
