@@ -8,7 +8,14 @@
  * kernels_avx512_vnni.c, the table dispatch.c picks on CPUs that have it).
  * The row-order dot form and the activations are the avx2 tier's.  512-bit
  * forms of the integer kernel were measured on Zen 4 and not kept: see
- * qdot_ymm.h. */
+ * qdot_ymm.h.
+ *
+ * The SFT backward's column tile (bwd_cols) is 256: each D row (dO, dg,
+ * du) is read once a tile, and the 512-bit panels' 12 x 32 register tile
+ * runs 4x as long a task.  Paired against 64 on a full-width AVX-512 Intel
+ * CPU (2 threads): BF16 1.04x at qlen 512, 1.08x at 64, 1.05x at 16;
+ * INT8/INT4 1.02-1.05x.  On 256-bit units the panels are the avx2 tier's,
+ * where 256 columns measured 1.00-1.03x on that CPU. */
 #include "../../internal.h"
 
 const kt_kernels kt_kernels_avx512 = {
@@ -20,4 +27,5 @@ const kt_kernels kt_kernels_avx512 = {
     .act_fwd = kt_act_fwd_avx2,
     .act_bwd = kt_act_bwd_avx2,
     .quant_act = kt_quant_act_avx2,
+    .bwd_cols = 256,
 };

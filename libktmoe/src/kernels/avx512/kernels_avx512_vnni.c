@@ -18,4 +18,5 @@ const kt_kernels kt_kernels_avx512_vnni = {
     .act_fwd = kt_act_fwd_avx2,
     .act_bwd = kt_act_bwd_avx2,
     .quant_act = kt_quant_act_avx2,
+    .bwd_cols = 256, /* see kernels_avx512.c */
 };
