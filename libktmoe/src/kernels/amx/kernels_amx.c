@@ -133,6 +133,7 @@ typedef struct kt_amx_wide {
     uint16_t x[KT_XMT][KT_XKB][3][16 * 32] __attribute__((aligned(64))); /* activation parts */
     uint16_t w[KT_XKB][16 * 32] __attribute__((aligned(64)));            /* W tiles (copies) */
     float acc[KT_XNT][KT_XMT][16 * 16] __attribute__((aligned(64)));     /* sums of a chunk */
+    float kg[KT_XMT][16 * 16] __attribute__((aligned(64)));              /* a K group's sums */
 } kt_amx_wide;
 
 /* Two vectors of fp32 bit patterns as 16 bf16 (their high halves), in order. */
@@ -233,24 +234,33 @@ static void pack_x(kt_amx_wide *wk, int vnni, int mr, const float *d, int64_t ds
             }
 }
 
-/* The integer codes of one scale a row (int8, I4S: u - 8) are exact in
- * bf16, so they enter the tiles as bf16 like bf16 weights; the dot form
- * multiplies each output by its row's scale once, the outer form each
- * activation k by W row k's scale (pack_x).  Taken by dot_many from 16
- * rows on: each call converts the W tiles it reads, which fewer rows do
- * not repay (SFT step, INT8, qlen 16: 0.96x with every row count; qlen
- * 512: 1.14x), and the row-order dot keeps the avx512 kernel's few-rows
- * paths.  n: the columns read (the outer form's). */
-KT_INLINE int wide_codes(const kt_wmat *w, int64_t n) {
-    return (w->fmt == KT_W_I8 || w->fmt == KT_W_I4S) && w->g0 + n <= w->gs;
+/* Codes with a scale and no offset (int8, I4S: u - 8, FP8 E4M3) are exact
+ * in bf16, so they enter the tiles as bf16 like bf16 weights.  With one
+ * scale a row, the dot form multiplies each output by its row's scale once
+ * and the outer form each activation k by W row k's scale (pack_x).  With
+ * a scale per group of `gs` columns (K groups): the dot form scales the
+ * sums of each 128-k chunk (gs a multiple of 128, groups starting on a
+ * chunk) as it adds them up, and the outer form splits D's columns again
+ * for each group of its columns (16-column tiles inside a group).  Taken
+ * by dot_many from 16 rows on: each call converts the W tiles it reads,
+ * which fewer rows do not repay (SFT step, INT8, qlen 16: 0.96x with every
+ * row count; qlen 512: 1.14x), and the row-order dot keeps the avx512
+ * kernel's few-rows paths.  n: the columns of W read; outer: the form. */
+KT_INLINE int wide_codes(const kt_wmat *w, int64_t n, int outer) {
+    if (w->fmt != KT_W_I8 && w->fmt != KT_W_I4S && w->fmt != KT_W_FP8) return 0;
+    if (w->g0 + n <= w->gs) return 1; /* one scale a row */
+    int64_t span = outer ? 16 : 32 * KT_XKB;
+    return w->gs % span == 0 && w->g0 % span == 0;
 }
 
 /* 8 int8 codes as 8 fp32 bit patterns of their bf16 values (exact). */
 KT_INLINE __m256 codes8(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)); }
 
-/* The 16 codes at p (int8, or 8 bytes of I4S, low nibble first) as 16 bf16. */
+/* The 16 codes at p (int8 or FP8, or 8 bytes of I4S, low nibble first) as
+ * 16 bf16. */
 KT_INLINE __m256i codes16(int fmt, const uint8_t *p) {
     __m128i c;
+    if (fmt == KT_W_FP8) return bf16_pack16(fp8x8(p), fp8x8(p + 8)); /* ymm_common.h */
     if (fmt == KT_W_I8) {
         c = _mm_loadu_si128((const __m128i *)p);
     } else {
@@ -266,7 +276,8 @@ KT_INLINE __m256i codes16(int fmt, const uint8_t *p) {
 KT_INLINE const uint8_t *w_row(const kt_wmat *w, int fmt, int64_t r, int64_t k) {
     switch (fmt) {
     case KT_W_BF16: return (const uint8_t *)((const uint16_t *)w->data + r * w->ld + k);
-    case KT_W_I8: return (const uint8_t *)w->data + r * w->ld + k;
+    case KT_W_I8:
+    case KT_W_FP8: return (const uint8_t *)w->data + r * w->ld + k;
     default: return (const uint8_t *)w->data + r * w->ld + k / 2;
     }
 }
@@ -279,11 +290,13 @@ KT_INLINE void row_bf16(const kt_wmat *w, int fmt, int64_t r, int64_t k, int n, 
         memcpy(dst, p, (size_t)n * 2);
         return;
     }
-    const int64_t b16 = fmt == KT_W_I8 ? 16 : 8; /* bytes of 16 codes */
+    const int64_t b16 = fmt == KT_W_I4S ? 8 : 16; /* bytes of 16 codes */
     int t = 0;
     for (; t + 16 <= n; t += 16, p += b16) _mm256_storeu_si256((__m256i *)(dst + t), codes16(fmt, p));
     for (int q = 0; t < n; t++, q++) {
-        float v = fmt == KT_W_I8 ? (float)(int8_t)p[q] : (float)(((p[q / 2] >> (4 * (q & 1))) & 15) - 8);
+        float v = fmt == KT_W_I8    ? (float)(int8_t)p[q]
+                  : fmt == KT_W_FP8 ? kt_fp8_to_f32(p[q])
+                                    : (float)(((p[q / 2] >> (4 * (q & 1))) & 15) - 8);
         uint32_t u;
         memcpy(&u, &v, 4);
         dst[t] = (uint16_t)(u >> 16);
@@ -424,16 +437,17 @@ static void dot_wide(int64_t m, int64_t n, int64_t K, const float *a, int64_t ld
     if (!wide_begin(m, n, K, c, ldc, accum)) return;
     kt_amx_wide wks, *wk = &wks;
     const uint16_t *wd = (const uint16_t *)w->data;
-    const int codes = w->fmt != KT_W_BF16; /* wide_codes */
+    const int codes = w->fmt != KT_W_BF16;         /* wide_codes */
+    const int kgroups = codes && w->g0 + K > w->gs; /* a scale a 128-k chunk */
     /* bytes of a W row per 32-k block, and the row stride in bytes */
-    const int64_t bkb = w->fmt == KT_W_BF16 ? 64 : w->fmt == KT_W_I8 ? 32 : 16;
+    const int64_t bkb = w->fmt == KT_W_BF16 ? 64 : w->fmt == KT_W_I4S ? 16 : 32;
     const int64_t ldb = w->fmt == KT_W_BF16 ? w->ld * 2 : w->ld;
     float cs[16 * KT_XNT];
     for (int64_t i0 = 0; i0 < m; i0 += 16 * KT_XMT) {
         int mr = (int)KT_MIN(16 * KT_XMT, m - i0), mt = (mr + 15) / 16;
         for (int64_t j0 = 0; j0 < n; j0 += 16 * KT_XNT) {
             int nc = (int)KT_MIN(16 * KT_XNT, n - j0);
-            for (int j = 0; codes && j < nc; j++) cs[j] = w->scale[(j0 + j) * w->ldg];
+            for (int j = 0; codes && !kgroups && j < nc; j++) cs[j] = w->scale[(j0 + j) * w->ldg];
             for (int64_t k0 = 0; k0 < K; k0 += 32 * KT_XKB) {
                 int64_t kc = KT_MIN(32 * KT_XKB, K - k0);
                 int nkb = (int)((kc + 31) / 32);
@@ -456,6 +470,7 @@ static void dot_wide(int64_t m, int64_t n, int64_t K, const float *a, int64_t ld
                             int kn = (int)KT_MIN(32, K - k);
                             if (w->fmt == KT_W_BF16) row_bf16(w, KT_W_BF16, j + r, k, kn, dst + r * 32);
                             else if (w->fmt == KT_W_I8) row_bf16(w, KT_W_I8, j + r, k, kn, dst + r * 32);
+                            else if (w->fmt == KT_W_FP8) row_bf16(w, KT_W_FP8, j + r, k, kn, dst + r * 32);
                             else row_bf16(w, KT_W_I4S, j + r, k, kn, dst + r * 32);
                         }
                         wp[kb] = dst;
@@ -466,18 +481,35 @@ static void dot_wide(int64_t m, int64_t n, int64_t K, const float *a, int64_t ld
                     int64_t jn = j + 16 < j0 + nc ? j + 16 : j0, kn = j + 16 < j0 + nc ? k0 : k0 + kc;
                     const char *pf = jn + 16 <= n && kn + 32 * KT_XKB <= K
                                          ? (const char *)w->data + jn * ldb + kn * bkb / 32 : NULL;
-                    wide_chunk(wk, 0, mt, nkb, wp, wst, wk->acc[jt], k0 == 0, pf, ldb, bkb);
+                    if (!kgroups) {
+                        wide_chunk(wk, 0, mt, nkb, wp, wst, wk->acc[jt], k0 == 0, pf, ldb, bkb);
+                        continue;
+                    }
+                    wide_chunk(wk, 0, mt, nkb, wp, wst, wk->kg, 1, pf, ldb, bkb);
+                    const float *sg = w->scale + j * w->ldg + (w->g0 + k0) / w->gs;
+                    for (int r = 0; r < nr; r++) /* C^T tile row r: output j + r */
+                        for (int t = 0; t < mt; t++) {
+                            __m256 sv = _mm256_set1_ps(sg[r * w->ldg]);
+                            float *acc = wk->acc[jt][t] + 16 * r;
+                            const float *src = wk->kg[t] + 16 * r;
+                            for (int h = 0; h < 16; h += 8) {
+                                __m256 v = _mm256_mul_ps(sv, _mm256_load_ps(src + h));
+                                if (k0) v = _mm256_add_ps(v, _mm256_load_ps(acc + h));
+                                _mm256_store_ps(acc + h, v);
+                            }
+                        }
                 }
             }
-            wide_store(wk, 1, mr, nc, c + i0 * ldc + j0, ldc, accum, codes ? cs : NULL);
+            wide_store(wk, 1, mr, nc, c + i0 * ldc + j0, ldc, accum, codes && !kgroups ? cs : NULL);
         }
     }
     _tile_release();
 }
 
 /* Outer form, W in bf16 or wide_codes: C[i][j] (+)= sum_k D(i, k)
- * W(widx[k], j); the codes' row scales multiply D's columns (one rounding,
- * as the fp32 tiers' scaled weights have). */
+ * W(widx[k], j); the codes' scales (W row k's, of column j's group)
+ * multiply D's columns (one rounding, as the fp32 tiers' scaled weights
+ * have), D split again for each group. */
 static void outer_wide(int64_t m, int64_t n, int64_t K, const float *d, int64_t dsi, int64_t dsk,
                        const int32_t *didx, const kt_wmat *w, const int32_t *widx, float *c,
                        int64_t ldc, int accum) {
@@ -485,6 +517,7 @@ static void outer_wide(int64_t m, int64_t n, int64_t K, const float *d, int64_t 
     kt_amx_wide wks, *wk = &wks;
     /* the rows' scales, unless bf16 or all 1 (kt_unit_scales) */
     const int scaled = w->fmt != KT_W_BF16 && (w->ldg != 0 || w->scale[0] != 1.0f);
+    const int64_t gs = w->g0 + n <= w->gs ? INT64_MAX : w->gs; /* columns of a group */
     float ks[32 * KT_XKB];
     for (int64_t i0 = 0; i0 < m; i0 += 16 * KT_XMT) {
         int mr = (int)KT_MIN(16 * KT_XMT, m - i0), mt = (mr + 15) / 16;
@@ -493,16 +526,21 @@ static void outer_wide(int64_t m, int64_t n, int64_t K, const float *d, int64_t 
             for (int64_t k0 = 0; k0 < K; k0 += 32 * KT_XKB) {
                 int64_t kc = KT_MIN(32 * KT_XKB, K - k0);
                 int nkb = (int)((kc + 31) / 32);
-                for (int64_t k = 0; scaled && k < kc; k++)
-                    ks[k] = w->scale[(widx ? widx[k0 + k] : k0 + k) * w->ldg];
-                pack_x(wk, 0, mr, d, dsi, dsk, didx, i0, k0, kc, scaled ? ks : NULL);
+                int64_t packed = -1; /* the group D is split for */
                 for (int jt = 0; jt < (nc + 15) / 16; jt++) {
-                    int64_t j = j0 + 16 * jt;
+                    int64_t j = j0 + 16 * jt, g = gs == INT64_MAX ? 0 : (w->g0 + j) / gs;
+                    if (g != packed) {
+                        for (int64_t k = 0; scaled && k < kc; k++)
+                            ks[k] = w->scale[(widx ? widx[k0 + k] : k0 + k) * w->ldg + g];
+                        pack_x(wk, 0, mr, d, dsi, dsk, didx, i0, k0, kc, scaled ? ks : NULL);
+                        packed = g;
+                    }
                     const void *wp[KT_XKB];
                     int64_t wst[KT_XKB];
                     int nr = (int)KT_MIN(16, n - j);
                     if (w->fmt == KT_W_BF16) pack_w_vnni(wk, w, KT_W_BF16, widx, K, k0, kc, j, nr);
                     else if (w->fmt == KT_W_I8) pack_w_vnni(wk, w, KT_W_I8, widx, K, k0, kc, j, nr);
+                    else if (w->fmt == KT_W_FP8) pack_w_vnni(wk, w, KT_W_FP8, widx, K, k0, kc, j, nr);
                     else pack_w_vnni(wk, w, KT_W_I4S, widx, K, k0, kc, j, nr);
                     for (int kb = 0; kb < nkb; kb++) {
                         wp[kb] = wk->w[kb];
@@ -524,7 +562,7 @@ static void outer_wide(int64_t m, int64_t n, int64_t K, const float *d, int64_t 
  * x 2048 at 1 and 2 rows, one thread) */
 KT_INLINE void dot_amx(int many, int64_t m, int64_t n, int64_t K, const float *a, int64_t lda,
                        const int32_t *aidx, const kt_wmat *w, float *c, int64_t ldc, int accum) {
-    if ((w->fmt != KT_W_BF16 && !(many && m >= 16 && wide_codes(w, K))) || (many && m <= 2)) {
+    if ((w->fmt != KT_W_BF16 && !(many && m >= 16 && wide_codes(w, K, 0))) || (many && m <= 2)) {
         (many ? kt_kernels_avx512.dot_many : kt_kernels_avx512.dot)(m, n, K, a, lda, aidx, w, c, ldc, accum);
         return;
     }
@@ -548,7 +586,7 @@ static void kt_dot_many_amx(int64_t m, int64_t n, int64_t K, const float *a, int
 static void kt_outer_amx(int64_t m, int64_t n, int64_t K, const float *d, int64_t dsi,
                          int64_t dsk, const int32_t *didx, const kt_wmat *w,
                          const int32_t *widx, float *c, int64_t ldc, int accum) {
-    if (w->fmt != KT_W_BF16 && !wide_codes(w, n))
+    if (w->fmt != KT_W_BF16 && !wide_codes(w, n, 1))
         kt_kernels_avx512.outer(m, n, K, d, dsi, dsk, didx, w, widx, c, ldc, accum);
     else
         outer_wide(m, n, K, d, dsi, dsk, didx, w, widx, c, ldc, accum);
