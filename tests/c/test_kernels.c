@@ -92,7 +92,7 @@ static int same_alone(const char *what, const char *tier, int64_t i, const float
 static const struct { int fmt; int64_t gs; } formats[] = {
     {KT_W_F32, INT64_MAX}, {KT_W_BF16, INT64_MAX}, {KT_W_I8, 32}, {KT_W_I8, 1 << 30},
     {KT_W_I4S, 64}, {KT_W_I4Z, 32}, {KT_W_I4M, 128}, {KT_W_FP8, 128}, {KT_W_MXFP4, 32},
-    {KT_W_I4S, 8}, {KT_W_I4S, 1 << 30}, {KT_W_I4Z, 128}, {KT_W_I8, 128}, {KT_W_I4S, 256},
+    {KT_W_I4S, 8}, {KT_W_I4S, 1 << 30}, {KT_W_I4Z, 128}, {KT_W_I8, 128}, {KT_W_I4S, 256}, {KT_W_I4M, 1 << 30},
 };
 #define NFMT (sizeof formats / sizeof formats[0])
 
@@ -367,11 +367,11 @@ int main(void) {
             }
         /* more rows than a group of 4 C tiles (64) and more columns than a
          * chunk (256): the amx tier's tile kernels' chunks and tails (bf16
-         * W; int8, I4S and FP8 codes, with one scale a row or K groups) */
+         * W; int8, FP8 and 4-bit codes, with one scale a row or K groups) */
         for (int fi = 0; fi < (int)NFMT; fi++) {
             int fmt = formats[fi].fmt;
             int codes = (fmt == KT_W_I8 || fmt == KT_W_I4S) && formats[fi].gs > (int64_t)1 << 29;
-            if (fmt == KT_W_BF16 || fmt == KT_W_I8 || fmt == KT_W_I4S || fmt == KT_W_FP8) {
+            if (fmt != KT_W_F32 && fmt != KT_W_MXFP4) {
                 check_dot(kt, 70, 300, 264, fi, 0);
                 check_dot(kt, 81, 263, 40, fi, 1);
                 check_outer(kt, 70, 300, 300, fi, 1, 0, 0, 0);

@@ -234,10 +234,14 @@ static void pack_x(kt_amx_wide *wk, int vnni, int mr, const float *d, int64_t ds
             }
 }
 
-/* Codes with a scale and no offset (int8, I4S: u - 8, FP8 E4M3) are exact
- * in bf16, so they enter the tiles as bf16 like bf16 weights.  With one
- * scale a row, the dot form multiplies each output by its row's scale once
- * and the outer form each activation k by W row k's scale (pack_x).  With
+/* The codes (int8, FP8 E4M3, 4-bit u less the zero point: I4S 8, I4Z its
+ * zero) are exact in bf16, so they enter the tiles as bf16 like bf16
+ * weights.  With one scale a row, the dot form multiplies each output by
+ * its row's scale once and the outer form each activation k by W row k's
+ * scale (pack_x).  I4M (u s + min) stays on the avx512 kernels: its min as
+ * a sum of its own (sum_k A_i[k] min) cancels against the codes' sum where
+ * W is near 0, and missed the fp32 tiers' accuracy there (1.3e-5 of
+ * sum |A W| for one k).  With
  * a scale per group of `gs` columns (K groups): the dot form scales the
  * sums of each 128-k chunk (gs a multiple of 128, groups starting on a
  * chunk) as it adds them up, and the outer form splits D's columns again
@@ -247,7 +251,7 @@ static void pack_x(kt_amx_wide *wk, int vnni, int mr, const float *d, int64_t ds
  * row count; qlen 512: 1.14x), and the row-order dot keeps the avx512
  * kernel's few-rows paths.  n: the columns of W read; outer: the form. */
 KT_INLINE int wide_codes(const kt_wmat *w, int64_t n, int outer) {
-    if (w->fmt != KT_W_I8 && w->fmt != KT_W_I4S && w->fmt != KT_W_FP8) return 0;
+    if (w->fmt != KT_W_I8 && w->fmt != KT_W_I4S && w->fmt != KT_W_I4Z && w->fmt != KT_W_FP8) return 0;
     if (w->g0 + n <= w->gs) return 1; /* one scale a row */
     int64_t span = outer ? 16 : 32 * KT_XKB;
     return w->gs % span == 0 && w->g0 % span == 0;
@@ -256,9 +260,9 @@ KT_INLINE int wide_codes(const kt_wmat *w, int64_t n, int outer) {
 /* 8 int8 codes as 8 fp32 bit patterns of their bf16 values (exact). */
 KT_INLINE __m256 codes8(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)); }
 
-/* The 16 codes at p (int8 or FP8, or 8 bytes of I4S, low nibble first) as
- * 16 bf16. */
-KT_INLINE __m256i codes16(int fmt, const uint8_t *p) {
+/* The 16 codes at p (int8 or FP8, or 8 bytes of 4-bit codes u, low nibble
+ * first: u - z) as 16 bf16. */
+KT_INLINE __m256i codes16(int fmt, const uint8_t *p, int z) {
     __m128i c;
     if (fmt == KT_W_FP8) return bf16_pack16(fp8x8(p), fp8x8(p + 8)); /* ymm_common.h */
     if (fmt == KT_W_I8) {
@@ -266,12 +270,18 @@ KT_INLINE __m256i codes16(int fmt, const uint8_t *p) {
     } else {
         __m128i v = _mm_loadl_epi64((const __m128i *)p), m4 = _mm_set1_epi8(0x0F);
         __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
-        c = _mm_sub_epi8(_mm_unpacklo_epi8(lo, hi), _mm_set1_epi8(8));
+        c = _mm_sub_epi8(_mm_unpacklo_epi8(lo, hi), _mm_set1_epi8((char)z));
     }
     return bf16_pack16(codes8(c), codes8(_mm_srli_si128(c, 8)));
 }
 
-/* The bytes of W row r from column k (even for I4S); fmt is w->fmt, a
+/* The zero point of the 4-bit codes of W row r in group g (I4S 8, I4Z its
+ * zero: u - z is the code the tiles take). */
+KT_INLINE int w_zero(const kt_wmat *w, int fmt, int64_t r, int64_t g) {
+    return fmt == KT_W_I4S ? 8 : fmt == KT_W_I4Z ? ((const uint8_t *)w->aux)[r * w->ldg + g] : 0;
+}
+
+/* The bytes of W row r from column k (even for 4-bit); fmt is w->fmt, a
  * constant where the callers are specialized by format. */
 KT_INLINE const uint8_t *w_row(const kt_wmat *w, int fmt, int64_t r, int64_t k) {
     switch (fmt) {
@@ -283,20 +293,21 @@ KT_INLINE const uint8_t *w_row(const kt_wmat *w, int fmt, int64_t r, int64_t k) 
 }
 
 /* dst[0..n) = W row r from column k (even) as bf16: the values, or
- * (wide_codes) the codes. */
-KT_INLINE void row_bf16(const kt_wmat *w, int fmt, int64_t r, int64_t k, int n, uint16_t *dst) {
+ * (wide_codes) the codes, those of a 4-bit row less its zero in group g. */
+KT_INLINE void row_bf16(const kt_wmat *w, int fmt, int64_t r, int64_t k, int n, uint16_t *dst, int64_t g) {
     const uint8_t *p = w_row(w, fmt, r, k);
+    const int z = w_zero(w, fmt, r, g);
     if (fmt == KT_W_BF16) {
         memcpy(dst, p, (size_t)n * 2);
         return;
     }
-    const int64_t b16 = fmt == KT_W_I4S ? 8 : 16; /* bytes of 16 codes */
+    const int64_t b16 = kt_fmt_is_int4(fmt) ? 8 : 16; /* bytes of 16 codes */
     int t = 0;
-    for (; t + 16 <= n; t += 16, p += b16) _mm256_storeu_si256((__m256i *)(dst + t), codes16(fmt, p));
+    for (; t + 16 <= n; t += 16, p += b16) _mm256_storeu_si256((__m256i *)(dst + t), codes16(fmt, p, z));
     for (int q = 0; t < n; t++, q++) {
         float v = fmt == KT_W_I8    ? (float)(int8_t)p[q]
                   : fmt == KT_W_FP8 ? kt_fp8_to_f32(p[q])
-                                    : (float)(((p[q / 2] >> (4 * (q & 1))) & 15) - 8);
+                                    : (float)(((p[q / 2] >> (4 * (q & 1))) & 15) - z);
         uint32_t u;
         memcpy(&u, &v, 4);
         dst[t] = (uint16_t)(u >> 16);
@@ -304,10 +315,22 @@ KT_INLINE void row_bf16(const kt_wmat *w, int fmt, int64_t r, int64_t k, int n, 
 }
 
 /* 16 elements of W row r from column j as bf16 (row_bf16). */
-KT_INLINE __m256i row16(const kt_wmat *w, int fmt, int64_t r, int64_t j) {
+KT_INLINE __m256i row16(const kt_wmat *w, int fmt, int64_t r, int64_t j, int64_t g) {
     const uint8_t *p = w_row(w, fmt, r, j);
-    return fmt == KT_W_BF16 ? _mm256_loadu_si256((const __m256i *)p) : codes16(fmt, p);
+    return fmt == KT_W_BF16 ? _mm256_loadu_si256((const __m256i *)p) : codes16(fmt, p, w_zero(w, fmt, r, g));
 }
+
+/* CALL(f) with f the constant format the W helpers are specialized for. */
+#define KT_BY_FMT(fmt, CALL)                                                 \
+    do {                                                                     \
+        switch (fmt) {                                                       \
+        case KT_W_BF16: CALL(KT_W_BF16); break;                              \
+        case KT_W_I8: CALL(KT_W_I8); break;                                  \
+        case KT_W_FP8: CALL(KT_W_FP8); break;                                \
+        case KT_W_I4S: CALL(KT_W_I4S); break;                                \
+        default: CALL(KT_W_I4Z); break;                                      \
+        }                                                                    \
+    } while (0)
 
 /* Outer form: W rows k0 .. k0 + kc (widx), columns j .. j + nr, as VNNI
  * tiles (pair-row p: rows k0 + 2p, k0 + 2p + 1 interleaved), zero past kc
@@ -315,7 +338,7 @@ KT_INLINE __m256i row16(const kt_wmat *w, int fmt, int64_t r, int64_t j) {
  * rows lie a row stride apart, each read for 32 bytes or less: without it
  * the copy waits on memory). */
 KT_INLINE void pack_w_vnni(kt_amx_wide *wk, const kt_wmat *w0, int fmt, const int32_t *widx, int64_t K,
-                           int64_t k0, int64_t kc, int64_t j, int nr) {
+                           int64_t k0, int64_t kc, int64_t j, int nr, int64_t g) {
     const kt_wmat wl = *w0, *w = &wl; /* held in registers: the vector stores may alias *w0 */
     const int nkb = (int)((kc + 31) / 32);
     for (int64_t k = 0; k < 32 * nkb; k += 2) {
@@ -326,13 +349,13 @@ KT_INLINE void pack_w_vnni(kt_amx_wide *wk, const kt_wmat *w0, int fmt, const in
         uint16_t *dst = wk->w[k / 32] + (k % 32) / 2 * 32;
         __m256i a, b;
         if (k + 1 < kc && nr == 16) { /* two whole rows */
-            a = row16(w, fmt, widx ? widx[k0 + k] : k0 + k, j);
-            b = row16(w, fmt, widx ? widx[k0 + k + 1] : k0 + k + 1, j);
+            a = row16(w, fmt, widx ? widx[k0 + k] : k0 + k, j, g);
+            b = row16(w, fmt, widx ? widx[k0 + k + 1] : k0 + k + 1, j, g);
         } else { /* a last odd row, or fewer than 16 columns */
             uint16_t r[2][16];
             for (int e = 0; e < 2; e++) {
                 memset(r[e], 0, sizeof r[e]);
-                if (k + e < kc) row_bf16(w, fmt, widx ? widx[k0 + k + e] : k0 + k + e, j, nr, r[e]);
+                if (k + e < kc) row_bf16(w, fmt, widx ? widx[k0 + k + e] : k0 + k + e, j, nr, r[e], g);
             }
             a = _mm256_loadu_si256((const __m256i *)r[0]);
             b = _mm256_loadu_si256((const __m256i *)r[1]);
@@ -437,10 +460,11 @@ static void dot_wide(int64_t m, int64_t n, int64_t K, const float *a, int64_t ld
     if (!wide_begin(m, n, K, c, ldc, accum)) return;
     kt_amx_wide wks, *wk = &wks;
     const uint16_t *wd = (const uint16_t *)w->data;
-    const int codes = w->fmt != KT_W_BF16;         /* wide_codes */
-    const int kgroups = codes && w->g0 + K > w->gs; /* a scale a 128-k chunk */
+    const int codes = w->fmt != KT_W_BF16; /* wide_codes */
+    /* a scale a 128-k chunk, applied as the chunk's sums are added up */
+    const int kgroups = codes && w->g0 + K > w->gs;
     /* bytes of a W row per 32-k block, and the row stride in bytes */
-    const int64_t bkb = w->fmt == KT_W_BF16 ? 64 : w->fmt == KT_W_I4S ? 16 : 32;
+    const int64_t bkb = w->fmt == KT_W_BF16 ? 64 : kt_fmt_is_int4(w->fmt) ? 16 : 32;
     const int64_t ldb = w->fmt == KT_W_BF16 ? w->ld * 2 : w->ld;
     float cs[16 * KT_XNT];
     for (int64_t i0 = 0; i0 < m; i0 += 16 * KT_XMT) {
@@ -466,13 +490,11 @@ static void dot_wide(int64_t m, int64_t n, int64_t K, const float *a, int64_t ld
                         }
                         uint16_t *dst = wk->w[kb]; /* a copy, zero past the ends */
                         memset(dst, 0, 16 * 64);
-                        for (int r = 0; r < nr; r++) {
-                            int kn = (int)KT_MIN(32, K - k);
-                            if (w->fmt == KT_W_BF16) row_bf16(w, KT_W_BF16, j + r, k, kn, dst + r * 32);
-                            else if (w->fmt == KT_W_I8) row_bf16(w, KT_W_I8, j + r, k, kn, dst + r * 32);
-                            else if (w->fmt == KT_W_FP8) row_bf16(w, KT_W_FP8, j + r, k, kn, dst + r * 32);
-                            else row_bf16(w, KT_W_I4S, j + r, k, kn, dst + r * 32);
-                        }
+                        int kn = (int)KT_MIN(32, K - k);
+#define KT_ROWS(F)                                                             \
+    for (int r = 0; r < nr; r++) row_bf16(w, F, j + r, k, kn, dst + r * 32, (w->g0 + k) / w->gs)
+                        KT_BY_FMT(w->fmt, KT_ROWS);
+#undef KT_ROWS
                         wp[kb] = dst;
                         wst[kb] = 64;
                     }
@@ -486,10 +508,10 @@ static void dot_wide(int64_t m, int64_t n, int64_t K, const float *a, int64_t ld
                         continue;
                     }
                     wide_chunk(wk, 0, mt, nkb, wp, wst, wk->kg, 1, pf, ldb, bkb);
-                    const float *sg = w->scale + j * w->ldg + (w->g0 + k0) / w->gs;
-                    for (int r = 0; r < nr; r++) /* C^T tile row r: output j + r */
+                    int64_t g = (w->g0 + k0) / w->gs;
+                    for (int r = 0; r < nr; r++) { /* C^T tile row r: output j + r */
+                        __m256 sv = _mm256_set1_ps(w->scale[(j + r) * w->ldg + g]);
                         for (int t = 0; t < mt; t++) {
-                            __m256 sv = _mm256_set1_ps(sg[r * w->ldg]);
                             float *acc = wk->acc[jt][t] + 16 * r;
                             const float *src = wk->kg[t] + 16 * r;
                             for (int h = 0; h < 16; h += 8) {
@@ -498,6 +520,7 @@ static void dot_wide(int64_t m, int64_t n, int64_t K, const float *a, int64_t ld
                                 _mm256_store_ps(acc + h, v);
                             }
                         }
+                    }
                 }
             }
             wide_store(wk, 1, mr, nc, c + i0 * ldc + j0, ldc, accum, codes && !kgroups ? cs : NULL);
@@ -538,10 +561,9 @@ static void outer_wide(int64_t m, int64_t n, int64_t K, const float *d, int64_t 
                     const void *wp[KT_XKB];
                     int64_t wst[KT_XKB];
                     int nr = (int)KT_MIN(16, n - j);
-                    if (w->fmt == KT_W_BF16) pack_w_vnni(wk, w, KT_W_BF16, widx, K, k0, kc, j, nr);
-                    else if (w->fmt == KT_W_I8) pack_w_vnni(wk, w, KT_W_I8, widx, K, k0, kc, j, nr);
-                    else if (w->fmt == KT_W_FP8) pack_w_vnni(wk, w, KT_W_FP8, widx, K, k0, kc, j, nr);
-                    else pack_w_vnni(wk, w, KT_W_I4S, widx, K, k0, kc, j, nr);
+#define KT_PACK(F) pack_w_vnni(wk, w, F, widx, K, k0, kc, j, nr, g)
+                    KT_BY_FMT(w->fmt, KT_PACK);
+#undef KT_PACK
                     for (int kb = 0; kb < nkb; kb++) {
                         wp[kb] = wk->w[kb];
                         wst[kb] = 64;
