@@ -236,20 +236,20 @@ static void pack_x(kt_amx_wide *wk, int vnni, int mr, const float *d, int64_t ds
 
 /* The codes (int8, FP8 E4M3, 4-bit u less the zero point: I4S 8, I4Z its
  * zero) are exact in bf16, so they enter the tiles as bf16 like bf16
- * weights.  With one scale a row, the dot form multiplies each output by
+ * weights.  Scales: with one a row, the dot form multiplies each output by
  * its row's scale once and the outer form each activation k by W row k's
- * scale (pack_x).  I4M (u s + min) stays on the avx512 kernels: its min as
- * a sum of its own (sum_k A_i[k] min) cancels against the codes' sum where
- * W is near 0, and missed the fp32 tiers' accuracy there (1.3e-5 of
- * sum |A W| for one k).  With
- * a scale per group of `gs` columns (K groups): the dot form scales the
- * sums of each 128-k chunk (gs a multiple of 128, groups starting on a
- * chunk) as it adds them up, and the outer form splits D's columns again
- * for each group of its columns (16-column tiles inside a group).  Taken
- * by dot_many from 16 rows on: each call converts the W tiles it reads,
- * which fewer rows do not repay (SFT step, INT8, qlen 16: 0.96x with every
- * row count; qlen 512: 1.14x), and the row-order dot keeps the avx512
- * kernel's few-rows paths.  n: the columns of W read; outer: the form. */
+ * scale (pack_x); with one per group of `gs` columns (K groups), the dot
+ * form scales the sums of each 128-k chunk (gs a multiple of 128, groups
+ * starting on a chunk) as it adds them up, and the outer form splits D's
+ * columns again for each group of its columns (16-column tiles inside a
+ * group).  I4M (u s + min) stays on the avx512 kernels: its min as a sum
+ * of its own (sum_k A_i[k] min) cancels against the codes' sum where W is
+ * near 0, and missed the fp32 tiers' accuracy there (1.3e-5 of sum |A W|
+ * for one k).  Taken by dot_many from 16 rows on: each call converts the
+ * W tiles it reads, which fewer rows do not repay (SFT step, INT8, qlen
+ * 16: 0.96x with every row count; qlen 512: 1.14x), and the row-order dot
+ * keeps the avx512 kernel's few-rows paths.  n: the columns of W read;
+ * outer: the form. */
 KT_INLINE int wide_codes(const kt_wmat *w, int64_t n, int outer) {
     if (w->fmt != KT_W_I8 && w->fmt != KT_W_I4S && w->fmt != KT_W_I4Z && w->fmt != KT_W_FP8) return 0;
     if (w->g0 + n <= w->gs) return 1; /* one scale a row */
