@@ -442,6 +442,25 @@ static void wide_store(const kt_amx_wide *wk, int tr, int mr, int nc, float *c, 
     }
 }
 
+/* Dot form, K groups: the C^T tiles of column tile jt (+)= (first: =) the
+ * chunk's sums (wk->kg) times their rows' scales, group g; rows r < nr are
+ * outputs j + r. */
+static void kgroup_add(kt_amx_wide *wk, int jt, int mt, int nr, const kt_wmat *w, int64_t j, int64_t g,
+                       int first) {
+    for (int r = 0; r < nr; r++) {
+        __m256 sv = _mm256_set1_ps(w->scale[(j + r) * w->ldg + g]);
+        for (int t = 0; t < mt; t++) {
+            float *acc = wk->acc[jt][t] + 16 * r;
+            const float *src = wk->kg[t] + 16 * r;
+            for (int h = 0; h < 16; h += 8) {
+                __m256 v = _mm256_mul_ps(sv, _mm256_load_ps(src + h));
+                if (!first) v = _mm256_add_ps(v, _mm256_load_ps(acc + h));
+                _mm256_store_ps(acc + h, v);
+            }
+        }
+    }
+}
+
 /* The empty cases of a call (C zeroed unless accum when K is 0); else the
  * tile config loaded and 1 (the caller releases the tiles). */
 static int wide_begin(int64_t m, int64_t n, int64_t K, float *c, int64_t ldc, int accum) {
@@ -508,19 +527,7 @@ static void dot_wide(int64_t m, int64_t n, int64_t K, const float *a, int64_t ld
                         continue;
                     }
                     wide_chunk(wk, 0, mt, nkb, wp, wst, wk->kg, 1, pf, ldb, bkb);
-                    int64_t g = (w->g0 + k0) / w->gs;
-                    for (int r = 0; r < nr; r++) { /* C^T tile row r: output j + r */
-                        __m256 sv = _mm256_set1_ps(w->scale[(j + r) * w->ldg + g]);
-                        for (int t = 0; t < mt; t++) {
-                            float *acc = wk->acc[jt][t] + 16 * r;
-                            const float *src = wk->kg[t] + 16 * r;
-                            for (int h = 0; h < 16; h += 8) {
-                                __m256 v = _mm256_mul_ps(sv, _mm256_load_ps(src + h));
-                                if (k0) v = _mm256_add_ps(v, _mm256_load_ps(acc + h));
-                                _mm256_store_ps(acc + h, v);
-                            }
-                        }
-                    }
+                    kgroup_add(wk, jt, mt, nr, w, j, (w->g0 + k0) / w->gs, k0 == 0);
                 }
             }
             wide_store(wk, 1, mr, nc, c + i0 * ldc + j0, ldc, accum, codes && !kgroups ? cs : NULL);
@@ -551,7 +558,7 @@ static void outer_wide(int64_t m, int64_t n, int64_t K, const float *d, int64_t 
                 int nkb = (int)((kc + 31) / 32);
                 int64_t packed = -1; /* the group D is split for */
                 for (int jt = 0; jt < (nc + 15) / 16; jt++) {
-                    int64_t j = j0 + 16 * jt, g = gs == INT64_MAX ? 0 : (w->g0 + j) / gs;
+                    int64_t j = j0 + 16 * jt, g = (w->g0 + j) / gs;
                     if (g != packed) {
                         for (int64_t k = 0; scaled && k < kc; k++)
                             ks[k] = w->scale[(widx ? widx[k0 + k] : k0 + k) * w->ldg + g];
