@@ -364,6 +364,10 @@ int kt_dot_fold_ok(const kt_wmat *W, int64_t K, int accum);
 void kt_dot_col_scales(const kt_wmat *W, int64_t j, int nvec, float *cs);
 void kt_qdot_avx2(int64_t m, int64_t n, int64_t K, const kt_qact *x, const int32_t *aidx,
                   const kt_wmat *w, float *c, int64_t ldc);
+/* The amx tier's AMX-INT8 integer dot form (kernels/amx/qdot_amx.c): int8
+ * or 4-bit integer codes, int8 W with activations in layout 0. */
+void kt_qdot_amx_int8(int64_t m, int64_t n, int64_t K, const kt_qact *x, const int32_t *aidx,
+                      const kt_wmat *w, float *c, int64_t ldc);
 void kt_act_fwd_avx2(int64_t n, const float *g, const float *u, float *h, const kt_activation *a);
 float kt_act_bwd_avx2(int64_t n, const float *dh, float *g, float *u, float w, const kt_activation *a);
 

@@ -38,23 +38,7 @@
 #include "../../internal.h"
 
 #include "../ymm_common.h"
-
-/* ---- tile configs ---- */
-
-typedef struct kt_tilecfg {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} kt_tilecfg;
-
-/* GCC 12's _tile_loadconfig names only the first 8 bytes of the config as
- * its memory operand, so stores to the rest of a local config could be
- * dropped as dead (the int8 config lost its rows and columns that way:
- * tilezero then raised #UD).  This asm reads the whole config first. */
-KT_INLINE void tile_load(const kt_tilecfg *cfg) {
-    __asm__ volatile("" : : "m"(*cfg) : "memory");
-    _tile_loadconfig(cfg);
-}
+#include "amx_common.h"
 
 /* ---- bf16 split ---- */
 
@@ -172,22 +156,10 @@ KT_INLINE void split16(const float *src, uint16_t *const dst[3]) {
 
 /* d[r][0..8) = s[0..8)[r] for 8 x 8 32-bit words, rows 16 words apart. */
 KT_INLINE void tr8x8(const uint32_t *s, uint32_t *d) {
-    __m256i r[8], t[8];
+    __m256i r[8];
     for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_si256((const __m256i *)(s + 16 * i));
-    for (int i = 0; i < 8; i += 2) {
-        t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
-        t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 8; i += 4) {
-        r[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
-        r[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
-        r[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
-        r[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
-    }
-    for (int i = 0; i < 4; i++) {
-        _mm256_storeu_si256((__m256i *)(d + 16 * i), _mm256_permute2x128_si256(r[i], r[i + 4], 0x20));
-        _mm256_storeu_si256((__m256i *)(d + 16 * (i + 4)), _mm256_permute2x128_si256(r[i], r[i + 4], 0x31));
-    }
+    tr8x8_regs(r);
+    for (int i = 0; i < 8; i++) _mm256_storeu_si256((__m256i *)(d + 16 * i), r[i]);
 }
 
 /* The parts of activation rows i0 .. i0 + mr (D(i, k) = d[(didx ? didx[i]
@@ -634,15 +606,14 @@ static void kt_outer_many_amx(int64_t m, int64_t n, int64_t K, const float *d, i
     else kt_outer_amx(m, n, K, d, dsi, dsk, didx, w, widx, c, ldc, accum);
 }
 
-/* The integer dot form (int8 activations, inference): the avx512 tier's
- * VNNI kernel.  AMX-INT8 tiles (one tdpbsud per 32-column activation block,
- * the int32 tile then scaled in fp32) were measured and dropped: with the
- * codes gathered byte by byte and each block's tile stored and scaled
- * element by element, a DeepSeek-V2-Lite decode token took 23 ms against
- * 1.8 ms, a qlen-512 INT4 forward 782 against 188 ms (2 threads). */
+/* The integer dot form (int8 activations, inference): AMX-INT8 tiles
+ * (qdot_amx.c) for int8 and 4-bit integer codes, at every row count. */
 static void kt_qdot_amx(int64_t m, int64_t n, int64_t K, const kt_qact *x, const int32_t *aidx,
                         const kt_wmat *w, float *c, int64_t ldc) {
-    kt_kernels_avx512_vnni.qdot(m, n, K, x, aidx, w, c, ldc);
+    if ((w->fmt == KT_W_I8 && x->deint == 0) || kt_fmt_is_int4(w->fmt))
+        kt_qdot_amx_int8(m, n, K, x, aidx, w, c, ldc);
+    else
+        kt_kernels_avx512_vnni.qdot(m, n, K, x, aidx, w, c, ldc);
 }
 
 const kt_kernels kt_kernels_amx = {
