@@ -1,6 +1,8 @@
 /* The amx tier: AMX-BF16 (tdpbf16ps) for the dot and outer forms with bf16
- * weights; the other weights, the integer dot form (inference) and the
- * activations are the avx512 tier's (VNNI table) kernels.  Compiled with
+ * weights and with integer codes exact in bf16 (below); AMX-INT8
+ * (tdpbssd, tdpbusd) for the integer dot form of inference (qdot_amx.c);
+ * the other weights and the activations are the avx512 tier's (VNNI
+ * table) kernels.  Compiled with
  * the avx512 and AMX flags (the helper code here uses AVX2 only); chosen
  * only when CPUID, XCR0 (XTILECFG, XTILEDATA) and the Linux
  * arch_prctl(ARCH_REQ_XCOMP_PERM) permission allow it.  Checked against

@@ -24,7 +24,13 @@
  * The C tiles hold up to 16 activation columns: a call's last rows use a
  * tile of mp columns (mp a power of two), so that C stored densely is
  * 16 * mp consecutive int32 in which every 16-lane vector sees the same
- * pattern of activation rows (lane e: row e % mp). */
+ * pattern of activation rows (lane e: row e % mp).  Calls (or last rows)
+ * of 1-5 rows take qdot_few below: the same block sums on VNNI.
+ *
+ * Measured (one thread, 64 experts' W streamed from DRAM, the avx512
+ * tier's VNNI kernel = 1, DeepSeek-V2-Lite gate shape, INT4 K groups):
+ * 1 row 1.03, 4 rows 0.89, 8 rows 1.16, 16 rows 1.94, 48 rows 2.60
+ * (int8: 3.57). */
 #include "../../internal.h"
 
 #include "amx_common.h"
@@ -255,10 +261,10 @@ KT_INLINE void act_eo(const int8_t *row, int deint, int64_t b, int nbq, __m512i 
     }
 }
 
-/* Lanes 4q..4q+3 of a and b summed in pairs: lane 4q + t of the result is
- * (t even) a[4q + t/2] + a[4q + t/2 + 2]... -- the first two rounds of a
- * transposing sum: after them, 128-bit lane q of the result holds 4 rows'
- * sums of block q. */
+/* The two rounds of a transposing sum within each 128-bit lane: with a, b
+ * the 4 partial sums of two rows, sum_pairs32 gives (a0+a2, b0+b2, a1+a3,
+ * b1+b3); sum_pairs64 of two such results, one per pair of rows, gives the
+ * 4 rows' totals. */
 KT_INLINE __m512i sum_pairs32(__m512i a, __m512i b) {
     return _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
 }

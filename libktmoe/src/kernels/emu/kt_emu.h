@@ -11,9 +11,14 @@
  *
  * Semantics follow the pseudo-code of the Intel SDM / intrinsics guide:
  *
- *   vpdpbusd (_mm256_dpbusd_epi32)  per dword lane: the 4 products of
- *     unsigned bytes of a and signed bytes of b (exact in 16 bits), summed
- *     and added to src with 32-bit wrap-around (no saturation).
+ *   vpdpbusd (_mm256_dpbusd_epi32, _mm512_dpbusd_epi32)  per dword lane:
+ *     the 4 products of unsigned bytes of a and signed bytes of b (exact in
+ *     16 bits), summed and added to src with 32-bit wrap-around (no
+ *     saturation).
+ *   the AVX-512 F/BW integer, shuffle, gather and masked-load operations of
+ *     the amx tier's integer dot form (qdot_amx.c), lane by lane as the
+ *     intrinsics guide defines them (gathers and masked loads read only
+ *     the selected elements).
  *   ldtilecfg / tilerelease / tileloadd / tilestored / tilezero  on a
  *     thread-local tile state (8 tiles of 16 rows x 64 bytes, palette 1);
  *     a load writes rows[t] rows of colsb[t] bytes and zeroes the rest of
@@ -24,6 +29,10 @@
  *     in that order, each product and each sum rounded to fp32 (nearest
  *     even), denormal bf16 inputs read as zero and denormal results
  *     flushed to zero (DAZ/FTZ, MXCSR not consulted).
+ *   tdpbssd / tdpbusd  for each row m of dst, dword k of src1 and column n:
+ *       dst[m][n] += sum over e < 4 of a[m].byte[4k+e] * b[k].byte[4n+e]
+ *     with a's bytes signed (ssd) or unsigned (usd), b's signed, 32-bit
+ *     wrap-around.
  * Where the hardware raises #UD or #GP (tiles not configured, shapes that
  * do not match: dst.rows != src1.rows, src1.colsb / 4 != src2.rows,
  * src2.colsb != dst.colsb, bad config), the emulation fills the
@@ -137,6 +146,247 @@ static inline __attribute__((always_inline)) __m512 kt_emu_mm512_load_ps(const v
 #define _mm512_fmadd_ps kt_emu_mm512_fmadd_ps
 #undef _mm512_mul_ps
 #define _mm512_mul_ps kt_emu_mm512_mul_ps
+
+/* ---- AVX-512 F/BW integer and shuffle operations (qdot_amx.c) ---- */
+
+#define KT_EMU_V(T, name) T name[64 / sizeof(T)]
+#define KT_EMU_IN(arr, v) memcpy(arr, &(v), 64)
+#define KT_EMU_OUT(type, arr) \
+    type r_;                  \
+    memcpy(&r_, arr, 64);     \
+    return r_
+
+static inline __attribute__((always_inline)) __m512i kt_emu_mm512_setzero_si512(void) {
+    KT_EMU_V(uint8_t, z) = {0};
+    KT_EMU_OUT(__m512i, z);
+}
+static inline __attribute__((always_inline)) __m512i kt_emu_mm512_set1_epi8(char x) {
+    KT_EMU_V(uint8_t, z);
+    memset(z, (uint8_t)x, 64);
+    KT_EMU_OUT(__m512i, z);
+}
+static inline __attribute__((always_inline)) __m512i kt_emu_mm512_set1_epi32(int x) {
+    KT_EMU_V(int32_t, z);
+    for (int i = 0; i < 16; i++) z[i] = x;
+    KT_EMU_OUT(__m512i, z);
+}
+static inline __attribute__((always_inline)) __m512i kt_emu_mm512_set_epi64(long long e7, long long e6, long long e5,
+                                                                           long long e4, long long e3, long long e2,
+                                                                           long long e1, long long e0) {
+    KT_EMU_V(int64_t, z) = {e0, e1, e2, e3, e4, e5, e6, e7};
+    KT_EMU_OUT(__m512i, z);
+}
+static inline __attribute__((always_inline)) __m512i kt_emu_mm512_load_si512(const void *p) {
+    __m512i r;
+    memcpy(&r, p, 64);
+    return r;
+}
+static inline __attribute__((always_inline)) void kt_emu_mm512_store_si512(void *p, __m512i a) { memcpy(p, &a, 64); }
+static inline __attribute__((always_inline)) void kt_emu_mm512_store_ps(void *p, __m512 a) { memcpy(p, &a, 64); }
+static inline __attribute__((always_inline)) __m512i kt_emu_mm512_maskz_loadu_epi8(__mmask64 k, const void *p) {
+    KT_EMU_V(uint8_t, z) = {0};
+    for (int i = 0; i < 64; i++)
+        if ((k >> i) & 1) z[i] = ((const uint8_t *)p)[i];
+    KT_EMU_OUT(__m512i, z);
+}
+static inline __attribute__((always_inline)) __m512i kt_emu_mm512_and_si512(__m512i a, __m512i b) {
+    KT_EMU_V(uint8_t, x);
+    KT_EMU_V(uint8_t, y);
+    KT_EMU_IN(x, a);
+    KT_EMU_IN(y, b);
+    for (int i = 0; i < 64; i++) x[i] &= y[i];
+    KT_EMU_OUT(__m512i, x);
+}
+static inline __attribute__((always_inline)) __m512i kt_emu_mm512_add_epi32(__m512i a, __m512i b) {
+    KT_EMU_V(uint32_t, x);
+    KT_EMU_V(uint32_t, y);
+    KT_EMU_IN(x, a);
+    KT_EMU_IN(y, b);
+    for (int i = 0; i < 16; i++) x[i] += y[i];
+    KT_EMU_OUT(__m512i, x);
+}
+static inline __attribute__((always_inline)) __m512i kt_emu_mm512_mullo_epi32(__m512i a, __m512i b) {
+    KT_EMU_V(uint32_t, x);
+    KT_EMU_V(uint32_t, y);
+    KT_EMU_IN(x, a);
+    KT_EMU_IN(y, b);
+    for (int i = 0; i < 16; i++) x[i] *= y[i];
+    KT_EMU_OUT(__m512i, x);
+}
+static inline __attribute__((always_inline)) __m512i kt_emu_mm512_srli_epi16(__m512i a, unsigned int n) {
+    KT_EMU_V(uint16_t, x);
+    KT_EMU_IN(x, a);
+    for (int i = 0; i < 32; i++) x[i] = n > 15 ? 0 : (uint16_t)(x[i] >> n);
+    KT_EMU_OUT(__m512i, x);
+}
+static inline __attribute__((always_inline)) __m512i kt_emu_mm512_srli_epi32(__m512i a, unsigned int n) {
+    KT_EMU_V(uint32_t, x);
+    KT_EMU_IN(x, a);
+    for (int i = 0; i < 16; i++) x[i] = n > 31 ? 0 : x[i] >> n;
+    KT_EMU_OUT(__m512i, x);
+}
+static inline __attribute__((always_inline)) __m512i kt_emu_mm512_dpbusd_epi32(__m512i src, __m512i a, __m512i b) {
+    KT_EMU_V(int32_t, s);
+    KT_EMU_V(uint8_t, x);
+    KT_EMU_V(int8_t, y);
+    KT_EMU_IN(s, src);
+    KT_EMU_IN(x, a);
+    KT_EMU_IN(y, b);
+    for (int i = 0; i < 16; i++) {
+        int32_t t = 0;
+        for (int e = 0; e < 4; e++) t += (int32_t)x[4 * i + e] * (int32_t)y[4 * i + e];
+        s[i] = (int32_t)((uint32_t)s[i] + (uint32_t)t);
+    }
+    KT_EMU_OUT(__m512i, s);
+}
+/* per 128-bit lane: the low (hi = 0) or high halves of a and b interleaved
+ * in elements of w bytes */
+static inline __attribute__((always_inline)) __m512i kt_emu_unpack(__m512i a, __m512i b, int w, int hi) {
+    KT_EMU_V(uint8_t, x);
+    KT_EMU_V(uint8_t, y);
+    KT_EMU_V(uint8_t, z);
+    KT_EMU_IN(x, a);
+    KT_EMU_IN(y, b);
+    for (int l = 0; l < 4; l++)
+        for (int e = 0; e < 8 / w; e++) {
+            int src = 16 * l + (hi ? 8 : 0) + w * e;
+            memcpy(z + 16 * l + 2 * w * e, x + src, (size_t)w);
+            memcpy(z + 16 * l + 2 * w * e + w, y + src, (size_t)w);
+        }
+    KT_EMU_OUT(__m512i, z);
+}
+#define KT_EMU_UNPACK(name, w, hi) \
+    static inline __attribute__((always_inline)) __m512i name(__m512i a, __m512i b) { return kt_emu_unpack(a, b, w, hi); }
+KT_EMU_UNPACK(kt_emu_mm512_unpacklo_epi8, 1, 0)
+KT_EMU_UNPACK(kt_emu_mm512_unpackhi_epi8, 1, 1)
+KT_EMU_UNPACK(kt_emu_mm512_unpacklo_epi32, 4, 0)
+KT_EMU_UNPACK(kt_emu_mm512_unpackhi_epi32, 4, 1)
+KT_EMU_UNPACK(kt_emu_mm512_unpacklo_epi64, 8, 0)
+KT_EMU_UNPACK(kt_emu_mm512_unpackhi_epi64, 8, 1)
+static inline __attribute__((always_inline)) __m512i kt_emu_mm512_shuffle_i32x4(__m512i a, __m512i b, int imm) {
+    KT_EMU_V(uint8_t, x);
+    KT_EMU_V(uint8_t, y);
+    KT_EMU_V(uint8_t, z);
+    KT_EMU_IN(x, a);
+    KT_EMU_IN(y, b);
+    for (int l = 0; l < 4; l++) memcpy(z + 16 * l, (l < 2 ? x : y) + 16 * ((imm >> (2 * l)) & 3), 16);
+    KT_EMU_OUT(__m512i, z);
+}
+static inline __attribute__((always_inline)) __m512i kt_emu_mm512_permutex2var_epi64(__m512i a, __m512i idx, __m512i b) {
+    KT_EMU_V(int64_t, x);
+    KT_EMU_V(int64_t, y);
+    KT_EMU_V(int64_t, i);
+    KT_EMU_V(int64_t, z);
+    KT_EMU_IN(x, a);
+    KT_EMU_IN(y, b);
+    KT_EMU_IN(i, idx);
+    for (int e = 0; e < 8; e++) z[e] = (i[e] & 8) ? y[i[e] & 7] : x[i[e] & 7];
+    KT_EMU_OUT(__m512i, z);
+}
+static inline __attribute__((always_inline)) __m512 kt_emu_mm512_permutexvar_ps(__m512i idx, __m512 a) {
+    KT_EMU_V(int32_t, i);
+    KT_EMU_V(float, x);
+    KT_EMU_V(float, z);
+    KT_EMU_IN(i, idx);
+    KT_EMU_IN(x, a);
+    for (int e = 0; e < 16; e++) z[e] = x[i[e] & 15];
+    KT_EMU_OUT(__m512, z);
+}
+static inline __attribute__((always_inline)) __m512 kt_emu_mm512_cvtepi32_ps(__m512i a) {
+    KT_EMU_V(int32_t, x);
+    KT_EMU_V(float, z);
+    KT_EMU_IN(x, a);
+    for (int e = 0; e < 16; e++) z[e] = (float)x[e];
+    KT_EMU_OUT(__m512, z);
+}
+static inline __attribute__((always_inline)) __m512 kt_emu_mm512_sub_ps(__m512 a, __m512 b) {
+    KT_EMU_V(float, x);
+    KT_EMU_V(float, y);
+    KT_EMU_IN(x, a);
+    KT_EMU_IN(y, b);
+    for (int e = 0; e < 16; e++) x[e] -= y[e];
+    KT_EMU_OUT(__m512, x);
+}
+/* the selected elements read from base + vindex * scale, the others src's */
+static inline __attribute__((always_inline)) __m512i kt_emu_gather32(__m512i src, __mmask16 k, __m512i vindex,
+                                                                    const void *base, int scale) {
+    KT_EMU_V(int32_t, z);
+    KT_EMU_V(int32_t, i);
+    KT_EMU_IN(z, src);
+    KT_EMU_IN(i, vindex);
+    for (int e = 0; e < 16; e++)
+        if ((k >> e) & 1) memcpy(&z[e], (const uint8_t *)base + (int64_t)i[e] * scale, 4);
+    KT_EMU_OUT(__m512i, z);
+}
+static inline __attribute__((always_inline)) __m512i kt_emu_mm512_mask_i32gather_epi32(__m512i src, __mmask16 k,
+                                                                                       __m512i vindex, const void *base,
+                                                                                       int scale) {
+    return kt_emu_gather32(src, k, vindex, base, scale);
+}
+static inline __attribute__((always_inline)) __m512 kt_emu_mm512_mask_i32gather_ps(__m512 src, __mmask16 k, __m512i vindex,
+                                                                                   const void *base, int scale) {
+    __m512i s, r;
+    memcpy(&s, &src, 64);
+    r = kt_emu_gather32(s, k, vindex, base, scale);
+    __m512 f;
+    memcpy(&f, &r, 64);
+    return f;
+}
+
+#undef _mm512_setzero_si512
+#define _mm512_setzero_si512 kt_emu_mm512_setzero_si512
+#undef _mm512_set1_epi8
+#define _mm512_set1_epi8 kt_emu_mm512_set1_epi8
+#undef _mm512_set1_epi32
+#define _mm512_set1_epi32 kt_emu_mm512_set1_epi32
+#undef _mm512_set_epi64
+#define _mm512_set_epi64 kt_emu_mm512_set_epi64
+#undef _mm512_load_si512
+#define _mm512_load_si512 kt_emu_mm512_load_si512
+#undef _mm512_store_si512
+#define _mm512_store_si512 kt_emu_mm512_store_si512
+#undef _mm512_store_ps
+#define _mm512_store_ps kt_emu_mm512_store_ps
+#undef _mm512_maskz_loadu_epi8
+#define _mm512_maskz_loadu_epi8 kt_emu_mm512_maskz_loadu_epi8
+#undef _mm512_and_si512
+#define _mm512_and_si512 kt_emu_mm512_and_si512
+#undef _mm512_add_epi32
+#define _mm512_add_epi32 kt_emu_mm512_add_epi32
+#undef _mm512_mullo_epi32
+#define _mm512_mullo_epi32 kt_emu_mm512_mullo_epi32
+#undef _mm512_srli_epi16
+#define _mm512_srli_epi16 kt_emu_mm512_srli_epi16
+#undef _mm512_srli_epi32
+#define _mm512_srli_epi32 kt_emu_mm512_srli_epi32
+#undef _mm512_dpbusd_epi32
+#define _mm512_dpbusd_epi32 kt_emu_mm512_dpbusd_epi32
+#undef _mm512_unpacklo_epi8
+#define _mm512_unpacklo_epi8 kt_emu_mm512_unpacklo_epi8
+#undef _mm512_unpackhi_epi8
+#define _mm512_unpackhi_epi8 kt_emu_mm512_unpackhi_epi8
+#undef _mm512_unpacklo_epi32
+#define _mm512_unpacklo_epi32 kt_emu_mm512_unpacklo_epi32
+#undef _mm512_unpackhi_epi32
+#define _mm512_unpackhi_epi32 kt_emu_mm512_unpackhi_epi32
+#undef _mm512_unpacklo_epi64
+#define _mm512_unpacklo_epi64 kt_emu_mm512_unpacklo_epi64
+#undef _mm512_unpackhi_epi64
+#define _mm512_unpackhi_epi64 kt_emu_mm512_unpackhi_epi64
+#undef _mm512_shuffle_i32x4
+#define _mm512_shuffle_i32x4 kt_emu_mm512_shuffle_i32x4
+#undef _mm512_permutex2var_epi64
+#define _mm512_permutex2var_epi64 kt_emu_mm512_permutex2var_epi64
+#undef _mm512_permutexvar_ps
+#define _mm512_permutexvar_ps kt_emu_mm512_permutexvar_ps
+#undef _mm512_cvtepi32_ps
+#define _mm512_cvtepi32_ps kt_emu_mm512_cvtepi32_ps
+#undef _mm512_sub_ps
+#define _mm512_sub_ps kt_emu_mm512_sub_ps
+#undef _mm512_mask_i32gather_epi32
+#define _mm512_mask_i32gather_epi32 kt_emu_mm512_mask_i32gather_epi32
+#undef _mm512_mask_i32gather_ps
+#define _mm512_mask_i32gather_ps kt_emu_mm512_mask_i32gather_ps
 
 /* ---- AMX ---- */
 
@@ -270,6 +520,32 @@ static inline void kt_emu_tile_dpbf16ps(int d, int a, int b) {
     for (int m = M; m < 16; m++) memset(s->t[d][m], 0, 64);
 }
 
+/* tdpbssd (asigned 1) / tdpbusd (0): int8 dot products of dwords, 32-bit
+ * wrap-around; rows and bytes past dst's shape zeroed as above. */
+static inline void kt_emu_tile_dpb(int d, int a, int b, int asigned) {
+    kt_emu_tilestate *s = &kt_emu_tiles;
+    if (!kt_emu_tile_dp_ok(d, a, b)) {
+        kt_emu_tile_poison_tile(d);
+        return;
+    }
+    int M = s->rows[d], N = s->colsb[d] / 4, KD = s->colsb[a] / 4;
+    for (int m = 0; m < M; m++) {
+        uint32_t acc[16];
+        memcpy(acc, s->t[d][m], (size_t)N * 4);
+        for (int k = 0; k < KD; k++)
+            for (int n = 0; n < N; n++)
+                for (int e = 0; e < 4; e++) {
+                    uint8_t av = s->t[a][m][4 * k + e];
+                    int32_t x = asigned ? (int32_t)(int8_t)av : (int32_t)av;
+                    int32_t y = (int8_t)s->t[b][k][4 * n + e];
+                    acc[n] += (uint32_t)(x * y);
+                }
+        memset(s->t[d][m], 0, 64);
+        memcpy(s->t[d][m], acc, (size_t)N * 4);
+    }
+    for (int m = M; m < 16; m++) memset(s->t[d][m], 0, 64);
+}
+
 #undef _tile_loadd
 #undef _tile_stream_loadd
 #undef _tile_stored
@@ -282,5 +558,9 @@ static inline void kt_emu_tile_dpbf16ps(int d, int a, int b) {
 #define _tile_stored(t, base, stride) kt_emu_tile_stored(t, base, stride)
 #define _tile_zero(t) kt_emu_tile_zero(t)
 #define _tile_dpbf16ps(d, a, b) kt_emu_tile_dpbf16ps(d, a, b)
+#undef _tile_dpbssd
+#undef _tile_dpbusd
+#define _tile_dpbssd(d, a, b) kt_emu_tile_dpb(d, a, b, 1)
+#define _tile_dpbusd(d, a, b) kt_emu_tile_dpb(d, a, b, 0)
 
 #endif
