@@ -244,21 +244,32 @@ static void tile_config_q(const int *mp, int mt) {
 #define QF_MAX 4   /* activation rows of a pass of the VNNI path */
 #define QF_ROWS 5 /* rows of a call (or of its last rows) that take it */
 
-/* The even and odd columns of blocks b .. b + 3 of an activation row in
- * layout 1 or 2 (128-bit lane q: block b + q; nbq blocks, the rest zero). */
-KT_INLINE void act_eo(const int8_t *row, int deint, int64_t b, int nbq, __m512i *ae, __m512i *ao) {
+/* The activation codes of blocks b .. b + 3 of a row (nbq of them, the
+ * rest zero) as the W codes pair with them: for 4-bit codes (layout 1 or
+ * 2) the even columns (x[0], 128-bit lane q: block b + q) and the odd
+ * ones (x[1]); for int8 codes (layout 0) blocks b, b + 1 (x[0]) and b + 2,
+ * b + 3 (x[1]). */
+KT_INLINE void act_step(const int8_t *row, int deint, int i8, int64_t b, int nbq, __m512i x[2]) {
     int64_t bytes = nbq * KT_QBLK;
     __mmask64 m0 = bytes >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << bytes) - 1;
     __mmask64 m1 = bytes >= 128 ? ~(__mmask64)0 : bytes <= 64 ? 0 : ((__mmask64)1 << (bytes - 64)) - 1;
     __m512i z0 = _mm512_maskz_loadu_epi8(m0, row + b * KT_QBLK);
     __m512i z1 = _mm512_maskz_loadu_epi8(m1, row + b * KT_QBLK + 64);
-    if (deint == 2) { /* pairs: evens of both blocks, then odds */
-        *ae = _mm512_shuffle_i32x4(z0, z1, 0x44);
-        *ao = _mm512_shuffle_i32x4(z0, z1, 0xEE);
+    if (i8) {
+        x[0] = z0, x[1] = z1;
+    } else if (deint == 2) { /* pairs: evens of both blocks, then odds */
+        x[0] = _mm512_shuffle_i32x4(z0, z1, 0x44);
+        x[1] = _mm512_shuffle_i32x4(z0, z1, 0xEE);
     } else { /* blocks: evens, then odds */
-        *ae = _mm512_shuffle_i32x4(z0, z1, 0x88);
-        *ao = _mm512_shuffle_i32x4(z0, z1, 0xDD);
+        x[0] = _mm512_shuffle_i32x4(z0, z1, 0x88);
+        x[1] = _mm512_shuffle_i32x4(z0, z1, 0xDD);
     }
+}
+
+/* Pairs of 128-bit lanes added (lanes 4q + l of the result: block q, from
+ * the 8-lane sums of blocks 0, 1 in p0 and 2, 3 in p1). */
+KT_INLINE __m512i lanes4(__m512i p0, __m512i p1) {
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(p0, p1, 0x88), _mm512_shuffle_i32x4(p0, p1, 0xDD));
 }
 
 /* The two rounds of a transposing sum within each 128-bit lane: with a, b
@@ -272,22 +283,42 @@ KT_INLINE __m512i sum_pairs64(__m512i a, __m512i b) {
     return _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b));
 }
 
-/* The partial sums of one W row's codes v (4 blocks, 64 bytes) against an
- * activation row (ae, ao): lane 4q + l, part l of block q. */
-KT_INLINE __m512i part_sums(__m512i v, __m512i ae, __m512i ao) {
+/* The partial sums of one W row's step at wrow (masks m0, m1: its bytes)
+ * against an activation row's step x (act_step): lane 4q + l, part l of
+ * block q.  int8 codes go in as unsigned w + 128 (vpdpbusd multiplies
+ * unsigned by signed; code_sums128 gives the offset), 4-bit codes as
+ * their low and high nibbles. */
+KT_INLINE __m512i part_sums(const uint8_t *wrow, int i8, __mmask64 m0, __mmask64 m1, const __m512i x[2]) {
+    const __m512i z = _mm512_setzero_si512();
+    if (i8) {
+        const __m512i sign = _mm512_set1_epi8((char)0x80);
+        __m512i v0 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m0, wrow), sign);
+        __m512i v1 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m1, wrow + 64), sign);
+        return lanes4(_mm512_dpbusd_epi32(z, v0, x[0]), _mm512_dpbusd_epi32(z, v1, x[1]));
+    }
     const __m512i m4 = _mm512_set1_epi8(0x0F);
+    __m512i v = _mm512_maskz_loadu_epi8(m0, wrow);
     __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, ae), hi, ao);
+    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, lo, x[0]), hi, x[1]);
 }
 
-/* Exact sums of blocks b .. b + 3 of 4-bit W rows wr, wr + ld, ... (nr of
- * 16; codes of nbq blocks, mask lm) against one activation row (ae, ao):
+/* 128 times the sum of block b + q's activation codes, in every lane of
+ * c[q] (part_sums' offset for int8 codes). */
+KT_INLINE void code_sums128(const __m512i x[2], __m512i c[4]) {
+    const __m512i z = _mm512_setzero_si512(), k128 = _mm512_set1_epi8((char)0x80);
+    __m512i s = lanes4(_mm512_dpbusd_epi32(z, k128, x[0]), _mm512_dpbusd_epi32(z, k128, x[1]));
+    s = _mm512_add_epi32(s, _mm512_shuffle_epi32(s, (_MM_PERM_ENUM)0x4E));
+    s = _mm512_add_epi32(s, _mm512_shuffle_epi32(s, (_MM_PERM_ENUM)0xB1));
+    for (int q = 0; q < 4; q++) c[q] = _mm512_permutexvar_epi32(_mm512_set1_epi32(4 * q), s);
+}
+
+/* Exact sums of blocks b .. b + 3 of W rows wr, wr + ld, ... (nr of 16;
+ * bytes of the step in masks m0, m1) against one activation row's step x:
  * S[q] lane r = block b + q of row r. */
-KT_INLINE void sums16x4(const uint8_t *wr, int64_t ld, int nr, __mmask64 lm, __m512i ae, __m512i ao,
-                        __m512i S[4]) {
+KT_INLINE void sums16x4(const uint8_t *wr, int64_t ld, int nr, int i8, __mmask64 m0, __mmask64 m1,
+                        const __m512i x[2], __m512i S[4]) {
     __m512i p[16], h[8], t[4];
-    for (int r = 0; r < 16; r++)
-        p[r] = part_sums(r < nr ? _mm512_maskz_loadu_epi8(lm, wr + r * ld) : _mm512_setzero_si512(), ae, ao);
+    for (int r = 0; r < 16; r++) p[r] = r < nr ? part_sums(wr + r * ld, i8, m0, m1, x) : _mm512_setzero_si512();
     /* per 128-bit lane q: rows 2r, 2r + 1 in pairs, then 4 rows a lane */
     for (int r = 0; r < 8; r++) h[r] = sum_pairs32(p[2 * r], p[2 * r + 1]);
     for (int r = 0; r < 4; r++) t[r] = sum_pairs64(h[2 * r], h[2 * r + 1]);
@@ -308,7 +339,8 @@ KT_INLINE void sums16x4(const uint8_t *wr, int64_t ld, int nr, __mmask64 lm, __m
  * stream ahead of the 16 being read. */
 static void qdot_few(int mr, const int8_t *const *xr, const float *const *xd, const float *const *xs,
                      int deint, int64_t n, int64_t K, const kt_wmat *w, float *const *cr) {
-    const int64_t nb = K / KT_QBLK, lines = (nb * (KT_QBLK / 2) + 63) / 64;
+    const int i8 = w->fmt == KT_W_I8, bstep = i8 ? 4 * KT_QBLK : 2 * KT_QBLK; /* W bytes a step */
+    const int64_t nb = K / KT_QBLK, lines = (nb * (bstep / 4) + 63) / 64;
     for (int64_t j = 0; j < n; j += 16) {
         int nr = (int)KT_MIN(16, n - j);
         const uint8_t *wr = (const uint8_t *)w->data + j * w->ld;
@@ -323,27 +355,31 @@ static void qdot_few(int mr, const int8_t *const *xr, const float *const *xd, co
                 _mm_prefetch(pf + pfr * w->ld + 64 * pfl, _MM_HINT_T0);
                 if (++pfl == lines) pfl = 0, pfr++;
             }
-            __mmask64 lm = nbq == 4 ? ~(__mmask64)0 : ((__mmask64)1 << (16 * nbq)) - 1;
+            int64_t bytes = nbq * (bstep / 4);
+            __mmask64 m0 = bytes >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << bytes) - 1;
+            __mmask64 m1 = bytes >= 128 ? ~(__mmask64)0 : bytes <= 64 ? 0 : ((__mmask64)1 << (bytes - 64)) - 1;
             __m512 sv[4], ov[4];
             for (int q = 0; q < nbq; q++) {
                 int64_t k = (b + q) * KT_QBLK;
                 if (b + q == nb - 1 || (w->g0 + k + KT_QBLK) % w->gs == 0)
-                    group_vec(w, j, nr, (w->g0 + k) / w->gs, 1, &sv[q], &ov[q]);
+                    group_vec(w, j, nr, (w->g0 + k) / w->gs, !i8, &sv[q], &ov[q]);
             }
             for (int i = 0; i < mr; i++) {
-                __m512i ae, ao, S[4];
-                act_eo(xr[i], deint, b, nbq, &ae, &ao);
-                sums16x4(wr + b * (KT_QBLK / 2), w->ld, nr, lm, ae, ao, S);
+                __m512i x[2], S[4], c[4];
+                act_step(xr[i], deint, i8, b, nbq, x);
+                sums16x4(wr + b / 4 * bstep, w->ld, nr, i8, m0, m1, x, S);
+                if (i8) code_sums128(x, c);
                 for (int q = 0; q < nbq; q++) {
                     int64_t bb = b + q, k = bb * KT_QBLK;
                     int first = bb == 0 || (w->g0 + k) % w->gs == 0;
                     int last = bb == nb - 1 || (w->g0 + k + KT_QBLK) % w->gs == 0;
-                    __m512 sf = _mm512_cvtepi32_ps(S[q]), d = _mm512_set1_ps(xd[i][bb]);
+                    __m512i si = i8 ? _mm512_sub_epi32(S[q], c[q]) : S[q];
+                    __m512 sf = _mm512_cvtepi32_ps(si), d = _mm512_set1_ps(xd[i][bb]);
                     ga[i] = first ? _mm512_mul_ps(sf, d) : _mm512_fmadd_ps(sf, d, ga[i]);
-                    run[i] = first ? xs[i][bb] : run[i] + xs[i][bb];
+                    if (!i8) run[i] = first ? xs[i][bb] : run[i] + xs[i][bb];
                     if (!last) continue;
                     tot[i] = _mm512_fmadd_ps(ga[i], sv[q], tot[i]);
-                    tot[i] = _mm512_fmadd_ps(ov[q], _mm512_set1_ps(run[i]), tot[i]);
+                    if (!i8) tot[i] = _mm512_fmadd_ps(ov[q], _mm512_set1_ps(run[i]), tot[i]);
                 }
             }
         }
@@ -388,7 +424,7 @@ void kt_qdot_amx_int8(int64_t m, int64_t n, int64_t K, const kt_qact *x, const i
             xd[i] = x->d + row * x->ldb;
             xs[i] = x->s + row * x->ldb;
         }
-        if (mr <= QF_ROWS && !i8 && deint) {
+        if (mr <= QF_ROWS && (i8 ? deint == 0 : deint != 0)) {
             for (int f = 0; f < mr; f += QF_MAX) {
                 int fr = KT_MIN(QF_MAX, mr - f);
                 float *cr[QF_MAX];

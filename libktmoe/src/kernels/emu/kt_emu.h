@@ -239,6 +239,40 @@ static inline __attribute__((always_inline)) __m512i kt_emu_mm512_dpbusd_epi32(_
     }
     KT_EMU_OUT(__m512i, s);
 }
+static inline __attribute__((always_inline)) __m512i kt_emu_mm512_xor_si512(__m512i a, __m512i b) {
+    KT_EMU_V(uint8_t, x);
+    KT_EMU_V(uint8_t, y);
+    KT_EMU_IN(x, a);
+    KT_EMU_IN(y, b);
+    for (int i = 0; i < 64; i++) x[i] ^= y[i];
+    KT_EMU_OUT(__m512i, x);
+}
+static inline __attribute__((always_inline)) __m512i kt_emu_mm512_sub_epi32(__m512i a, __m512i b) {
+    KT_EMU_V(uint32_t, x);
+    KT_EMU_V(uint32_t, y);
+    KT_EMU_IN(x, a);
+    KT_EMU_IN(y, b);
+    for (int i = 0; i < 16; i++) x[i] -= y[i];
+    KT_EMU_OUT(__m512i, x);
+}
+/* per 128-bit lane: dword e of the result is dword (imm >> 2e) & 3 of a's lane */
+static inline __attribute__((always_inline)) __m512i kt_emu_mm512_shuffle_epi32(__m512i a, int imm) {
+    KT_EMU_V(uint32_t, x);
+    KT_EMU_V(uint32_t, z);
+    KT_EMU_IN(x, a);
+    for (int l = 0; l < 4; l++)
+        for (int e = 0; e < 4; e++) z[4 * l + e] = x[4 * l + ((imm >> (2 * e)) & 3)];
+    KT_EMU_OUT(__m512i, z);
+}
+static inline __attribute__((always_inline)) __m512i kt_emu_mm512_permutexvar_epi32(__m512i idx, __m512i a) {
+    KT_EMU_V(int32_t, i);
+    KT_EMU_V(uint32_t, x);
+    KT_EMU_V(uint32_t, z);
+    KT_EMU_IN(i, idx);
+    KT_EMU_IN(x, a);
+    for (int e = 0; e < 16; e++) z[e] = x[i[e] & 15];
+    KT_EMU_OUT(__m512i, z);
+}
 /* per 128-bit lane: the low (hi = 0) or high halves of a and b interleaved
  * in elements of w bytes */
 static inline __attribute__((always_inline)) __m512i kt_emu_unpack(__m512i a, __m512i b, int w, int hi) {
@@ -353,6 +387,14 @@ static inline __attribute__((always_inline)) __m512 kt_emu_mm512_mask_i32gather_
 #define _mm512_and_si512 kt_emu_mm512_and_si512
 #undef _mm512_add_epi32
 #define _mm512_add_epi32 kt_emu_mm512_add_epi32
+#undef _mm512_sub_epi32
+#define _mm512_sub_epi32 kt_emu_mm512_sub_epi32
+#undef _mm512_xor_si512
+#define _mm512_xor_si512 kt_emu_mm512_xor_si512
+#undef _mm512_shuffle_epi32
+#define _mm512_shuffle_epi32(a, imm) kt_emu_mm512_shuffle_epi32(a, (int)(imm))
+#undef _mm512_permutexvar_epi32
+#define _mm512_permutexvar_epi32 kt_emu_mm512_permutexvar_epi32
 #undef _mm512_mullo_epi32
 #define _mm512_mullo_epi32 kt_emu_mm512_mullo_epi32
 #undef _mm512_srli_epi16
