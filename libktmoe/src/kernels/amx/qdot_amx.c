@@ -283,23 +283,29 @@ KT_INLINE __m512i sum_pairs64(__m512i a, __m512i b) {
     return _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b));
 }
 
-/* The partial sums of one W row's step at wrow (masks m0, m1: its bytes)
- * against an activation row's step x (act_step): lane 4q + l, part l of
- * block q.  int8 codes go in as unsigned w + 128 (vpdpbusd multiplies
- * unsigned by signed; code_sums128 gives the offset), 4-bit codes as
- * their low and high nibbles. */
-KT_INLINE __m512i part_sums(const uint8_t *wrow, int i8, __mmask64 m0, __mmask64 m1, const __m512i x[2]) {
-    const __m512i z = _mm512_setzero_si512();
+/* One W row's step at wrow (masks m0, m1: its bytes) as part_sums takes
+ * it: int8 codes as unsigned w + 128 (vpdpbusd multiplies unsigned by
+ * signed; code_sums128 gives the offset), 4-bit codes as their low (v[0])
+ * and high (v[1]) nibbles. */
+KT_INLINE void load_step(const uint8_t *wrow, int i8, __mmask64 m0, __mmask64 m1, __m512i v[2]) {
     if (i8) {
         const __m512i sign = _mm512_set1_epi8((char)0x80);
-        __m512i v0 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m0, wrow), sign);
-        __m512i v1 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m1, wrow + 64), sign);
-        return lanes4(_mm512_dpbusd_epi32(z, v0, x[0]), _mm512_dpbusd_epi32(z, v1, x[1]));
+        v[0] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m0, wrow), sign);
+        v[1] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m1, wrow + 64), sign);
+        return;
     }
     const __m512i m4 = _mm512_set1_epi8(0x0F);
-    __m512i v = _mm512_maskz_loadu_epi8(m0, wrow);
-    __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, lo, x[0]), hi, x[1]);
+    __m512i c = _mm512_maskz_loadu_epi8(m0, wrow);
+    v[0] = _mm512_and_si512(c, m4);
+    v[1] = _mm512_and_si512(_mm512_srli_epi16(c, 4), m4);
+}
+
+/* The partial sums of a W row's step v (load_step) against an activation
+ * row's step x (act_step): lane 4q + l, part l of block q. */
+KT_INLINE __m512i part_sums(const __m512i v[2], int i8, const __m512i x[2]) {
+    const __m512i z = _mm512_setzero_si512();
+    if (i8) return lanes4(_mm512_dpbusd_epi32(z, v[0], x[0]), _mm512_dpbusd_epi32(z, v[1], x[1]));
+    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, v[0], x[0]), v[1], x[1]);
 }
 
 /* 128 times the sum of block b + q's activation codes, in every lane of
@@ -313,22 +319,34 @@ KT_INLINE void code_sums128(const __m512i x[2], __m512i c[4]) {
 }
 
 /* Exact sums of blocks b .. b + 3 of W rows wr, wr + ld, ... (nr of 16;
- * bytes of the step in masks m0, m1) against one activation row's step x:
- * S[q] lane r = block b + q of row r. */
-KT_INLINE void sums16x4(const uint8_t *wr, int64_t ld, int nr, int i8, __mmask64 m0, __mmask64 m1,
-                        const __m512i x[2], __m512i S[4]) {
-    __m512i p[16], h[8], t[4];
-    for (int r = 0; r < 16; r++) p[r] = r < nr ? part_sums(wr + r * ld, i8, m0, m1, x) : _mm512_setzero_si512();
-    /* per 128-bit lane q: rows 2r, 2r + 1 in pairs, then 4 rows a lane */
-    for (int r = 0; r < 8; r++) h[r] = sum_pairs32(p[2 * r], p[2 * r + 1]);
-    for (int r = 0; r < 4; r++) t[r] = sum_pairs64(h[2 * r], h[2 * r + 1]);
-    /* t[k] lane q = rows 4k .. 4k + 3 of block q: transpose the 4 x 4 lanes */
-    __m512i u0 = _mm512_shuffle_i32x4(t[0], t[1], 0x44), u1 = _mm512_shuffle_i32x4(t[0], t[1], 0xEE);
-    __m512i u2 = _mm512_shuffle_i32x4(t[2], t[3], 0x44), u3 = _mm512_shuffle_i32x4(t[2], t[3], 0xEE);
-    S[0] = _mm512_shuffle_i32x4(u0, u2, 0x88);
-    S[1] = _mm512_shuffle_i32x4(u0, u2, 0xDD);
-    S[2] = _mm512_shuffle_i32x4(u1, u3, 0x88);
-    S[3] = _mm512_shuffle_i32x4(u1, u3, 0xDD);
+ * bytes of the step in masks m0, m1) against MR activation rows' steps
+ * x[i]: S[i][q] lane r = block b + q of row r.  Each W row is loaded and
+ * split once for the MR activation rows, 4 rows at a time. */
+KT_INLINE void sums16x4(const int MR, const uint8_t *wr, int64_t ld, int nr, int i8, __mmask64 m0,
+                        __mmask64 m1, const __m512i (*x)[2], __m512i (*S)[4]) {
+    __m512i t[QF_MAX][4];
+    for (int k = 0; k < 4; k++) { /* rows 4k .. 4k + 3 */
+        __m512i h[QF_MAX][2];
+        for (int pr = 0; pr < 2; pr++) {
+            __m512i v[2][2];
+            for (int e = 0; e < 2; e++) {
+                int r = 4 * k + 2 * pr + e;
+                if (r < nr) load_step(wr + r * ld, i8, m0, m1, v[e]);
+                else v[e][0] = v[e][1] = _mm512_setzero_si512();
+            }
+            for (int i = 0; i < MR; i++) h[i][pr] = sum_pairs32(part_sums(v[0], i8, x[i]), part_sums(v[1], i8, x[i]));
+        }
+        for (int i = 0; i < MR; i++) t[i][k] = sum_pairs64(h[i][0], h[i][1]);
+    }
+    /* t[i][k] lane q = rows 4k .. 4k + 3 of block q: transpose the 4 x 4 lanes */
+    for (int i = 0; i < MR; i++) {
+        __m512i u0 = _mm512_shuffle_i32x4(t[i][0], t[i][1], 0x44), u1 = _mm512_shuffle_i32x4(t[i][0], t[i][1], 0xEE);
+        __m512i u2 = _mm512_shuffle_i32x4(t[i][2], t[i][3], 0x44), u3 = _mm512_shuffle_i32x4(t[i][2], t[i][3], 0xEE);
+        S[i][0] = _mm512_shuffle_i32x4(u0, u2, 0x88);
+        S[i][1] = _mm512_shuffle_i32x4(u0, u2, 0xDD);
+        S[i][2] = _mm512_shuffle_i32x4(u1, u3, 0x88);
+        S[i][3] = _mm512_shuffle_i32x4(u1, u3, 0xDD);
+    }
 }
 
 #define QF_PFL 16 /* lines of the next 16 W rows each step prefetches */
@@ -364,16 +382,27 @@ static void qdot_few(int mr, const int8_t *const *xr, const float *const *xd, co
                 if (b + q == nb - 1 || (w->g0 + k + KT_QBLK) % w->gs == 0)
                     group_vec(w, j, nr, (w->g0 + k) / w->gs, !i8, &sv[q], &ov[q]);
             }
+            __m512i x[QF_MAX][2], S[QF_MAX][4];
+            for (int i = 0; i < mr; i++) act_step(xr[i], deint, i8, b, nbq, x[i]);
+            const uint8_t *ws = wr + b / 4 * bstep;
+            switch (mr * 2 + i8) { /* MR and the format constant: each its own loop */
+            case 2: sums16x4(1, ws, w->ld, nr, 0, m0, m1, x, S); break;
+            case 3: sums16x4(1, ws, w->ld, nr, 1, m0, m1, x, S); break;
+            case 4: sums16x4(2, ws, w->ld, nr, 0, m0, m1, x, S); break;
+            case 5: sums16x4(2, ws, w->ld, nr, 1, m0, m1, x, S); break;
+            case 6: sums16x4(3, ws, w->ld, nr, 0, m0, m1, x, S); break;
+            case 7: sums16x4(3, ws, w->ld, nr, 1, m0, m1, x, S); break;
+            case 8: sums16x4(4, ws, w->ld, nr, 0, m0, m1, x, S); break;
+            default: sums16x4(4, ws, w->ld, nr, 1, m0, m1, x, S); break;
+            }
             for (int i = 0; i < mr; i++) {
-                __m512i x[2], S[4], c[4];
-                act_step(xr[i], deint, i8, b, nbq, x);
-                sums16x4(wr + b / 4 * bstep, w->ld, nr, i8, m0, m1, x, S);
-                if (i8) code_sums128(x, c);
+                __m512i c[4];
+                if (i8) code_sums128(x[i], c);
                 for (int q = 0; q < nbq; q++) {
                     int64_t bb = b + q, k = bb * KT_QBLK;
                     int first = bb == 0 || (w->g0 + k) % w->gs == 0;
                     int last = bb == nb - 1 || (w->g0 + k + KT_QBLK) % w->gs == 0;
-                    __m512i si = i8 ? _mm512_sub_epi32(S[q], c[q]) : S[q];
+                    __m512i si = i8 ? _mm512_sub_epi32(S[i][q], c[q]) : S[i][q];
                     __m512 sf = _mm512_cvtepi32_ps(si), d = _mm512_set1_ps(xd[i][bb]);
                     ga[i] = first ? _mm512_mul_ps(sf, d) : _mm512_fmadd_ps(sf, d, ga[i]);
                     if (!i8) run[i] = first ? xs[i][bb] : run[i] + xs[i][bb];
