@@ -89,6 +89,7 @@ class KTMoEWrapper:
         zero_point: bool = True,
         isa: Optional[str] = None,
         int8_activations: Optional[bool] = None,
+        batch_invariant: Optional[bool] = None,
         activation: str = "silu",
         swiglu_alpha: float = 1.702,
         swiglu_limit: float = 7.0,
@@ -138,6 +139,8 @@ class KTMoEWrapper:
                                            num_experts_per_tok)
             raise NotImplementedError(f"inference method '{method}' is not implemented yet")
         extra = {} if int8_activations is None else {"int8_activations": int8_activations}
+        if batch_invariant is not None:
+            extra["batch_invariant"] = batch_invariant
         return impl(method=method, isa=isa, group_size=group_size, zero_point=zero_point,
                     cpu_save=cpu_save, max_deferred_experts_per_token=max_deferred_experts_per_token,
                     **extra, **base_kwargs)

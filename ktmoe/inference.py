@@ -192,7 +192,13 @@ class NativeMoEWrapper(BaseMoEWrapper):
     kernels on activations quantized to int8 per block of 32 wherever the
     layer allows, ~1% output error for 2-4x the speed of fp32 activations;
     False: fp32 activations, results within fp32 rounding of the
-    dequantized weights).
+    dequantized weights), ``batch_invariant`` (default False: the kernels
+    may choose their path by the number of tokens an expert gets, e.g. AMX
+    tiles for a prefill's experts and the VNNI kernel for a decode token's,
+    so a token's output can differ in the last bits with the tokens beside
+    it and with ``chunked_prefill_size``; True: a token's output does not
+    depend on the other tokens of a call, bit for bit -- a chunked prefill
+    equals one call -- at some cost on CPUs with AMX: decode ~10% slower).
 
     Subclass hooks (for other weight formats, e.g. loaders of FP8 or GGUF
     checkpoints):
@@ -225,7 +231,7 @@ class NativeMoEWrapper(BaseMoEWrapper):
 
     def __init__(self, *, method: str = "AMXINT4", isa: Optional[str] = None,
                  group_size: int = 128, zero_point: bool = True, int8_activations: bool = True,
-                 **kwargs):
+                 batch_invariant: bool = False, **kwargs):
         # attributes that close()/__del__ read, set before anything can fail
         self._layer: Optional[NativeLayer] = None
         self._pending: Optional[_Submission] = None
@@ -239,6 +245,7 @@ class NativeMoEWrapper(BaseMoEWrapper):
         self.group_size = group_size
         self.zero_point = zero_point
         self.int8_activations = bool(int8_activations)
+        self.batch_invariant = bool(batch_invariant)
         self._isa_request = isa
         super().__init__(**kwargs)
         specs = self._specs()
@@ -264,7 +271,8 @@ class NativeMoEWrapper(BaseMoEWrapper):
         self._layer = NativeLayer(
             self.cpu_infer, num_experts=self.num_experts, experts_per_token=self.num_experts_per_tok,
             hidden_size=self.hidden_size, intermediate_size=self.moe_intermediate_size, specs=triple,
-            lora_rank=1, lora_alpha=1.0, max_cache_depth=1, isa=self._isa_request)
+            lora_rank=1, lora_alpha=1.0, max_cache_depth=1, isa=self._isa_request,
+            batch_invariant=self.batch_invariant)
         return self._layer
 
     def _require_layer(self) -> NativeLayer:

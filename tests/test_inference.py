@@ -366,10 +366,14 @@ def test_task_error_reaches_every_pending_layer(make_inf, layer):
 
 # ---------------------------------------------------------------- chunks
 
+@pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("method", METHODS)
-def test_chunked_prefill_equals_one_call(make_inf, layer, method):
-    one = make_inf(method, layer, chunked_prefill_size=512)
-    chunked = make_inf(method, layer, layer_idx=1, chunked_prefill_size=7)
+def test_chunked_prefill_equals_one_call(make_inf, layer, method, int8):
+    """batch_invariant=True: a chunked prefill equals one call bit for bit
+    (the kernels' paths do not depend on how many tokens an expert gets)."""
+    one = make_inf(method, layer, chunked_prefill_size=512, batch_invariant=True, int8_activations=int8)
+    chunked = make_inf(method, layer, layer_idx=1, chunked_prefill_size=7, batch_invariant=True,
+                       int8_activations=int8)
     x, ids, wts = batch(q=40, seed=3)
     want = one.forward(x, ids, wts)
     assert torch.equal(chunked.forward(x, ids, wts), want)
@@ -379,6 +383,18 @@ def test_chunked_prefill_equals_one_call(make_inf, layer, method):
     bounded = chunked.buffer_bytes
     chunked.forward(x[:7], ids[:7], wts[:7])
     assert chunked.buffer_bytes == bounded < one.buffer_bytes
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_chunked_prefill_default_within_rounding(make_inf, layer, int8):
+    """The default (batch_invariant=False) lets the kernels choose their path
+    by the tokens an expert gets: chunks and one call agree to rounding."""
+    one = make_inf("MOE_INT4", layer, chunked_prefill_size=512, int8_activations=int8)
+    chunked = make_inf("MOE_INT4", layer, layer_idx=1, chunked_prefill_size=3, int8_activations=int8)
+    assert not one.batch_invariant and not chunked.batch_invariant
+    x, ids, wts = batch(q=40, seed=5)
+    want = one.forward(x, ids, wts)
+    assert rel_err(chunked.forward(x, ids, wts), want) < 1e-5
 
 
 # ---------------------------------------------------------------- GPU experts

@@ -319,7 +319,9 @@ typedef struct kt_kernels {
     kt_outer_fn outer;   /* a row's sums in an order that does not depend on m */
     kt_outer_fn outer_many; /* NULL, or free to choose its path by m
                              * (batch_invariant = 0: the SFT backward) */
-    kt_qdot_fn qdot;
+    kt_qdot_fn qdot;     /* a row's sums in an order that does not depend on m */
+    kt_qdot_fn qdot_many; /* NULL, or free to choose its path by m
+                           * (batch_invariant = 0) */
     kt_act_fwd_fn act_fwd;
     kt_act_bwd_fn act_bwd;
     kt_quant_act_fn quant_act;

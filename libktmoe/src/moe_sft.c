@@ -85,6 +85,7 @@ struct ktmoe_moe {
     kt_activation act;
     kt_dot_fn dot; /* kern->dot, or kern->dot_many (batch_invariant = 0) */
     kt_outer_fn outer; /* kern->outer, or kern->outer_many (batch_invariant = 0) */
+    kt_qdot_fn qdot;   /* kern->qdot, or kern->qdot_many (batch_invariant = 0) */
     int max_depth;
 
     kt_slice *slices;
@@ -319,6 +320,7 @@ KTMOE_API ktmoe_status ktmoe_moe_create(ktmoe_pool *pool, const ktmoe_moe_config
     /* the dot kernel of the forward products (frozen weights and LoRA) */
     m->dot = !c->batch_invariant && m->kern->dot_many ? m->kern->dot_many : m->kern->dot;
     m->outer = !c->batch_invariant && m->kern->outer_many ? m->kern->outer_many : m->kern->outer;
+    m->qdot = !c->batch_invariant && m->kern->qdot_many ? m->kern->qdot_many : m->kern->qdot;
     m->max_depth = c->max_cache_depth;
     pthread_mutex_init(&m->mu, NULL);
     m->slices = calloc((size_t)tp, sizeof(kt_slice));
@@ -833,8 +835,8 @@ static void kt_fwd_gate_up(void *v, const kt_worker_ctx *w, int s, int64_t task)
     kt_wmat wg = kt_frozen(m, s, PG, e, j0, 0), wu = kt_frozen(m, s, PU, e, j0, 0);
     if (f->qact) {
         kt_qact xa = kt_xact(m);
-        m->kern->qdot(cnt, tn, H, &xa, tok, &wg, g, Is);
-        m->kern->qdot(cnt, tn, H, &xa, tok, &wu, u, Is);
+        m->qdot(cnt, tn, H, &xa, tok, &wg, g, Is);
+        m->qdot(cnt, tn, H, &xa, tok, &wu, u, Is);
     } else {
         m->dot(cnt, tn, H, F(&c->x), m->ldh, tok, &wg, g, Is, 0);
         m->dot(cnt, tn, H, F(&c->x), m->ldh, tok, &wu, u, Is, 0);
@@ -875,7 +877,7 @@ static void kt_fwd_down(void *v, const kt_worker_ctx *w, int s, int64_t task) {
     kt_wmat wd = kt_frozen(m, s, PD, e, n0, 0);
     if (f->qact) {
         kt_qact ha = kt_hact(m, c, s, o);
-        m->kern->qdot(cnt, tn, Is, &ha, NULL, &wd, y, m->ldh);
+        m->qdot(cnt, tn, Is, &ha, NULL, &wd, y, m->ldh);
     } else {
         m->dot(cnt, tn, Is, h, Is, NULL, &wd, y, m->ldh, 0);
     }

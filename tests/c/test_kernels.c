@@ -267,6 +267,12 @@ static void check_qdot(const kt_kernels *kt, int64_t m, int64_t n, int64_t K, in
     snprintf(shape, sizeof shape, "fmt %d gs %lld m %lld n %lld K %lld deint %d", fmt, (long long)gs,
              (long long)m, (long long)n, (long long)K, deint);
     compare("qdot", ktmoe_isa_name(kt->isa), c, cref, bound, m, n, ldc, shape);
+    if (kt->qdot_many) { /* may choose its path by m: only against ref */
+        float *cm = calloc((size_t)(m * ldc + 1), sizeof(float));
+        kt->qdot_many(m, n, K, &xa, aidx, &w, cm, ldc);
+        compare("qdot_many", ktmoe_isa_name(kt->isa), cm, cref, bound, m, n, ldc, shape);
+        free(cm);
+    }
     /* each row as in a call of its own (decode takes its own path), bit
      * for bit: a token's result does not depend on the tokens beside it */
     float *one = calloc((size_t)n + 1, sizeof(float));

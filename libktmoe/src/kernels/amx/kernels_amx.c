@@ -609,13 +609,26 @@ static void kt_outer_many_amx(int64_t m, int64_t n, int64_t K, const float *d, i
 }
 
 /* The integer dot form (int8 activations, inference): AMX-INT8 tiles
- * (qdot_amx.c) for int8 and 4-bit integer codes, at every row count. */
+ * (qdot_amx.c) for int8 and 4-bit integer codes, at every row count, its
+ * few-rows path computing the same exact block sums. */
 static void kt_qdot_amx(int64_t m, int64_t n, int64_t K, const kt_qact *x, const int32_t *aidx,
                         const kt_wmat *w, float *c, int64_t ldc) {
     if ((w->fmt == KT_W_I8 && x->deint == 0) || kt_fmt_is_int4(w->fmt))
         kt_qdot_amx_int8(m, n, K, x, aidx, w, c, ldc);
     else
         kt_kernels_avx512_vnni.qdot(m, n, K, x, aidx, w, c, ldc);
+}
+
+/* kt_kernels.qdot_many (batch_invariant = 0): up to KT_QAMX_FEW rows go to
+ * the avx512 tier's VNNI kernel, whose sums are not the tiles' exact block
+ * sums.  With 1-5 rows both read the weights once and are bound by memory;
+ * the VNNI kernel reads each W row in one stream and reached 20 GB/s on a
+ * decode token (2 threads) where the exact path reached 17.7. */
+#define KT_QAMX_FEW 5
+static void kt_qdot_many_amx(int64_t m, int64_t n, int64_t K, const kt_qact *x, const int32_t *aidx,
+                             const kt_wmat *w, float *c, int64_t ldc) {
+    if (m <= KT_QAMX_FEW) kt_kernels_avx512_vnni.qdot(m, n, K, x, aidx, w, c, ldc);
+    else kt_qdot_amx(m, n, K, x, aidx, w, c, ldc);
 }
 
 const kt_kernels kt_kernels_amx = {
@@ -625,6 +638,7 @@ const kt_kernels kt_kernels_amx = {
     .outer = kt_outer_amx,
     .outer_many = kt_outer_many_amx,
     .qdot = kt_qdot_amx,
+    .qdot_many = kt_qdot_many_amx,
     .act_fwd = kt_act_fwd_avx2,
     .act_bwd = kt_act_bwd_avx2,
     .quant_act = kt_quant_act_avx2,
