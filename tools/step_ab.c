@@ -16,7 +16,8 @@
  *   $STEP_AB_DECODE=1 times inference forwards instead (int8 activations,
  *   no LoRA, nothing saved), each as bench_inference.py's decode rows do:
  *   a 128 MiB read to push the weights out of the caches, an untimed call
- *   with no expert to wake the pool, then the timed call on fresh routing. */
+ *   with no expert to wake the pool, then the timed call on fresh routing.
+ *   The layers have batch_invariant = 0 ($STEP_AB_INVARIANT=1: 1). */
 #include "ktmoe.h"
 
 #include <dlfcn.h>
@@ -126,7 +127,8 @@ static int setup(api *a, int method, int isa, int threads) {
     c.lora_alpha = 32.0f;
     c.max_cache_depth = 1;
     c.group_size = 128;
-    c.batch_invariant = 0;
+    /* SFT layers' setting; $STEP_AB_INVARIANT=1: 1, as inference layers may set it */
+    c.batch_invariant = getenv("STEP_AB_INVARIANT") && atoi(getenv("STEP_AB_INVARIANT"));
     c.isa = isa;
     if (check(a, a->moe_create(a->pool, &c, &a->moe), "create")) return 1;
     if (check(a, a->load_weights(a->moe, wg, wu, wd, KTMOE_DTYPE_BF16, NULL, E), "load")) return 1;

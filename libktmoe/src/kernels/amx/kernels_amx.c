@@ -621,10 +621,10 @@ static void kt_qdot_amx(int64_t m, int64_t n, int64_t K, const kt_qact *x, const
 
 /* kt_kernels.qdot_many (batch_invariant = 0): up to KT_QAMX_FEW rows go to
  * the avx512 tier's VNNI kernel, whose sums are not the tiles' exact block
- * sums.  With 1-5 rows both read the weights once and are bound by memory;
+ * sums.  With 1-6 rows both read the weights once and are bound by memory;
  * the VNNI kernel reads each W row in one stream and reached 20 GB/s on a
  * decode token (2 threads) where the exact path reached 17.7. */
-#define KT_QAMX_FEW 5
+#define KT_QAMX_FEW 6
 static void kt_qdot_many_amx(int64_t m, int64_t n, int64_t K, const kt_qact *x, const int32_t *aidx,
                              const kt_wmat *w, float *c, int64_t ldc) {
     if (m <= KT_QAMX_FEW) kt_kernels_avx512_vnni.qdot(m, n, K, x, aidx, w, c, ldc);
