@@ -262,7 +262,8 @@ typedef struct ktmoe_moe_config {
     /* 1 (the default): a token's result does not depend on the other tokens
      * of a call, bit for bit (a chunked prefill equals one call).  0: the
      * forward and backward kernels may choose their order of summation by
-     * the number of tokens per expert, which is faster (SFT layers). */
+     * the number of tokens per expert, which is faster (SFT layers, and the
+     * Python package's inference layers by default). */
     int32_t batch_invariant;
 } ktmoe_moe_config;
 
