@@ -29,8 +29,9 @@
  *
  * Measured (one thread, 64 experts' W streamed from DRAM, the avx512
  * tier's VNNI kernel = 1, DeepSeek-V2-Lite gate shape, INT4 K groups):
- * 1 row 1.03, 4 rows 0.89, 8 rows 1.16, 16 rows 1.94, 48 rows 2.60
- * (int8: 3.57). */
+ * 1 row 1.00, 4 rows 0.86, 8 rows 1.19, 16 rows 1.94, 48 rows 2.60 (int8
+ * with one scale a row: 0.88, 2.43 at 16, 3.56 at 48).  The whole call's
+ * scratch (kt_qamx, ~140 KB) lives on the calling thread's stack. */
 #include "../../internal.h"
 
 #include "amx_common.h"
@@ -233,13 +234,16 @@ static void tile_config_q(const int *mp, int mt) {
 
 /* ---- few rows: the same sums on VNNI ----
  *
- * With 1-4 activation rows (decode) a C tile is mostly empty and each
+ * With 1-5 activation rows (decode) a C tile is mostly empty and each
  * block's stored tile a round trip through memory.  For 4-bit codes with
- * activations in layout 1 or 2 this path computes the same exact block
- * sums with vpdpbusd, 16 W rows x 4 blocks at a time (a W row's 64 bytes
- * of codes hold the 4 blocks; lane 4q + l of its vector: part l of block
- * q), adds them up across lanes in integers and runs the per-element fp32
- * sequence above: its results are the tile path's, bit for bit. */
+ * activations in layout 1 or 2, and int8 codes with activations in layout
+ * 0, this path computes the same exact block sums with vpdpbusd, 16 W rows
+ * x 4 blocks at a time (a step: lane 4q + l of a W row's vector holds part
+ * l of block q), adds them up across lanes in integers and runs the
+ * per-element fp32 sequence above: its results are the tile path's, bit for
+ * bit.  With 1 row it reads the weights at 0.9-1.0x the VNNI kernel's
+ * speed (16 rows side by side against one row at a time), with 3-5 rows
+ * 0.8-0.9x; AMX tiles of 1-4 columns ran at 0.6-0.7x. */
 
 #define QF_MAX 4   /* activation rows of a pass of the VNNI path */
 #define QF_ROWS 5 /* rows of a call (or of its last rows) that take it */
@@ -351,8 +355,9 @@ KT_INLINE void sums16x4(const int MR, const uint8_t *wr, int64_t ld, int nr, int
 
 #define QF_PFL 16 /* lines of the next 16 W rows each step prefetches */
 
-/* Activation rows xr[0..mr) (mr <= QF_MAX) into C rows cr: 4-bit W, layout
- * 1 or 2.  A step reads a line of each of 16 W rows; it also prefetches
+/* Activation rows xr[0..mr) (mr <= QF_MAX) into C rows cr (the formats and
+ * layouts above).  A step reads a line of each of 16 W rows (two for int8
+ * codes); it also prefetches
  * QF_PFL lines of the next 16 rows into L2, in order: one sequential
  * stream ahead of the 16 being read. */
 static void qdot_few(int mr, const int8_t *const *xr, const float *const *xd, const float *const *xs,
