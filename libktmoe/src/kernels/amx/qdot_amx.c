@@ -78,6 +78,34 @@ static int pow2_at_least(int v) {
     return p;
 }
 
+/* Whether block b of the call opens a weight group (block 0 always), and
+ * whether it closes one (the call's last block always). */
+KT_INLINE int opens_group(const kt_wmat *w, int64_t b) {
+    return b == 0 || (w->g0 + b * KT_QBLK) % w->gs == 0;
+}
+KT_INLINE int closes_group(const kt_wmat *w, int64_t b, int64_t nb) {
+    return b == nb - 1 || (w->g0 + (b + 1) * KT_QBLK) % w->gs == 0;
+}
+
+/* The load masks of `bytes` bytes read as two 64-byte vectors. */
+KT_INLINE void byte_masks(int64_t bytes, __mmask64 *m0, __mmask64 *m1) {
+    *m0 = bytes >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << bytes) - 1;
+    *m1 = bytes >= 128 ? ~(__mmask64)0 : bytes <= 64 ? 0 : ((__mmask64)1 << (bytes - 64)) - 1;
+}
+
+/* The per-element fp32 sequence of the head comment, on 16 elements: a
+ * block's exact sums s (as fp32) with the activation scales d into the
+ * group's sums ga, and a closed group's sums ga with the scales sv (and
+ * the offsets ov times the block sums gsum) into the total.  Both paths
+ * (tiles, few rows) run these, so their results agree bit for bit. */
+KT_INLINE __m512 add_block(int first, __m512 s, __m512 d, __m512 ga) {
+    return first ? _mm512_mul_ps(s, d) : _mm512_fmadd_ps(s, d, ga);
+}
+KT_INLINE __m512 close_group(__m512 ga, __m512 sv, int offsets, __m512 ov, __m512 gsum, __m512 tot) {
+    tot = _mm512_fmadd_ps(ga, sv, tot);
+    return offsets ? _mm512_fmadd_ps(ov, gsum, tot) : tot;
+}
+
 /* B operands, scales and block sums of activation rows xr[0..mr) (mr <= 16,
  * tile width mp), blocks b0 .. b0 + nbc, for tile u.  Rows past mr are
  * zero.  The in-group block sums (st->run) continue across chunks: the
@@ -105,7 +133,7 @@ static void pack_act(kt_qamx *st, int u, int mr, int mp, const int8_t *const *xr
                 for (int q = 0; q < 8; q++) dst[16 * q + i] = v[q];
             }
         }
-        int first = b == 0 || (w->g0 + b * KT_QBLK) % w->gs == 0;
+        int first = opens_group(w, b);
         for (int i = 0; i < mp; i++) {
             float d = i < mr ? xd[i][b] : 0.0f;
             if (offsets) {
@@ -142,8 +170,8 @@ static void unpack_w(uint8_t (*dst)[QA_NB * 32], const kt_wmat *w, int64_t j, in
         }
         const uint8_t *row = (const uint8_t *)w->data + (j + r) * w->ld + b0 * (KT_QBLK / 2);
         for (int bl = 0; bl < nbc; bl += 4) {
-            int nbq = KT_MIN(4, nbc - bl);
-            __mmask64 lm = nbq == 4 ? ~(__mmask64)0 : ((__mmask64)1 << (16 * nbq)) - 1;
+            __mmask64 lm, unused;
+            byte_masks(KT_MIN(4, nbc - bl) * (KT_QBLK / 2), &lm, &unused);
             __m512i v = _mm512_maskz_loadu_epi8(lm, row + bl * (KT_QBLK / 2));
             __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
             if (deint == 0) {
@@ -198,7 +226,7 @@ KT_INLINE void scale_tile(const int32_t *cb, float *ga, float *tot, int mp, cons
     __m512 d = _mm512_load_ps(dp);
     for (int v = 0; v < mp; v++) {
         __m512 s = _mm512_cvtepi32_ps(_mm512_load_si512(cb + 16 * v));
-        __m512 a = first ? _mm512_mul_ps(s, d) : _mm512_fmadd_ps(s, d, _mm512_load_ps(ga + 16 * v));
+        __m512 a = add_block(first, s, d, first ? _mm512_setzero_ps() : _mm512_load_ps(ga + 16 * v));
         if (!last) {
             _mm512_store_ps(ga + 16 * v, a);
             continue;
@@ -206,10 +234,10 @@ KT_INLINE void scale_tile(const int32_t *cb, float *ga, float *tot, int mp, cons
         /* lane e: W row (16 v + e) / mp */
         __m512i idx = _mm512_srli_epi32(_mm512_add_epi32(_mm512_set1_epi32(16 * v), _mm512_load_si512(lane16)),
                                         (unsigned)__builtin_ctz((unsigned)mp));
-        __m512 t = _mm512_fmadd_ps(a, _mm512_permutexvar_ps(idx, _mm512_load_ps(sp)), _mm512_load_ps(tot + 16 * v));
-        if (offsets)
-            t = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx, _mm512_load_ps(op)), _mm512_load_ps(gp), t);
-        _mm512_store_ps(tot + 16 * v, t);
+        __m512 ov = offsets ? _mm512_permutexvar_ps(idx, _mm512_load_ps(op)) : _mm512_setzero_ps();
+        __m512 gs = offsets ? _mm512_load_ps(gp) : _mm512_setzero_ps();
+        __m512 sv = _mm512_permutexvar_ps(idx, _mm512_load_ps(sp));
+        _mm512_store_ps(tot + 16 * v, close_group(a, sv, offsets, ov, gs, _mm512_load_ps(tot + 16 * v)));
     }
 }
 
@@ -254,9 +282,8 @@ static void tile_config_q(const int *mp, int mt) {
  * ones (x[1]); for int8 codes (layout 0) blocks b, b + 1 (x[0]) and b + 2,
  * b + 3 (x[1]). */
 KT_INLINE void act_step(const int8_t *row, int deint, int i8, int64_t b, int nbq, __m512i x[2]) {
-    int64_t bytes = nbq * KT_QBLK;
-    __mmask64 m0 = bytes >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << bytes) - 1;
-    __mmask64 m1 = bytes >= 128 ? ~(__mmask64)0 : bytes <= 64 ? 0 : ((__mmask64)1 << (bytes - 64)) - 1;
+    __mmask64 m0, m1;
+    byte_masks(nbq * KT_QBLK, &m0, &m1);
     __m512i z0 = _mm512_maskz_loadu_epi8(m0, row + b * KT_QBLK);
     __m512i z1 = _mm512_maskz_loadu_epi8(m1, row + b * KT_QBLK + 64);
     if (i8) {
@@ -378,15 +405,12 @@ static void qdot_few(int mr, const int8_t *const *xr, const float *const *xd, co
                 _mm_prefetch(pf + pfr * w->ld + 64 * pfl, _MM_HINT_T0);
                 if (++pfl == lines) pfl = 0, pfr++;
             }
-            int64_t bytes = nbq * (bstep / 4);
-            __mmask64 m0 = bytes >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << bytes) - 1;
-            __mmask64 m1 = bytes >= 128 ? ~(__mmask64)0 : bytes <= 64 ? 0 : ((__mmask64)1 << (bytes - 64)) - 1;
+            __mmask64 m0, m1;
+            byte_masks(nbq * (bstep / 4), &m0, &m1);
             __m512 sv[4], ov[4];
-            for (int q = 0; q < nbq; q++) {
-                int64_t k = (b + q) * KT_QBLK;
-                if (b + q == nb - 1 || (w->g0 + k + KT_QBLK) % w->gs == 0)
-                    group_vec(w, j, nr, (w->g0 + k) / w->gs, !i8, &sv[q], &ov[q]);
-            }
+            for (int q = 0; q < nbq; q++)
+                if (closes_group(w, b + q, nb))
+                    group_vec(w, j, nr, (w->g0 + (b + q) * KT_QBLK) / w->gs, !i8, &sv[q], &ov[q]);
             __m512i x[QF_MAX][2], S[QF_MAX][4];
             for (int i = 0; i < mr; i++) act_step(xr[i], deint, i8, b, nbq, x[i]);
             const uint8_t *ws = wr + b / 4 * bstep;
@@ -404,16 +428,13 @@ static void qdot_few(int mr, const int8_t *const *xr, const float *const *xd, co
                 __m512i c[4];
                 if (i8) code_sums128(x[i], c);
                 for (int q = 0; q < nbq; q++) {
-                    int64_t bb = b + q, k = bb * KT_QBLK;
-                    int first = bb == 0 || (w->g0 + k) % w->gs == 0;
-                    int last = bb == nb - 1 || (w->g0 + k + KT_QBLK) % w->gs == 0;
+                    int64_t bb = b + q;
+                    int first = opens_group(w, bb);
                     __m512i si = i8 ? _mm512_sub_epi32(S[i][q], c[q]) : S[i][q];
-                    __m512 sf = _mm512_cvtepi32_ps(si), d = _mm512_set1_ps(xd[i][bb]);
-                    ga[i] = first ? _mm512_mul_ps(sf, d) : _mm512_fmadd_ps(sf, d, ga[i]);
+                    ga[i] = add_block(first, _mm512_cvtepi32_ps(si), _mm512_set1_ps(xd[i][bb]), ga[i]);
                     if (!i8) run[i] = first ? xs[i][bb] : run[i] + xs[i][bb];
-                    if (!last) continue;
-                    tot[i] = _mm512_fmadd_ps(ga[i], sv[q], tot[i]);
-                    if (!i8) tot[i] = _mm512_fmadd_ps(ov[q], _mm512_set1_ps(run[i]), tot[i]);
+                    if (closes_group(w, bb, nb))
+                        tot[i] = close_group(ga[i], sv[q], !i8, ov[q], _mm512_set1_ps(run[i]), tot[i]);
                 }
             }
         }
@@ -486,8 +507,7 @@ void kt_qdot_amx_int8(int64_t m, int64_t n, int64_t K, const kt_qact *x, const i
                     for (int bl = 0; bl < nbc; bl++) {
                         int64_t b = b0 + bl, k = b * KT_QBLK;
                         int64_t g = (w->g0 + k) / w->gs;
-                        int first = b == 0 || (w->g0 + k) % w->gs == 0;
-                        int last = b == nb - 1 || (w->g0 + k + KT_QBLK) % w->gs == 0;
+                        int first = opens_group(w, b), last = closes_group(w, b, nb);
                         for (int t = 0; t < nt; t++) {
                             const void *ap = st->wx[t][0] + 32 * bl;
                             int64_t as = QA_NB * 32;
