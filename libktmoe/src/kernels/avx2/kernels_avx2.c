@@ -15,7 +15,8 @@
  *   whose rows are prefetched whole meanwhile.
  * dot_many (SFT layers, 12 rows of A or more): the outer micro-kernel on
  *   W rows transposed into the same kind of panel (k-ordered sums).
- * The panel forms prefetch the next panel's weights while computing one.
+ * The panel forms prefetch the next panel's weights (outer_chunks: the next
+ *   K chunk's) while computing one.
  * Few rows (1-3 of D in the outer form, 1-11 of A in the row-order dot
  *   form): W dequantized in registers, 32 columns of a row at a time
  *   (w_row32), no panel; the same sums in the same order as the panel path.
@@ -689,6 +690,10 @@ void kt_outer_pack_avx2(float *panel, const kt_wmat *W, const int32_t *widx, int
     }
 }
 
+/* Row blocks of m rows of D: 6 rows each, or 5 or 4 in place of a short
+ * last one (panel_pass). */
+KT_INLINE int64_t row_blocks(int64_t m) { return (m + 5) / 6; }
+
 /* One panel of columns [j, j + 8 nvec) and K rows [k0, k1) through all m
  * rows of D: row blocks of 6, or of 5 or 4 in place of a short last one (a
  * block of 1-3 rows has too few accumulators to cover the FMA latency).
@@ -702,7 +707,7 @@ KT_INLINE void panel_pass(const int bf16, int64_t m, const float *d, int64_t dsi
                           int64_t pf_share) {
     const void *w = W->data;
     const int64_t ldw = W->ld;
-    const int64_t nb = (m + 5) / 6, base = m / KT_MAX(nb, 1), extra = m % KT_MAX(nb, 1);
+    const int64_t nb = row_blocks(m), base = m / KT_MAX(nb, 1), extra = m % KT_MAX(nb, 1);
     for (int64_t bi = 0, i = 0; bi < nb; i += base + (bi < extra), bi++) {
         int mr = (int)(base + (bi < extra));
         pf_some(pf, pf_share);
@@ -730,11 +735,11 @@ KT_INLINE void panel_pass(const int bf16, int64_t m, const float *d, int64_t dsi
     }
 }
 
-/* Whether the outer form's first row block packs the panel of columns
- * [j, j + 8 nvec) (outer_pack_block): whole 32-column panels in one
- * quantization group, blocks of 4-6 rows, W rows in order. */
-KT_INLINE int outer_fuse(const kt_wmat *W, const int32_t *widx, int64_t m, int64_t j, int nvec) {
-    return !widx && nvec == 4 && m >= 4 &&
+/* Whether the first row block of outer_chunks (blocks of 4-6 rows) packs
+ * the panel of columns [j, j + 8 nvec) (outer_pack_block): whole 32-column
+ * panels in one quantization group, W rows in order. */
+KT_INLINE int outer_fuse(const kt_wmat *W, const int32_t *widx, int64_t j, int nvec) {
+    return !widx && nvec == 4 &&
            (W->fmt == KT_W_BF16 || W->fmt == KT_W_F32 || (W->g0 + j) % W->gs + KT_PW <= W->gs);
 }
 
@@ -752,15 +757,16 @@ KT_INLINE void outer_chunks(const int bf16, int64_t m, int64_t nv, int64_t K, co
                             int64_t dsi, int64_t dsk, const int32_t *didx, const kt_wmat *W,
                             const int32_t *widx, float *c, int64_t ldc, int accum) {
     float panel[KT_KC * KT_PW] __attribute__((aligned(64)));
-    const int64_t npanel = (nv + KT_PW - 1) / KT_PW, nb = (m + 5) / 6;
-    for (int64_t k0 = 0; npanel > 0 && k0 < K; k0 += KT_KC) {
+    const int64_t npanel = (nv + KT_PW - 1) / KT_PW, nb = row_blocks(m);
+    if (npanel == 0) return;
+    for (int64_t k0 = 0; k0 < K; k0 += KT_KC) {
         int64_t k1 = KT_MIN(K, k0 + KT_KC);
         kt_pf pf;
         pf_init(&pf, W, widx, k1, KT_MIN(K, k1 + KT_KC) - k1, 0, nv);
         int64_t pf_share = (pf_total(&pf) + npanel * nb - 1) / (npanel * nb);
         for (int64_t j = 0; j < nv; j += KT_PW) {
             int nvec = (int)KT_MIN(KT_PW, nv - j) / 8;
-            int fuse = outer_fuse(W, widx, m, j, nvec);
+            int fuse = outer_fuse(W, widx, j, nvec);
             if (!fuse) kt_outer_pack_avx2(panel, W, widx, k0, k1, j, nvec);
             panel_pass(bf16, m, d, dsi, dsk, didx, W, widx, c, ldc, panel, NULL, 0, fuse, j, nvec,
                        k0, k1, accum || k0 > 0, &pf, pf_share);
@@ -782,7 +788,7 @@ KT_INLINE void panel_loop(const int bf16, const int tpack, int64_t m, int64_t nv
     /* too few rows for a packed panel to pay off (outer form, plain W only) */
     const int direct = !tpack && m <= 2 && (W->fmt == KT_W_F32 || W->fmt == KT_W_BF16);
     const int fold = tpack && kt_dot_fold_ok(W, K, accum);
-    const int64_t nb = (m + 5) / 6;
+    const int64_t nb = row_blocks(m);
     for (int64_t j = 0; j < nv; j += KT_PW) {
         int nvec = (int)KT_MIN(KT_PW, nv - j) / 8;
         if (!tpack && nvec == 4 && K > 0 && outer_qrows(m, K, d, dsi, dsk, didx, W, widx, j, c, ldc, accum))
