@@ -13,7 +13,7 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 mkdir -p "$tmp/a"
 git -C "$root" archive "$rev" libktmoe | tar -x -C "$tmp/a"
-cflags="-O3 -std=c11 -D_GNU_SOURCE -DKTMOE_BUILDING -fno-math-errno -mavx2 -mfma -mf16c"
+cflags="-O3 -std=c11 -D_GNU_SOURCE -DKTMOE_BUILDING -fno-math-errno -falign-loops=64 -mavx2 -mfma -mf16c"
 for s in kt_dot_avx2 kt_dot_many_avx2 kt_outer_avx2 kt_outer_pack_avx2 kt_dot_tpack_avx2 \
          kt_dot_fold_ok kt_dot_col_scales kt_quant_act_avx2 \
          kt_qdot_avx2 kt_act_fwd_avx2 kt_act_bwd_avx2 kt_kernels_avx2; do
