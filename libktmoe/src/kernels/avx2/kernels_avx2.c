@@ -746,11 +746,11 @@ KT_INLINE int outer_fuse(const kt_wmat *W, const int32_t *widx, int64_t j, int n
 /* The outer form with 4 rows of D or more: K chunk by K chunk, all column
  * panels of a chunk before the next chunk (C's rows see the same sums in
  * the same order as column by column).  The panels of a chunk read the
- * same KT_KC rows of W (half as many for 16- and 32-bit W), and the next chunk's rows are prefetched whole
- * (all nv columns: several consecutive lines a row where nv > 32) over
- * the current chunk's row blocks.  Column panel by column panel (the
- * first row block prefetching the next panel: one line from each of 128
- * rows 3-4 KB apart), the blocks waited on W: on an Intel Xeon (kernel_ab,
+ * same KT_KC rows of W (half as many for 16- and 32-bit W), and the next
+ * chunk's rows are prefetched whole (all nv columns: several consecutive
+ * lines a row where nv > 32) over the current chunk's row blocks.  Column
+ * panel by column panel (the first row block prefetching the next panel:
+ * one line from each of 128 rows 3-4 KB apart), the blocks waited on W: on an Intel Xeon (kernel_ab,
  * 64 experts' bf16 weights, one thread) B2 1.16-1.18x and B4 1.27-1.30x
  * this way; whole SFT steps 1.02-1.03x (BF16, INT8), 0.99-1.01x (INT4). */
 KT_INLINE void outer_chunks(const int bf16, int64_t m, int64_t nv, int64_t K, const float *d,
@@ -759,10 +759,10 @@ KT_INLINE void outer_chunks(const int bf16, int64_t m, int64_t nv, int64_t K, co
     float panel[KT_KC * KT_PW] __attribute__((aligned(64)));
     const int64_t npanel = (nv + KT_PW - 1) / KT_PW, nb = row_blocks(m);
     if (npanel == 0) return;
-    /* bf16 and fp32 W: chunks of half the rows, so that a chunk's lines
-     * (and the next chunk's, prefetched) take no more of L1 than 8-bit
-     * ones (BF16 step 1.017x with 64 rows, 1.009x with 96, 0.971x with
-     * 32; INT8 and INT4 0.995x with 64: those keep 128) */
+    /* bf16 and fp32 W: chunks of half the rows, so that a bf16 chunk's
+     * lines (and the next chunk's, prefetched) take the L1 room of an
+     * 8-bit chunk's (BF16 step 1.017x with 64 rows, 1.009x with 96,
+     * 0.971x with 32; INT8 and INT4 0.995x with 64: those keep 128) */
     const int64_t kc = w_bytes(W, KT_PW) > KT_PW ? KT_KC / 2 : KT_KC;
     for (int64_t k0 = 0; k0 < K; k0 += kc) {
         int64_t k1 = KT_MIN(K, k0 + kc);
