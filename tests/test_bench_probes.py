@@ -64,3 +64,31 @@ def test_fma_probe_rate(bench_inference):
         assert 0.5 < one < 10000.0 and 0.5 < best < 10000.0
     finally:
         probe.close()
+
+
+def _avx512f():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512f" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _avx512f(), reason="the 512-bit FMA peak kernel needs AVX-512F")
+def test_fma_probe_zmm(bench_inference):
+    """The zmm kernel (the avx512 and amx tiers' reference) compiles, runs
+    and counts 16 lanes: at least the 256-bit rate less noise, at most
+    twice it plus noise."""
+    from bench_sft import FmaProbe, peak_zmm_for
+
+    assert peak_zmm_for("avx512") and peak_zmm_for("amx") and not peak_zmm_for("avx2")
+    ymm, zmm = FmaProbe(), FmaProbe(zmm=True)
+    try:
+        assert zmm.error is None, zmm.error
+        y = [ymm.run(1, 0.01) for _ in range(3)]
+        z = [zmm.run(1, 0.01) for _ in range(3)]
+        assert None not in y and None not in z
+        assert 0.6 * max(y) < max(z) < 2.6 * max(y)
+    finally:
+        ymm.close()
+        zmm.close()

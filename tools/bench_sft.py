@@ -30,9 +30,10 @@ Peak: the machine's FP32 FMA peak is *measured* in the same run by a small C
 micro-kernel (AVX2+FMA: 12 independent ymm accumulators doing vfmadd231ps in a
 loop, one pthread per core, --threads threads), compiled at run time with
 ``cc -O2 -mavx2 -mfma -pthread``. It is reported as "unknown" when there is no
-C compiler or the CPU lacks AVX2/FMA. Note: it is an AVX2 (256-bit) peak; on
-CPUs with two full-width 512-bit FMA units a kernel using AVX-512 can exceed
-100% of it.
+C compiler or the CPU lacks AVX2/FMA. For the avx512 and amx tiers (on a CPU
+with AVX-512F) the same kernel runs on zmm registers (``-mavx512f``): on CPUs
+with two full-width 512-bit FMA units that peak is twice the AVX2 one, on
+CPUs that split 512-bit operations in two it is the same.
 
 Baseline: a plain-PyTorch **fp32** implementation of the same layer (per-expert
 loop: gather the expert's rows, F.linear with fp32 base weights plus LoRA
@@ -55,8 +56,11 @@ faults (warm_up_ktmoe, at most 4 rounds), and once per process the malloc
 threshold is primed (prime_allocator): without it the first method of the
 process was timed while each backward still faulted in fresh pages for its
 returned gradients (~70 ms a step on a 2-core VM) and looked slower.
-Peak RSS is resource.getrusage(RUSAGE_SELF).ru_maxrss.  Each row also gives
-"other load", the CPU other processes used meanwhile (OtherLoad).
+Peak RSS is resource.getrusage(RUSAGE_SELF).ru_maxrss; "huge MiB" is the
+process's anonymous memory on transparent huge pages after the warm-up
+(the weights ask for them; where the kernel found none, steps take TLB
+misses).  Each row also gives "other load", the CPU other processes used
+meanwhile (OtherLoad).
 
 Usage:
     python tools/bench_sft.py [--qlens 1,128,512] [--threads N] [--repeat 3]
@@ -210,18 +214,33 @@ static void kt_init_threads(int argc, char **argv) {
 """
 
 PEAK_C_SOURCE = C_THREADS_HARNESS + r"""
+/* KT_PEAK_ZMM: 512-bit vectors (AVX-512F), else 256-bit (AVX2 + FMA) */
+#ifdef KT_PEAK_ZMM
+typedef __m512 kt_vec;
+#define KT_LANES 16
+#define kt_set1 _mm512_set1_ps
+#define kt_add _mm512_add_ps
+#define kt_storeu _mm512_storeu_ps
+#else
+typedef __m256 kt_vec;
+#define KT_LANES 8
+#define kt_set1 _mm256_set1_ps
+#define kt_add _mm256_add_ps
+#define kt_storeu _mm256_storeu_ps
+#endif
+
 static long g_iters;
 static float g_sink[1024];
 
 static void *worker(void *arg) {
     int id = (int)(long)arg;
     kt_pin(id);
-    __m256 x = _mm256_set1_ps(1e-8f + 1e-10f * (float)id);
-    __m256 y = _mm256_set1_ps(0.999f);
-    __m256 a0 = _mm256_set1_ps(0.0f), a1 = _mm256_set1_ps(1.0f), a2 = _mm256_set1_ps(2.0f);
-    __m256 a3 = _mm256_set1_ps(3.0f), a4 = _mm256_set1_ps(4.0f), a5 = _mm256_set1_ps(5.0f);
-    __m256 a6 = _mm256_set1_ps(6.0f), a7 = _mm256_set1_ps(7.0f), a8 = _mm256_set1_ps(8.0f);
-    __m256 a9 = _mm256_set1_ps(9.0f), a10 = _mm256_set1_ps(10.0f), a11 = _mm256_set1_ps(11.0f);
+    kt_vec x = kt_set1(1e-8f + 1e-10f * (float)id);
+    kt_vec y = kt_set1(0.999f);
+    kt_vec a0 = kt_set1(0.0f), a1 = kt_set1(1.0f), a2 = kt_set1(2.0f);
+    kt_vec a3 = kt_set1(3.0f), a4 = kt_set1(4.0f), a5 = kt_set1(5.0f);
+    kt_vec a6 = kt_set1(6.0f), a7 = kt_set1(7.0f), a8 = kt_set1(8.0f);
+    kt_vec a9 = kt_set1(9.0f), a10 = kt_set1(10.0f), a11 = kt_set1(11.0f);
     pthread_barrier_wait(&g_barrier);
     g_t0[id] = now();
     for (long it = 0; it < g_iters; ++it) {
@@ -239,18 +258,18 @@ static void *worker(void *arg) {
             "vfmadd231ps %[x], %[y], %[a9]\n\t"
             "vfmadd231ps %[x], %[y], %[a10]\n\t"
             "vfmadd231ps %[x], %[y], %[a11]\n\t"
-            : [a0] "+x"(a0), [a1] "+x"(a1), [a2] "+x"(a2), [a3] "+x"(a3),
-              [a4] "+x"(a4), [a5] "+x"(a5), [a6] "+x"(a6), [a7] "+x"(a7),
-              [a8] "+x"(a8), [a9] "+x"(a9), [a10] "+x"(a10), [a11] "+x"(a11)
-            : [x] "x"(x), [y] "x"(y));
+            : [a0] "+v"(a0), [a1] "+v"(a1), [a2] "+v"(a2), [a3] "+v"(a3),
+              [a4] "+v"(a4), [a5] "+v"(a5), [a6] "+v"(a6), [a7] "+v"(a7),
+              [a8] "+v"(a8), [a9] "+v"(a9), [a10] "+v"(a10), [a11] "+v"(a11)
+            : [x] "v"(x), [y] "v"(y));
     }
     g_t1[id] = now();
-    __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
-                             _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7)));
-    s = _mm256_add_ps(s, _mm256_add_ps(_mm256_add_ps(a8, a9), _mm256_add_ps(a10, a11)));
-    float tmp[8];
-    _mm256_storeu_ps(tmp, s);
-    g_sink[id] = tmp[0] + tmp[7];
+    kt_vec s = kt_add(kt_add(kt_add(a0, a1), kt_add(a2, a3)),
+                             kt_add(kt_add(a4, a5), kt_add(a6, a7)));
+    s = kt_add(s, kt_add(kt_add(a8, a9), kt_add(a10, a11)));
+    float tmp[KT_LANES];
+    kt_storeu(tmp, s);
+    g_sink[id] = tmp[0] + tmp[KT_LANES - 1];
     return NULL;
 }
 
@@ -270,7 +289,7 @@ int main(int argc, char **argv) {
     double best = 0.0;
     for (int trial = 0; trial < (trials > 0 ? trials : 1); ++trial) {
         t = run(iters);
-        double gflops = (double)iters * 12.0 * 8.0 * 2.0 * (double)g_nthreads / t * 1e-9;
+        double gflops = (double)iters * 12.0 * KT_LANES * 2.0 * (double)g_nthreads / t * 1e-9;
         if (gflops > best) best = gflops;
     }
     float sink = 0.0f;
@@ -287,7 +306,7 @@ class _CProbe:
     SOURCE = ""
     FLAGS = ("-O2", "-mavx2", "-pthread")
 
-    def __init__(self):
+    def __init__(self, extra_flags=()):
         self.exe, self.error, self._tmp = None, None, None
         if platform.machine() not in ("x86_64", "AMD64"):
             self.error = f"not x86-64 ({platform.machine()})"
@@ -302,7 +321,7 @@ class _CProbe:
         with open(src, "w") as f:
             f.write(self.SOURCE)
         try:
-            r = subprocess.run([cc, *self.FLAGS, "-o", exe, src], capture_output=True, text=True, timeout=120)
+            r = subprocess.run([cc, *self.FLAGS, *extra_flags, "-o", exe, src], capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.TimeoutExpired) as e:
             self.error = f"compile failed: {e}"
             return
@@ -323,10 +342,15 @@ class FmaProbe(_CProbe):
     cores deliver right now (a VM's vCPU slows down when its host's SMT
     sibling or neighbours get busy, which /proc/stat does not show);
     ``rate(threads, seconds)`` -> one trial of ``seconds``: the peak kernel
-    over the same span as a timed step, for a paired ratio."""
+    over the same span as a timed step, for a paired ratio.  zmm: 512-bit
+    FMAs (AVX-512F), the peak of the avx512 and amx tiers' vector code."""
 
     SOURCE = PEAK_C_SOURCE
     FLAGS = ("-O2", "-mavx2", "-mfma", "-pthread")
+
+    def __init__(self, zmm: bool = False):
+        self.zmm = zmm
+        super().__init__(("-mavx512f", "-DKT_PEAK_ZMM") if zmm else ())
 
     def run(self, threads: int, seconds: float = 0.02, trials: int = 5):
         if self.exe is None:
@@ -343,29 +367,45 @@ class FmaProbe(_CProbe):
         return self.run(threads, max(seconds, 0.01), 1)
 
 
-def _cpu_has_avx2_fma() -> bool:
+def _cpu_flags():
+    """The CPU's /proc/cpuinfo flags, or None where that cannot be read."""
     try:
         with open("/proc/cpuinfo") as f:
             text = f.read()
     except OSError:
-        return platform.machine() in ("x86_64", "AMD64")  # let the binary try
+        return None
     m = re.search(r"^flags\s*:\s*(.*)$", text, re.M)
-    flags = set(m.group(1).split()) if m else set()
+    return set(m.group(1).split()) if m else set()
+
+
+def _cpu_has_avx2_fma() -> bool:
+    flags = _cpu_flags()
+    if flags is None:
+        return platform.machine() in ("x86_64", "AMD64")  # let the binary try
     return "avx2" in flags and "fma" in flags
 
 
-def measure_fp32_peak(threads: int):
+def peak_zmm_for(tier) -> bool:
+    """Whether the FP32 peak to compare a tier with is the 512-bit one: the
+    avx512 and amx tiers' vector code runs on zmm registers (on CPUs with two
+    full-width 512-bit FMA units that peak is twice the AVX2 one)."""
+    flags = _cpu_flags()
+    return tier in ("avx512", "amx") and bool(flags) and "avx512f" in flags
+
+
+def measure_fp32_peak(threads: int, zmm: bool = False):
     """Return (GFLOP/s or None, note): FmaProbe, 5 trials of 0.25 s, the best."""
     if platform.machine() in ("x86_64", "AMD64") and not _cpu_has_avx2_fma():
         return None, "CPU lacks AVX2/FMA"
-    probe = FmaProbe()
+    probe = FmaProbe(zmm)
     try:
         if probe.exe is None:
             return None, probe.error
         gflops = probe.run(threads, 0.25)
         if gflops is None:
             return None, "run failed"
-        return gflops, f"AVX2 FMA micro-kernel, {threads} threads, compiled with {probe.cc}"
+        kind = "AVX-512 (zmm)" if zmm else "AVX2"
+        return gflops, f"{kind} FMA micro-kernel, {threads} threads, compiled with {probe.cc}"
     finally:
         probe.close()
 
@@ -419,6 +459,21 @@ def current_rss_mib():
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def current_huge_mib():
+    """Anonymous memory of this process on transparent huge pages (Linux
+    /proc/self/smaps_rollup), or None: the weights and caches ask for them
+    (madvise), and whether the kernel found free 2 MiB pages shows in the
+    step times (TLB misses)."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("AnonHugePages:"):
                     return int(line.split()[1]) / 1024.0
     except (OSError, ValueError, IndexError):
         pass
@@ -733,9 +788,10 @@ def main(argv=None) -> int:
     print("              lora = 2*3*q*k*r*(H+I)*3 (fwd + bwd input grad + A/B grads); GFLOP/s counts base + lora")
     print(f"  weights   : bf16 size 3*E*H*I*2 = {BF16_WEIGHT_BYTES / 2**20:.1f} MiB (the 'x bf16' reference)")
 
-    peak, peak_note = (None, "skipped (--no-peak)") if args.no_peak else measure_fp32_peak(args.threads)
+    zmm = peak_zmm_for(args.isa or info.get("selected_tier"))
+    peak, peak_note = (None, "skipped (--no-peak)") if args.no_peak else measure_fp32_peak(args.threads, zmm)
     paired_q = set() if args.no_peak or args.paired_qlens == "none" else set(parse_qlens(args.paired_qlens))
-    fma = FmaProbe() if paired_q and peak else None
+    fma = FmaProbe(zmm) if paired_q and peak else None
     peak_txt = f"{peak:.1f} GFLOP/s" if peak else "unknown"
     print(f"  FP32 peak : {peak_txt} ({peak_note})")
     la = loadavg1()
@@ -789,8 +845,9 @@ def main(argv=None) -> int:
         print(f" {load_s:.1f} s, weights {wbytes / 2**20:.1f} MiB ({wbytes / BF16_WEIGHT_BYTES:.3f}x bf16), "
               f"tier {tier}; timing qlen " + ",".join(map(str, args.qlens)), flush=True)
         warm_faults = warm_up_ktmoe(wrapper, args.qlens, x_dtype)
+        huge_warm = current_huge_mib()
         print(f"[{label}] warm-up: {len(warm_faults)} round(s) over all qlens, page faults per round "
-              f"{warm_faults}", flush=True)
+              f"{warm_faults}, huge pages {huge_warm if huge_warm is not None else '?'} MiB", flush=True)
         for q in args.qlens:
             f0 = _faults()
             with OtherLoad() as other:
@@ -831,7 +888,7 @@ def main(argv=None) -> int:
                                 warmup_rounds=len(warm_faults), warmup_page_faults=warm_faults,
                                 weight_bytes=wbytes, weight_ratio_bf16=wbytes / BF16_WEIGHT_BYTES,
                                 buffer_bytes_after_run=buffer_bytes, rss_mib_before_load=rss_base,
-                                rss_mib_loaded=rss_loaded, rss_mib_after_run=rss_run,
+                                rss_mib_loaded=rss_loaded, rss_mib_after_run=rss_run, huge_mib_warm=huge_warm,
                                 rss_mib_after_free=rss_freed))
     rss_kt = peak_rss_mib()
 
@@ -915,11 +972,12 @@ def main(argv=None) -> int:
         return f"{a:.2f} -> {b:.2f}" if a is not None and b is not None else "?"
 
     mhdr = ["method", "format", "tier", "load s", "weights MiB", "x bf16", "RSS MiB loaded", "RSS MiB after free",
-            "loadavg(1m)"]
+            "huge MiB", "loadavg(1m)"]
     mtable = [[m["label"], m["format"], str(m["isa"]), f"{m['load_s']:.1f}", f"{m['weight_bytes'] / 2**20:.1f}",
                f"{m['weight_ratio_bf16']:.3f}",
                f"{m['rss_mib_loaded']:.0f}" if m["rss_mib_loaded"] is not None else "?",
                f"{m['rss_mib_after_free']:.0f}" if m["rss_mib_after_free"] is not None else "?",
+               f"{m['huge_mib_warm']:.0f}" if m["huge_mib_warm"] is not None else "?",
                fmt_load(m["loadavg1_before"], m["loadavg1_after"])]
               for m in method_rows]
     print_table(mhdr, mtable)
