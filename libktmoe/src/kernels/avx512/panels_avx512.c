@@ -6,6 +6,11 @@
  * 12 rows of D x 32 columns, 24 zmm accumulators (AVX-512 has 32
  * registers), 2 panel loads and 12 broadcasts per 24 FMAs against the
  * avx2 tile's 2 + 6 per 12.  A last column block of 8 goes through a mask.
+ * In the outer form, the first block of rows of each panel converts W as
+ * its FMAs use it and stores the panel for the others (zmicro_pack): on
+ * Zen 5 (full-width AVX-512, 2 threads) the separate packing pass had
+ * taken 7 % of a BF16 SFT step; without it the steps ran 1.046x (BF16),
+ * 1.047x (INT8), 1.057x (INT4) as fast at qlen 512, 1.12-1.13x at 32-128.
  *
  * On Zen 4, whose AVX-512 units are 256 bits wide, this tile ran 5 % slower
  * than the avx2 one (kernel microbenchmark, 48 x 256 x 2048 and 48 x 64 x
@@ -64,11 +69,174 @@ KT_INLINE void zmicro(const int MR, const int NZ, const int FULL, __mmask16 last
         else zmicro(MR, 1, 0, last, kc, dp, dsk, panel, cr, j, load_c, cs);                 \
         break;
 
+/* ---- the outer form's panel packed by its first block of rows ----
+ * Formats of W this path converts (zfmt): plain bf16 and fp32, int8 and
+ * the symmetric or zero-point 4-bit codes (one scale a group), and their
+ * scale-free forms (ZRAW_*: every scale 1, the backward's dx whose dg, du
+ * carry the scales), and the 4-bit codes with a scale and a min (I4M).
+ * Each value is the one kt_outer_pack_avx2 stores (the codes' integers,
+ * times the scale once, plus the min), so the results do not change.  FP8
+ * and MXFP4 take the packing pass. */
+enum { ZNONE = -1, ZRAW_I8 = 100, ZRAW_I4S = 101 };
+
+static int zfmt(const kt_wmat *W) {
+    switch (W->fmt) {
+    case KT_W_BF16:
+    case KT_W_F32: return W->fmt;
+    case KT_W_I8:
+    case KT_W_I4S:
+        if (W->ldg == 0 && W->scale[0] == 1.0f) return W->fmt == KT_W_I8 ? ZRAW_I8 : ZRAW_I4S;
+        return W->fmt;
+    case KT_W_I4Z:
+    case KT_W_I4M: return W->fmt;
+    default: return ZNONE;
+    }
+}
+
+/* W row columns [j0, j0 + 32) at p as two zmm; s, z, mn: the group's
+ * scale, zero point (I4S: 8) and min (I4M). */
+KT_INLINE void zrow32(const int fmt, const char *p, float s, int z, float mn, __m512 *w0,
+                      __m512 *w1) {
+    if (fmt == KT_W_BF16) {
+        const __m256i *q = (const __m256i *)p;
+        *w0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(q)), 16));
+        *w1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(q + 1)), 16));
+        return;
+    }
+    if (fmt == KT_W_F32) {
+        *w0 = _mm512_loadu_ps((const float *)p);
+        *w1 = _mm512_loadu_ps((const float *)p + 16);
+        return;
+    }
+    __m512i i0, i1;
+    if (fmt == KT_W_I8 || fmt == ZRAW_I8) {
+        i0 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p));
+        i1 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p + 1));
+    } else { /* 16 bytes: 32 codes, low nibble first, less the zero point (I4M: none) */
+        __m128i v = _mm_loadu_si128((const __m128i *)p), m4 = _mm_set1_epi8(0x0F);
+        __m128i zz = _mm_set1_epi8((char)(fmt == KT_W_I4Z ? z : fmt == KT_W_I4M ? 0 : 8));
+        __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+        i0 = _mm512_cvtepi8_epi32(_mm_sub_epi8(_mm_unpacklo_epi8(lo, hi), zz));
+        i1 = _mm512_cvtepi8_epi32(_mm_sub_epi8(_mm_unpackhi_epi8(lo, hi), zz));
+    }
+    *w0 = _mm512_cvtepi32_ps(i0);
+    *w1 = _mm512_cvtepi32_ps(i1);
+    if (fmt != ZRAW_I8 && fmt != ZRAW_I4S) {
+        __m512 sv = _mm512_set1_ps(s);
+        *w0 = _mm512_mul_ps(*w0, sv);
+        *w1 = _mm512_mul_ps(*w1, sv);
+    }
+    if (fmt == KT_W_I4M) { /* code * scale + min, as the avx2 tier's panels */
+        __m512 mv = _mm512_set1_ps(mn);
+        *w0 = _mm512_add_ps(*w0, mv);
+        *w1 = _mm512_add_ps(*w1, mv);
+    }
+}
+
+/* zmicro for the first block of rows of an outer-form panel, 32 whole
+ * columns: each W row is converted as the block uses it and stored to the
+ * panel for the other blocks, so that the conversion runs beside the FMAs
+ * instead of in a packing pass before them (on a full-width AVX-512 CPU
+ * that pass took 7 % of a BF16 SFT step). */
+KT_INLINE void zmicro_pack(const int MR, const int fmt, int64_t kc, const float *const *d,
+                           int64_t dsk, float *restrict panel, const kt_wmat *W,
+                           const int32_t *widx, int64_t k0, float *const *crow, int64_t j0,
+                           int load_c) {
+    /* named accumulators: in an array, gcc kept them in memory around the
+     * panel stores (which may alias anything), as in the avx2 tier */
+    __m512 a0_0, a0_1, a1_0, a1_1, a2_0, a2_1, a3_0, a3_1, a4_0, a4_1, a5_0, a5_1;
+    __m512 a6_0, a6_1, a7_0, a7_1, a8_0, a8_1, a9_0, a9_1, a10_0, a10_1, a11_0, a11_1;
+#define ZLD(i)                                                                              \
+    a##i##_0 = a##i##_1 = _mm512_setzero_ps();                                              \
+    if (MR > i && load_c)                                                                   \
+        a##i##_0 = _mm512_loadu_ps(crow[i] + j0), a##i##_1 = _mm512_loadu_ps(crow[i] + j0 + 16);
+    ZLD(0) ZLD(1) ZLD(2) ZLD(3) ZLD(4) ZLD(5) ZLD(6) ZLD(7) ZLD(8) ZLD(9) ZLD(10) ZLD(11)
+#undef ZLD
+    const char *w = w_addr(W, 0, j0);
+    const int64_t wld = w_addr(W, 1, 0) - w_addr(W, 0, 0);
+    const int scaled = fmt == KT_W_I8 || fmt == KT_W_I4S || fmt == KT_W_I4Z || fmt == KT_W_I4M;
+    const int64_t g = scaled ? (W->g0 + j0) / W->gs : 0;
+    for (int64_t k = 0; k < kc; k++) {
+        int64_t r = widx ? widx[k0 + k] : k0 + k;
+        float sc = scaled ? W->scale[r * W->ldg + g] : 1.0f;
+        int z = fmt == KT_W_I4Z ? ((const uint8_t *)W->aux)[r * W->ldg + g] : 8;
+        float mn = fmt == KT_W_I4M ? ((const float *)W->aux)[r * W->ldg + g] : 0.0f;
+        __m512 w0, w1;
+        zrow32(fmt, w + r * wld, sc, z, mn, &w0, &w1);
+        _mm512_store_ps(panel + k * KT_PANEL_W, w0);
+        _mm512_store_ps(panel + k * KT_PANEL_W + 16, w1);
+        __m512 b;
+#define ZF(i)                                                                               \
+        if (MR > i) {                                                                       \
+            b = _mm512_set1_ps(d[i][k * dsk]);                                              \
+            a##i##_0 = _mm512_fmadd_ps(b, w0, a##i##_0);                                    \
+            a##i##_1 = _mm512_fmadd_ps(b, w1, a##i##_1);                                    \
+        }
+        ZF(0) ZF(1) ZF(2) ZF(3) ZF(4) ZF(5) ZF(6) ZF(7) ZF(8) ZF(9) ZF(10) ZF(11)
+#undef ZF
+    }
+#define ZST(i)                                                                              \
+    if (MR > i) _mm512_storeu_ps(crow[i] + j0, a##i##_0), _mm512_storeu_ps(crow[i] + j0 + 16, a##i##_1);
+    ZST(0) ZST(1) ZST(2) ZST(3) ZST(4) ZST(5) ZST(6) ZST(7) ZST(8) ZST(9) ZST(10) ZST(11)
+#undef ZST
+}
+
+#define ZPACK_CASE(MR, FMT)                                                                 \
+    case MR: zmicro_pack(MR, FMT, kc, dp, dsk, panel, W, widx, k0, cr, j, load_c); break;
+
+/* zmicro_pack for a first block of mr rows, one function a format (in one
+ * function with a switch over the formats, the bf16 step ran 4 % slower:
+ * the quantized formats' setup was hoisted ahead of the switch). */
+#define ZPACK_FN(NAME, FMT)                                                                 \
+    static void NAME(int mr, int64_t kc, const float *const *dp, int64_t dsk, float *panel, \
+                     const kt_wmat *W, const int32_t *widx, int64_t k0, float *const *cr,   \
+                     int64_t j, int load_c) {                                               \
+        switch (mr) {                                                                       \
+            ZPACK_CASE(1, FMT) ZPACK_CASE(2, FMT) ZPACK_CASE(3, FMT) ZPACK_CASE(4, FMT)     \
+            ZPACK_CASE(5, FMT) ZPACK_CASE(6, FMT) ZPACK_CASE(7, FMT) ZPACK_CASE(8, FMT)     \
+            ZPACK_CASE(9, FMT) ZPACK_CASE(10, FMT) ZPACK_CASE(11, FMT) ZPACK_CASE(12, FMT)  \
+        }                                                                                   \
+    }
+
+ZPACK_FN(zpack_bf16, KT_W_BF16)
+ZPACK_FN(zpack_f32, KT_W_F32)
+ZPACK_FN(zpack_i8, KT_W_I8)
+ZPACK_FN(zpack_raw_i8, ZRAW_I8)
+ZPACK_FN(zpack_i4s, KT_W_I4S)
+ZPACK_FN(zpack_raw_i4s, ZRAW_I4S)
+ZPACK_FN(zpack_i4z, KT_W_I4Z)
+ZPACK_FN(zpack_i4m, KT_W_I4M)
+
+/* zmicro_pack for a first block of mr rows; fmt: zfmt(W). */
+static void zpack_block(int mr, int fmt, int64_t kc, const float *const *dp, int64_t dsk,
+                        float *panel, const kt_wmat *W, const int32_t *widx, int64_t k0,
+                        float *const *cr, int64_t j, int load_c) {
+    switch (fmt) {
+    case KT_W_BF16: zpack_bf16(mr, kc, dp, dsk, panel, W, widx, k0, cr, j, load_c); break;
+    case KT_W_F32: zpack_f32(mr, kc, dp, dsk, panel, W, widx, k0, cr, j, load_c); break;
+    case KT_W_I8: zpack_i8(mr, kc, dp, dsk, panel, W, widx, k0, cr, j, load_c); break;
+    case ZRAW_I8: zpack_raw_i8(mr, kc, dp, dsk, panel, W, widx, k0, cr, j, load_c); break;
+    case KT_W_I4S: zpack_i4s(mr, kc, dp, dsk, panel, W, widx, k0, cr, j, load_c); break;
+    case ZRAW_I4S: zpack_raw_i4s(mr, kc, dp, dsk, panel, W, widx, k0, cr, j, load_c); break;
+    case KT_W_I4Z: zpack_i4z(mr, kc, dp, dsk, panel, W, widx, k0, cr, j, load_c); break;
+    default: zpack_i4m(mr, kc, dp, dsk, panel, W, widx, k0, cr, j, load_c); break;
+    }
+}
+
+/* Whether the first block of rows packs the outer-form panel of columns
+ * [j, j + 8 nvec): 32 whole columns in one quantization group, a format
+ * zrow32 converts. */
+static int zfuse(const kt_wmat *W, int fmt, int64_t j, int nvec) {
+    if (nvec != 4 || fmt == ZNONE) return 0;
+    return fmt == KT_W_BF16 || fmt == KT_W_F32 || (W->g0 + j) % W->gs + KT_PANEL_W <= W->gs;
+}
+
 /* One panel (kc rows of k, 8 nvec columns from j) against all m rows of D:
  * D(i, k) = d[i][k * dsk] through the row pointers rows[i]. */
-static void zpanel(int64_t m, const float *const *rows, int64_t dsk, const float *panel,
+KT_INLINE void zpanel(int64_t m, const float *const *rows, int64_t dsk, float *panel,
                    int64_t kc, int nvec, float *c, int64_t ldc, int64_t j, int load_c,
-                   const float *cs, kt_pf *pf) {
+                   const float *cs, kt_pf *pf, const kt_wmat *fuse_w, const int32_t *widx,
+                   int64_t k0) {
     int nz = (nvec + 1) / 2;
     __mmask16 last = nvec & 1 ? (__mmask16)0x00FF : (__mmask16)0xFFFF;
     int64_t blocks = (m + KT_ZMR - 1) / KT_ZMR;
@@ -81,6 +249,10 @@ static void zpanel(int64_t m, const float *const *rows, int64_t dsk, const float
         for (int t = 0; t < mr; t++) {
             dp[t] = rows[i + t];
             cr[t] = c + (i + t) * ldc;
+        }
+        if (fuse_w && i == 0) { /* the first block packs the panel */
+            zpack_block(mr, zfmt(fuse_w), kc, dp, dsk, panel, fuse_w, widx, k0, cr, j, load_c);
+            continue;
         }
         switch (mr) {
             ZCASE(1) ZCASE(2) ZCASE(3) ZCASE(4) ZCASE(5) ZCASE(6)
@@ -95,18 +267,21 @@ static void zpanel(int64_t m, const float *const *rows, int64_t dsk, const float
 /* Both forms over columns [0, nv) of C: D(i, k) = d[(didx ? didx[i] : i)
  * dsi + k dsk]; the W panel packed as the outer form reads W (rows k
  * through widx), or transposed for the dot form (tpack). */
-static void zdrive(int tpack, int64_t m, int64_t nv, int64_t K, const float *d, int64_t dsi,
+KT_INLINE void zdrive(const int tpack, int64_t m, int64_t nv, int64_t K, const float *d, int64_t dsi,
                    int64_t dsk, const int32_t *didx, const kt_wmat *W, const int32_t *widx,
                    float *c, int64_t ldc, int accum) {
     float panel[KT_PANEL_K * KT_PANEL_W] __attribute__((aligned(64)));
     float cs[KT_PANEL_W]; /* column scales folded out of the panel */
     const float *rows[KT_ZROWS];
     const int fold = tpack && kt_dot_fold_ok(W, K, accum);
+    const int zf = tpack ? ZNONE : zfmt(W);
     for (int64_t i0 = 0; i0 < m; i0 += KT_ZROWS) {
         int64_t mc = KT_MIN(KT_ZROWS, m - i0);
         for (int64_t j = 0; j < nv; j += KT_PANEL_W) {
             int nvec = (int)KT_MIN(KT_PANEL_W, nv - j) / 8;
             if (fold) kt_dot_col_scales(W, j, nvec, cs);
+            /* the outer form's plain W: packed by the first block of rows */
+            const int fuse = !tpack && zfuse(W, zf, j, nvec);
             for (int64_t k0 = 0; k0 < K; k0 += KT_PANEL_K) {
                 int64_t kc = KT_MIN(KT_PANEL_K, K - k0), k1 = k0 + kc;
                 kt_pf pf;
@@ -115,12 +290,12 @@ static void zdrive(int tpack, int64_t m, int64_t nv, int64_t K, const float *d, 
                     kt_dot_tpack_avx2(panel, W, j, nvec, k0, kc, fold);
                 } else {
                     pf_next_outer(&pf, W, widx, K, nv, j, nvec, k1);
-                    kt_outer_pack_avx2(panel, W, widx, k0, k1, j, nvec);
+                    if (!fuse) kt_outer_pack_avx2(panel, W, widx, k0, k1, j, nvec);
                 }
                 for (int64_t i = 0; i < mc; i++)
                     rows[i] = d + (didx ? didx[i0 + i] : i0 + i) * dsi + k0 * dsk;
                 zpanel(mc, rows, dsk, panel, kc, nvec, c + i0 * ldc, ldc, j, accum || k0 > 0,
-                       fold && k1 == K ? cs : NULL, &pf);
+                       fold && k1 == K ? cs : NULL, &pf, fuse ? W : NULL, widx, k0);
             }
         }
     }

@@ -147,7 +147,8 @@ static inline __attribute__((always_inline)) __m512 kt_emu_mm512_load_ps(const v
 #undef _mm512_mul_ps
 #define _mm512_mul_ps kt_emu_mm512_mul_ps
 
-/* ---- AVX-512 F/BW integer and shuffle operations (qdot_amx.c) ---- */
+/* ---- AVX-512 F/BW integer, shuffle and conversion operations (qdot_amx.c;
+ * the panel conversions of panels_avx512.c) ---- */
 
 #define KT_EMU_V(T, name) T name[64 / sizeof(T)]
 #define KT_EMU_IN(arr, v) memcpy(arr, &(v), 64)
@@ -333,6 +334,14 @@ static inline __attribute__((always_inline)) __m512 kt_emu_mm512_cvtepi32_ps(__m
     for (int e = 0; e < 16; e++) z[e] = (float)x[e];
     KT_EMU_OUT(__m512, z);
 }
+static inline __attribute__((always_inline)) __m512 kt_emu_mm512_add_ps(__m512 a, __m512 b) {
+    KT_EMU_V(float, x);
+    KT_EMU_V(float, y);
+    KT_EMU_IN(x, a);
+    KT_EMU_IN(y, b);
+    for (int e = 0; e < 16; e++) x[e] += y[e];
+    KT_EMU_OUT(__m512, x);
+}
 static inline __attribute__((always_inline)) __m512 kt_emu_mm512_sub_ps(__m512 a, __m512 b) {
     KT_EMU_V(float, x);
     KT_EMU_V(float, y);
@@ -340,6 +349,38 @@ static inline __attribute__((always_inline)) __m512 kt_emu_mm512_sub_ps(__m512 a
     KT_EMU_IN(y, b);
     for (int e = 0; e < 16; e++) x[e] -= y[e];
     KT_EMU_OUT(__m512, x);
+}
+static inline __attribute__((always_inline)) __m512 kt_emu_mm512_loadu_ps(const void *p) {
+    __m512 r;
+    memcpy(&r, p, sizeof r);
+    return r;
+}
+static inline __attribute__((always_inline)) void kt_emu_mm512_storeu_ps(void *p, __m512 a) { memcpy(p, &a, 64); }
+static inline __attribute__((always_inline)) __m512 kt_emu_mm512_castsi512_ps(__m512i a) {
+    __m512 r;
+    memcpy(&r, &a, sizeof r);
+    return r;
+}
+/* 16 uint16 (zero-extended) or int8 (sign-extended) lanes to int32 */
+static inline __attribute__((always_inline)) __m512i kt_emu_mm512_cvtepu16_epi32(__m256i a) {
+    uint16_t x[16];
+    KT_EMU_V(int32_t, z);
+    memcpy(x, &a, sizeof x);
+    for (int e = 0; e < 16; e++) z[e] = x[e];
+    KT_EMU_OUT(__m512i, z);
+}
+static inline __attribute__((always_inline)) __m512i kt_emu_mm512_cvtepi8_epi32(__m128i a) {
+    int8_t x[16];
+    KT_EMU_V(int32_t, z);
+    memcpy(x, &a, sizeof x);
+    for (int e = 0; e < 16; e++) z[e] = x[e];
+    KT_EMU_OUT(__m512i, z);
+}
+static inline __attribute__((always_inline)) __m512i kt_emu_mm512_slli_epi32(__m512i a, unsigned int n) {
+    KT_EMU_V(uint32_t, x);
+    KT_EMU_IN(x, a);
+    for (int e = 0; e < 16; e++) x[e] = n > 31 ? 0 : x[e] << n;
+    KT_EMU_OUT(__m512i, x);
 }
 /* the selected elements read from base + vindex * scale, the others src's */
 static inline __attribute__((always_inline)) __m512i kt_emu_gather32(__m512i src, __mmask16 k, __m512i vindex,
@@ -421,8 +462,22 @@ static inline __attribute__((always_inline)) __m512 kt_emu_mm512_mask_i32gather_
 #define _mm512_permutex2var_epi64 kt_emu_mm512_permutex2var_epi64
 #undef _mm512_permutexvar_ps
 #define _mm512_permutexvar_ps kt_emu_mm512_permutexvar_ps
+#undef _mm512_loadu_ps
+#define _mm512_loadu_ps kt_emu_mm512_loadu_ps
+#undef _mm512_storeu_ps
+#define _mm512_storeu_ps kt_emu_mm512_storeu_ps
+#undef _mm512_castsi512_ps
+#define _mm512_castsi512_ps kt_emu_mm512_castsi512_ps
+#undef _mm512_cvtepu16_epi32
+#define _mm512_cvtepu16_epi32 kt_emu_mm512_cvtepu16_epi32
+#undef _mm512_cvtepi8_epi32
+#define _mm512_cvtepi8_epi32 kt_emu_mm512_cvtepi8_epi32
+#undef _mm512_slli_epi32
+#define _mm512_slli_epi32 kt_emu_mm512_slli_epi32
 #undef _mm512_cvtepi32_ps
 #define _mm512_cvtepi32_ps kt_emu_mm512_cvtepi32_ps
+#undef _mm512_add_ps
+#define _mm512_add_ps kt_emu_mm512_add_ps
 #undef _mm512_sub_ps
 #define _mm512_sub_ps kt_emu_mm512_sub_ps
 #undef _mm512_mask_i32gather_epi32
