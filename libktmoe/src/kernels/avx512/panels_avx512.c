@@ -31,10 +31,14 @@
 
 /* C[i][j0 .. j0 + 16 NZ) (+)= sum_{k < kc} D(i, k) panel[k][0 .. 16 NZ) for
  * i < MR; the last zmm's columns masked by `last`; cs != NULL: the sums
- * times the column scales cs[0 .. 16 NZ) (folded weight scales). */
+ * times the column scales cs[0 .. 16 NZ) (folded weight scales).  One line
+ * of pf every other k: spread out, the next panel's lines arrived in time
+ * (fetched a share at the start of each block, the dot form's W lines
+ * came late: its packing pass took 16 % of its time on Zen 5, 4 % with
+ * the lines in L1). */
 KT_INLINE void zmicro(const int MR, const int NZ, const int FULL, __mmask16 last, int64_t kc,
                       const float *const *d, int64_t dsk, const float *panel,
-                      float *const *crow, int64_t j0, int load_c, const float *cs) {
+                      float *const *crow, int64_t j0, int load_c, const float *cs, kt_pf *pf) {
     __m512 acc[KT_ZMR][2];
     for (int i = 0; i < MR; i++)
         for (int v = 0; v < NZ; v++) {
@@ -42,6 +46,7 @@ KT_INLINE void zmicro(const int MR, const int NZ, const int FULL, __mmask16 last
             acc[i][v] = load_c ? _mm512_maskz_loadu_ps(mk, crow[i] + j0 + 16 * v) : _mm512_setzero_ps();
         }
     for (int64_t k = 0; k < kc; k++) {
+        if (k & 1) pf_some(pf, 1);
         __m512 w[2];
         for (int v = 0; v < NZ; v++) /* whole rows: a masked load only for a half block */
             w[v] = FULL || v < NZ - 1 ? _mm512_load_ps(panel + k * KT_PANEL_W + 16 * v)
@@ -64,9 +69,9 @@ KT_INLINE void zmicro(const int MR, const int NZ, const int FULL, __mmask16 last
 
 #define ZCASE(MR)                                                                          \
     case MR:                                                                                \
-        if (nz == 2 && last == 0xFFFF) zmicro(MR, 2, 1, last, kc, dp, dsk, panel, cr, j, load_c, cs); \
-        else if (nz == 2) zmicro(MR, 2, 0, last, kc, dp, dsk, panel, cr, j, load_c, cs);   \
-        else zmicro(MR, 1, 0, last, kc, dp, dsk, panel, cr, j, load_c, cs);                 \
+        if (nz == 2 && last == 0xFFFF) zmicro(MR, 2, 1, last, kc, dp, dsk, panel, cr, j, load_c, cs, pf); \
+        else if (nz == 2) zmicro(MR, 2, 0, last, kc, dp, dsk, panel, cr, j, load_c, cs, pf);   \
+        else zmicro(MR, 1, 0, last, kc, dp, dsk, panel, cr, j, load_c, cs, pf);                 \
         break;
 
 /* ---- the outer form's panel packed by its first block of rows ----
@@ -243,7 +248,6 @@ KT_INLINE void zpanel(int64_t m, const float *const *rows, int64_t dsk, float *p
     int64_t pf_share = (pf_total(pf) + blocks - 1) / blocks;
     for (int64_t i = 0; i < m; i += KT_ZMR) {
         int mr = (int)KT_MIN(KT_ZMR, m - i);
-        pf_some(pf, pf_share);
         const float *dp[KT_ZMR];
         float *cr[KT_ZMR];
         for (int t = 0; t < mr; t++) {
@@ -251,6 +255,7 @@ KT_INLINE void zpanel(int64_t m, const float *const *rows, int64_t dsk, float *p
             cr[t] = c + (i + t) * ldc;
         }
         if (fuse_w && i == 0) { /* the first block packs the panel */
+            pf_some(pf, pf_share);
             zpack_block(mr, zfmt(fuse_w), kc, dp, dsk, panel, fuse_w, widx, k0, cr, j, load_c);
             continue;
         }
@@ -259,6 +264,7 @@ KT_INLINE void zpanel(int64_t m, const float *const *rows, int64_t dsk, float *p
             ZCASE(7) ZCASE(8) ZCASE(9) ZCASE(10) ZCASE(11) ZCASE(12)
         }
     }
+    pf_some(pf, pf_total(pf)); /* what the blocks left (short ones) */
 }
 
 /* Rows of D (or A) per pass, so that their pointers fit on the stack. */
