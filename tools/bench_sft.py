@@ -453,16 +453,21 @@ def make_batch(q: int, seed: int, dtype: torch.dtype):
 # ---------------------------------------------------------------------------
 
 
-def current_rss_mib():
-    """Resident set size now (Linux /proc), or None."""
+def _proc_mib(path: str, key: str):
+    """The "key: N kB" line of a /proc file, in MiB, or None."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) / 1024.0
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def current_rss_mib():
+    """Resident set size now (Linux /proc), or None."""
+    return _proc_mib("/proc/self/status", "VmRSS")
 
 
 def current_huge_mib():
@@ -470,14 +475,7 @@ def current_huge_mib():
     /proc/self/smaps_rollup), or None: the weights and caches ask for them
     (madvise), and whether the kernel found free 2 MiB pages shows in the
     step times (TLB misses)."""
-    try:
-        with open("/proc/self/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("AnonHugePages:"):
-                    return int(line.split()[1]) / 1024.0
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return _proc_mib("/proc/self/smaps_rollup", "AnonHugePages")
 
 
 def loadavg1():

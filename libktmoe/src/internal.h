@@ -107,6 +107,26 @@ typedef struct kt_wmat {
     int64_t g0;          /* column of element (0, 0) within its group        */
 } kt_wmat;
 
+/* Pseudo-formats of the panel kernels: int8 or I4S codes as their integer
+ * values (I4S: u - 8), without the scale: the outer form's W whose scales
+ * are all 1 (W->ldg == 0, W->scale[0] == 1: the caller has folded the
+ * scales into D), and the dot form's W with one scale a row, multiplied
+ * into each output once. */
+enum { KT_RAW_I8 = 8, KT_RAW_I4S = 9 };
+
+/* W's format for the outer form: its raw pseudo-format when every scale is 1. */
+static inline int kt_outer_fmt(const kt_wmat *W) {
+    int fmt = W->fmt;
+    if ((fmt == KT_W_I8 || fmt == KT_W_I4S) && W->ldg == 0 && W->scale[0] == 1.0f)
+        fmt = fmt == KT_W_I8 ? KT_RAW_I8 : KT_RAW_I4S;
+    return fmt;
+}
+
+/* Whether columns [j, j + n) of a quantized W lie in one group. */
+static inline int kt_cols_one_group(const kt_wmat *W, int64_t j, int64_t n) {
+    return (W->g0 + j) % W->gs + n <= W->gs;
+}
+
 /* The 4-bit integer formats (the integer kernels' 4-bit codes). */
 static inline int kt_fmt_is_int4(int fmt) {
     return fmt == KT_W_I4S || fmt == KT_W_I4Z || fmt == KT_W_I4M;

@@ -42,22 +42,10 @@ KT_INLINE __m256 ld8_w(const void *w, int bf16, int64_t i) {
 
 /* ---- dequantization ---- */
 
-/* Pseudo-formats: int8 or I4S codes as their integer values (I4S: u - 8),
- * without the scale: the outer form's W whose scales are all 1 (W->ldg ==
- * 0, W->scale[0] == 1: the caller has folded the scales into D), and the
- * dot form's W with one scale a row, multiplied into each output once
- * (dot_fold). */
-enum { KT_RAW_I8 = 8, KT_RAW_I4S = 9 };
-
+/* The raw pseudo-formats (KT_RAW_I8, KT_RAW_I4S, internal.h): the outer
+ * form's W with unit scales (kt_outer_fmt), the dot form's with one scale
+ * a row (dot_fold). */
 KT_INLINE int fmt_raw(int fmt) { return fmt == KT_RAW_I8 || fmt == KT_RAW_I4S; }
-
-/* W's format for the outer form: its raw pseudo-format when every scale is 1. */
-KT_INLINE int outer_fmt(const kt_wmat *W) {
-    int fmt = W->fmt;
-    if ((fmt == KT_W_I8 || fmt == KT_W_I4S) && W->ldg == 0 && W->scale[0] == 1.0f)
-        fmt = fmt == KT_W_I8 ? KT_RAW_I8 : KT_RAW_I4S;
-    return fmt;
-}
 
 /* The dequantization constants of group g of row r. */
 typedef struct deq_grp {
@@ -430,7 +418,7 @@ KT_INLINE void outer_micro_pack(const int MR, const int fmt, int64_t kc, const f
 static void outer_pack_block(int mr, int64_t kc, const float *const *dp, int64_t dsk, float *panel,
                              const kt_wmat *W, int64_t k0, int64_t j0, float *const *cr, int load_c) {
     int64_t g = W->fmt == KT_W_BF16 || W->fmt == KT_W_F32 ? 0 : (W->g0 + j0) / W->gs;
-    switch (mr * 16 + outer_fmt(W)) {
+    switch (mr * 16 + kt_outer_fmt(W)) {
         PACK_CASE(6, KT_W_BF16) PACK_CASE(5, KT_W_BF16) PACK_CASE(4, KT_W_BF16)
         PACK_CASE(6, KT_W_F32) PACK_CASE(5, KT_W_F32) PACK_CASE(4, KT_W_F32)
         PACK_CASE(6, KT_W_I8) PACK_CASE(5, KT_W_I8) PACK_CASE(4, KT_W_I8)
@@ -492,7 +480,7 @@ KT_INLINE void outer_qrows_cols(const int fmt, const int MR, int64_t K, const fl
 static int outer_qrows(int64_t m, int64_t K, const float *d, int64_t dsi, int64_t dsk,
                        const int32_t *didx, const kt_wmat *W, const int32_t *widx, int64_t j,
                        float *c, int64_t ldc, int accum) {
-    if (m < 1 || m > 3 || W->fmt == KT_W_BF16 || W->fmt == KT_W_F32 || (W->g0 + j) % W->gs + KT_PW > W->gs)
+    if (m < 1 || m > 3 || W->fmt == KT_W_BF16 || W->fmt == KT_W_F32 || !kt_cols_one_group(W, j, KT_PW))
         return 0;
     const float *dp[3];
     float *cr[3];
@@ -500,7 +488,7 @@ static int outer_qrows(int64_t m, int64_t K, const float *d, int64_t dsi, int64_
         dp[i] = d + (didx ? didx[i] : i) * dsi;
         cr[i] = c + i * ldc;
     }
-    switch (m * 16 + outer_fmt(W)) {
+    switch (m * 16 + kt_outer_fmt(W)) {
         QROWS_CASE(1, KT_W_I8) QROWS_CASE(2, KT_W_I8) QROWS_CASE(3, KT_W_I8)
         QROWS_CASE(1, KT_W_I4S) QROWS_CASE(2, KT_W_I4S) QROWS_CASE(3, KT_W_I4S)
         QROWS_CASE(1, KT_W_I4Z) QROWS_CASE(2, KT_W_I4Z) QROWS_CASE(3, KT_W_I4Z)
@@ -747,7 +735,7 @@ KT_INLINE void panel_pass(const int bf16, int64_t m, const float *d, int64_t dsi
  * panels in one quantization group, W rows in order. */
 KT_INLINE int outer_fuse(const kt_wmat *W, const int32_t *widx, int64_t j, int nvec) {
     return !widx && nvec == 4 &&
-           (W->fmt == KT_W_BF16 || W->fmt == KT_W_F32 || (W->g0 + j) % W->gs + KT_PW <= W->gs);
+           (W->fmt == KT_W_BF16 || W->fmt == KT_W_F32 || kt_cols_one_group(W, j, KT_PW));
 }
 
 /* The outer form with 4 rows of D or more: K chunk by K chunk, all column
@@ -757,9 +745,10 @@ KT_INLINE int outer_fuse(const kt_wmat *W, const int32_t *widx, int64_t j, int n
  * chunk's rows are prefetched whole (all nv columns: several consecutive
  * lines a row where nv > 32) over the current chunk's row blocks.  Column
  * panel by column panel (the first row block prefetching the next panel:
- * one line from each of 128 rows 3-4 KB apart), the blocks waited on W: on an Intel Xeon (kernel_ab,
- * 64 experts' bf16 weights, one thread) B2 1.16-1.18x and B4 1.27-1.30x
- * this way; whole SFT steps 1.02-1.03x (BF16, INT8), 0.99-1.01x (INT4). */
+ * one line from each of 128 rows 3-4 KB apart), the blocks waited on W:
+ * on an Intel Xeon (kernel_ab, 64 experts' bf16 weights, one thread) B2
+ * 1.16-1.18x and B4 1.27-1.30x this way; whole SFT steps 1.02-1.03x (BF16,
+ * INT8), 0.99-1.01x (INT4). */
 KT_INLINE void outer_chunks(const int bf16, int64_t m, int64_t nv, int64_t K, const float *d,
                             int64_t dsi, int64_t dsk, const int32_t *didx, const kt_wmat *W,
                             const int32_t *widx, float *c, int64_t ldc, int accum) {

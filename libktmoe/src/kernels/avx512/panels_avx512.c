@@ -77,25 +77,16 @@ KT_INLINE void zmicro(const int MR, const int NZ, const int FULL, __mmask16 last
 /* ---- the outer form's panel packed by its first block of rows ----
  * Formats of W this path converts (zfmt): plain bf16 and fp32, int8 and
  * the symmetric or zero-point 4-bit codes (one scale a group), and their
- * scale-free forms (ZRAW_*: every scale 1, the backward's dx whose dg, du
+ * scale-free forms (KT_RAW_*: every scale 1, the backward's dx whose dg, du
  * carry the scales), and the 4-bit codes with a scale and a min (I4M).
  * Each value is the one kt_outer_pack_avx2 stores (the codes' integers,
  * times the scale once, plus the min), so the results do not change.  FP8
  * and MXFP4 take the packing pass. */
-enum { ZNONE = -1, ZRAW_I8 = 100, ZRAW_I4S = 101 };
+enum { ZNONE = -1 };
 
 static int zfmt(const kt_wmat *W) {
-    switch (W->fmt) {
-    case KT_W_BF16:
-    case KT_W_F32: return W->fmt;
-    case KT_W_I8:
-    case KT_W_I4S:
-        if (W->ldg == 0 && W->scale[0] == 1.0f) return W->fmt == KT_W_I8 ? ZRAW_I8 : ZRAW_I4S;
-        return W->fmt;
-    case KT_W_I4Z:
-    case KT_W_I4M: return W->fmt;
-    default: return ZNONE;
-    }
+    int fmt = kt_outer_fmt(W);
+    return fmt == KT_W_FP8 || fmt == KT_W_MXFP4 ? ZNONE : fmt;
 }
 
 /* W row columns [j0, j0 + 32) at p as two zmm; s, z, mn: the group's
@@ -114,7 +105,7 @@ KT_INLINE void zrow32(const int fmt, const char *p, float s, int z, float mn, __
         return;
     }
     __m512i i0, i1;
-    if (fmt == KT_W_I8 || fmt == ZRAW_I8) {
+    if (fmt == KT_W_I8 || fmt == KT_RAW_I8) {
         i0 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p));
         i1 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p + 1));
     } else { /* 16 bytes: 32 codes, low nibble first, less the zero point (I4M: none) */
@@ -126,7 +117,7 @@ KT_INLINE void zrow32(const int fmt, const char *p, float s, int z, float mn, __
     }
     *w0 = _mm512_cvtepi32_ps(i0);
     *w1 = _mm512_cvtepi32_ps(i1);
-    if (fmt != ZRAW_I8 && fmt != ZRAW_I4S) {
+    if (fmt != KT_RAW_I8 && fmt != KT_RAW_I4S) {
         __m512 sv = _mm512_set1_ps(s);
         *w0 = _mm512_mul_ps(*w0, sv);
         *w1 = _mm512_mul_ps(*w1, sv);
@@ -206,9 +197,9 @@ KT_INLINE void zmicro_pack(const int MR, const int fmt, int64_t kc, const float 
 ZPACK_FN(zpack_bf16, KT_W_BF16)
 ZPACK_FN(zpack_f32, KT_W_F32)
 ZPACK_FN(zpack_i8, KT_W_I8)
-ZPACK_FN(zpack_raw_i8, ZRAW_I8)
+ZPACK_FN(zpack_raw_i8, KT_RAW_I8)
 ZPACK_FN(zpack_i4s, KT_W_I4S)
-ZPACK_FN(zpack_raw_i4s, ZRAW_I4S)
+ZPACK_FN(zpack_raw_i4s, KT_RAW_I4S)
 ZPACK_FN(zpack_i4z, KT_W_I4Z)
 ZPACK_FN(zpack_i4m, KT_W_I4M)
 
@@ -220,9 +211,9 @@ static void zpack_block(int mr, int fmt, int64_t kc, const float *const *dp, int
     case KT_W_BF16: zpack_bf16(mr, kc, dp, dsk, panel, W, widx, k0, cr, j, load_c); break;
     case KT_W_F32: zpack_f32(mr, kc, dp, dsk, panel, W, widx, k0, cr, j, load_c); break;
     case KT_W_I8: zpack_i8(mr, kc, dp, dsk, panel, W, widx, k0, cr, j, load_c); break;
-    case ZRAW_I8: zpack_raw_i8(mr, kc, dp, dsk, panel, W, widx, k0, cr, j, load_c); break;
+    case KT_RAW_I8: zpack_raw_i8(mr, kc, dp, dsk, panel, W, widx, k0, cr, j, load_c); break;
     case KT_W_I4S: zpack_i4s(mr, kc, dp, dsk, panel, W, widx, k0, cr, j, load_c); break;
-    case ZRAW_I4S: zpack_raw_i4s(mr, kc, dp, dsk, panel, W, widx, k0, cr, j, load_c); break;
+    case KT_RAW_I4S: zpack_raw_i4s(mr, kc, dp, dsk, panel, W, widx, k0, cr, j, load_c); break;
     case KT_W_I4Z: zpack_i4z(mr, kc, dp, dsk, panel, W, widx, k0, cr, j, load_c); break;
     default: zpack_i4m(mr, kc, dp, dsk, panel, W, widx, k0, cr, j, load_c); break;
     }
@@ -233,14 +224,14 @@ static void zpack_block(int mr, int fmt, int64_t kc, const float *const *dp, int
  * zrow32 converts. */
 static int zfuse(const kt_wmat *W, int fmt, int64_t j, int nvec) {
     if (nvec != 4 || fmt == ZNONE) return 0;
-    return fmt == KT_W_BF16 || fmt == KT_W_F32 || (W->g0 + j) % W->gs + KT_PANEL_W <= W->gs;
+    return fmt == KT_W_BF16 || fmt == KT_W_F32 || kt_cols_one_group(W, j, KT_PANEL_W);
 }
 
 /* One panel (kc rows of k, 8 nvec columns from j) against all m rows of D:
  * D(i, k) = d[i][k * dsk] through the row pointers rows[i]. */
 KT_INLINE void zpanel(int64_t m, const float *const *rows, int64_t dsk, float *panel,
                    int64_t kc, int nvec, float *c, int64_t ldc, int64_t j, int load_c,
-                   const float *cs, kt_pf *pf, const kt_wmat *fuse_w, const int32_t *widx,
+                   const float *cs, kt_pf *pf, int zf, const kt_wmat *W, const int32_t *widx,
                    int64_t k0) {
     int nz = (nvec + 1) / 2;
     __mmask16 last = nvec & 1 ? (__mmask16)0x00FF : (__mmask16)0xFFFF;
@@ -254,9 +245,9 @@ KT_INLINE void zpanel(int64_t m, const float *const *rows, int64_t dsk, float *p
             dp[t] = rows[i + t];
             cr[t] = c + (i + t) * ldc;
         }
-        if (fuse_w && i == 0) { /* the first block packs the panel */
+        if (zf != ZNONE && i == 0) { /* the first block packs the panel (format zf) */
             pf_some(pf, pf_share);
-            zpack_block(mr, zfmt(fuse_w), kc, dp, dsk, panel, fuse_w, widx, k0, cr, j, load_c);
+            zpack_block(mr, zf, kc, dp, dsk, panel, W, widx, k0, cr, j, load_c);
             continue;
         }
         switch (mr) {
@@ -301,7 +292,7 @@ KT_INLINE void zdrive(const int tpack, int64_t m, int64_t nv, int64_t K, const f
                 for (int64_t i = 0; i < mc; i++)
                     rows[i] = d + (didx ? didx[i0 + i] : i0 + i) * dsi + k0 * dsk;
                 zpanel(mc, rows, dsk, panel, kc, nvec, c + i0 * ldc, ldc, j, accum || k0 > 0,
-                       fold && k1 == K ? cs : NULL, &pf, fuse ? W : NULL, widx, k0);
+                       fold && k1 == K ? cs : NULL, &pf, fuse ? zf : ZNONE, W, widx, k0);
             }
         }
     }
